@@ -1,0 +1,170 @@
+"""The DATA body decoder, without I/O.
+
+Bytes go in as they arrive; unstuffed message bytes come out to a sink; the decoder says when
+the end of data was seen and hands back whatever followed it (pipelined commands).
+
+The rules, each of which some SMTP server has got wrong:
+
+- The end of data is ``CRLF "." CRLF`` and nothing else: the ``.`` line must start after a real
+  CRLF (the DATA command's own line ending counts) and end with a real CRLF. ``\\n.\\n``,
+  ``\\n.\\r\\n``, ``\\r.\\r``, ``\\r\\n.\\n``, ``\\r\\n.\\r\\r\\n`` and their kin are
+  message content (SMTP smuggling, 2023).
+- Bare CR or LF (one not part of CRLF) is either refused (policy ``reject``: the message is
+  drained to its real end and then refused) or, for bare LF, treated as a line ending and
+  stored as CRLF (policy ``normalize``, Postfix's ``smtpd_forbid_bare_newline = normalize``).
+  Neither policy lets a bare LF end the data.
+- Dot-unstuffing (RFC 5321 4.5.2) removes one leading dot from every line.
+- Over the size limit or with an over-long line, the decoder keeps reading to the real end of
+  data and stores nothing more; the caller reports the failure after the end, so the session
+  stays in step with the client.
+- Memory is bounded: at most one partial line (capped) is kept between calls.
+
+The hot path works on whole chunks with C-speed ``bytes`` operations (find, replace, count,
+one regular expression), not on one Python call per line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from enum import Enum
+
+__all__ = ["BareNewlinePolicy", "DataDecoder", "DataResult"]
+
+_END = b"\r\n.\r\n"
+# Keep a partial line of up to this many bytes when lines are unlimited.
+_FLUSH_UNLIMITED = 64 * 1024
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+class BareNewlinePolicy(str, Enum):
+    REJECT = "reject"
+    NORMALIZE = "normalize"
+
+
+class DataResult(str, Enum):
+    """Why a finished message cannot be accepted (``OK`` when it can)."""
+
+    OK = "ok"
+    TOO_BIG = "too-big"
+    LINE_TOO_LONG = "line-too-long"
+    BARE_NEWLINE = "bare-newline"
+
+
+class DataDecoder:
+    """Incremental decoder of one DATA body.
+
+    :param sink: called with each run of decoded message bytes, in order.
+    :param max_size: largest acceptable message in bytes (after unstuffing); 0 for no limit.
+    :param max_line_length: longest acceptable line in bytes, CRLF included (RFC 5321
+        4.5.3.1.6 says 1000); 0 for no limit.
+    :param bare_newline: a :class:`BareNewlinePolicy`.
+    """
+
+    def __init__(
+        self,
+        sink: Callable[[bytes], object],
+        max_size: int = 0,
+        max_line_length: int = 1000,
+        bare_newline: BareNewlinePolicy | str = BareNewlinePolicy.REJECT,
+    ) -> None:
+        self._sink = sink
+        self.max_size = max_size
+        self.max_line_length = max_line_length
+        self.policy = BareNewlinePolicy(bare_newline)
+        # What preceded the pending bytes: b"\r\n" (line start after CRLF; the DATA line's own
+        # CRLF at first), b"\n" (line start after a bare LF) or b"" (inside a line).
+        self._head = b"\r\n"
+        self._pending = b""
+        self.size = 0
+        self.raw_size = 0
+        self.too_big = False
+        self.line_too_long = False
+        self.bare_newline = False
+        self.done = False
+        if max_line_length:
+            self._long_line: re.Pattern[bytes] | None = re.compile(b"[^\\n]{%d}" % max_line_length)
+            self._flush_at = max_line_length
+        else:
+            self._long_line = None
+            self._flush_at = _FLUSH_UNLIMITED
+
+    @property
+    def result(self) -> DataResult:
+        if self.too_big:
+            return DataResult.TOO_BIG
+        if self.bare_newline:
+            return DataResult.BARE_NEWLINE
+        if self.line_too_long:
+            return DataResult.LINE_TOO_LONG
+        return DataResult.OK
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Decode ``data``; return None while the body goes on, else the bytes after its end."""
+        if self.done:
+            raise RuntimeError("feed() after the end of data")
+        self.raw_size += len(data)
+        head = self._head
+        work = head + self._pending + data
+        end = work.find(_END)
+        if end >= 0:
+            self._emit(work[: end + 2], len(head))
+            self.done = True
+            self._pending = b""
+            return work[end + 5 :]
+        cut = work.rfind(b"\n") + 1
+        if cut > len(head):
+            region = work[:cut]
+            self._emit(region, len(head))
+            self._head = b"\r\n" if region.endswith(b"\r\n") else b"\n"
+            self._pending = work[cut:]
+        else:
+            self._pending = work[len(head) :]
+        if len(self._pending) >= self._flush_at:
+            self._flush_partial_line()
+        return None
+
+    def _flush_partial_line(self) -> None:
+        """A partial line too long to keep: account for it and keep only its last byte.
+
+        The pending bytes hold no LF, so nothing in them can start or end the end-of-data
+        sequence except a final CR, which is kept.
+        """
+        if self._long_line is not None:
+            self.line_too_long = True
+        pending = self._pending
+        keep = 1 if pending.endswith(b"\r") else 0
+        chunk = pending[: len(pending) - keep]
+        self._emit(self._head + chunk, len(self._head), complete_lines=False)
+        self._head = b""
+        self._pending = pending[len(pending) - keep :]
+
+    def _emit(self, region: bytes, head_len: int, complete_lines: bool = True) -> None:
+        """Check and unstuff ``region``, which starts with the ``head_len``-byte head."""
+        body = region[head_len:]
+        if not body:
+            return
+        normalize = self.policy is BareNewlinePolicy.NORMALIZE
+        if normalize and head_len == 1:
+            # A line start reached by a bare LF is a line start like any other here.
+            region, head_len = b"\r\n" + body, 2
+        crlf = body.count(b"\r\n")
+        bare_lf = body.count(b"\n") != crlf
+        if bare_lf or body.count(b"\r") != crlf:
+            if not normalize:
+                self.bare_newline = True
+            elif bare_lf:
+                # Bare CR stays content under "normalize", as in Postfix; bare LF becomes CRLF.
+                region = _BARE_LF.sub(b"\r\n", region)
+        if complete_lines and self._long_line is not None and self._long_line.search(body):
+            self.line_too_long = True
+        if self.too_big or self.bare_newline or self.line_too_long:
+            # Refused already: keep counting, store nothing.
+            self.size += len(body)
+            return
+        out = region.replace(b"\r\n.", b"\r\n")[head_len:]
+        self.size += len(out)
+        if self.max_size and self.size > self.max_size:
+            self.too_big = True
+            return
+        self._sink(out)

@@ -1,0 +1,198 @@
+"""What a connection knows (:class:`Session`) and what a transaction carries (:class:`Envelope`).
+
+The names follow python-slimta's session so validators written for it read the same:
+``session.address``, ``session.ehlo_as``, ``session.security``, ``session.authed``,
+``session.envelope``, ``session.protocol``.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from email.utils import format_datetime
+from typing import Any
+
+from slimta_tx.spool import Spool
+
+__all__ = ["Envelope", "Session", "TLSInfo", "new_queue_id"]
+
+
+def new_queue_id() -> str:
+    """A 16-character random id (80 bits), unique across processes and machines."""
+    return base64.b32encode(secrets.token_bytes(10)).decode("ascii")
+
+
+@dataclass(frozen=True)
+class TLSInfo:
+    """Facts about an established TLS layer."""
+
+    version: str
+    cipher: str
+    client_certificate: bool = False
+    client_certificate_verified: bool = False
+    client_subject: str | None = None
+    server_name: str | None = None
+
+
+@dataclass
+class Session:
+    """Per-connection facts, visible to validators and copied into each envelope.
+
+    :ivar address: the client's ``(host, port)``.
+    :ivar reverse_name: the client's forward-confirmed reverse DNS name, when known.
+    :ivar ehlo_as: the EHLO/HELO argument, or None before one succeeded.
+    :ivar extended_smtp: True after EHLO, False after HELO.
+    :ivar security: ``"TLS"`` once the connection is encrypted, else None.
+    :ivar authed: the authenticated identity, or None.
+    :ivar envelope: the transaction in progress, or None.
+    """
+
+    address: tuple[str, int] = ("", 0)
+    server_address: tuple[str, int] = ("", 0)
+    hostname: str = "localhost"
+    reverse_name: str | None = None
+    ehlo_as: str | None = None
+    extended_smtp: bool = False
+    security: str | None = None
+    tls: TLSInfo | None = None
+    authed: str | None = None
+    auth_mechanism: str | None = None
+    envelope: Envelope | None = None
+    connected_at: float = field(default_factory=time.time)
+    session_id: str = field(default_factory=new_queue_id)
+    transactions: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def from_ip(self) -> str:
+        return self.address[0]
+
+    @property
+    def auth(self) -> str | None:
+        """Alias of ``authed`` (python-slimta's name)."""
+        return self.authed
+
+    @property
+    def protocol(self) -> str:
+        """The RFC 3848 ``with`` keyword: SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA."""
+        if not self.extended_smtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self.security else "") + ("A" if self.authed else "")
+
+    def forget_for_starttls(self) -> None:
+        """After STARTTLS nothing learned in plaintext may be trusted (RFC 3207 4.2)."""
+        self.ehlo_as = None
+        self.extended_smtp = False
+        self.authed = None
+        self.auth_mechanism = None
+        self.envelope = None
+
+
+@dataclass
+class Envelope:
+    """One transaction: sender, recipients, the session's facts and the spooled message."""
+
+    sender: str
+    mail_params: dict[str, str | None] = field(default_factory=dict)
+    recipients: list[str] = field(default_factory=list)
+    rcpt_params: list[dict[str, str | None]] = field(default_factory=list)
+    client_ip: str = ""
+    client_port: int = 0
+    client_name: str | None = None
+    ehlo_as: str | None = None
+    protocol: str = "ESMTP"
+    security: str | None = None
+    tls_version: str | None = None
+    tls_cipher: str | None = None
+    authed: str | None = None
+    receiver: str = "localhost"
+    queue_id: str = field(default_factory=new_queue_id)
+    received_at: float = field(default_factory=time.time)
+    message: Spool | None = None
+
+    @classmethod
+    def start(cls, session: Session, sender: str, params: dict[str, str | None]) -> Envelope:
+        return cls(sender=sender, mail_params=dict(params)).refresh_from(session)
+
+    def refresh_from(self, session: Session) -> Envelope:
+        """Copy the session's facts (called at MAIL and again when the data is complete)."""
+        self.client_ip, self.client_port = session.address[0], int(session.address[1])
+        self.client_name = session.reverse_name
+        self.ehlo_as = session.ehlo_as
+        self.protocol = session.protocol
+        self.security = session.security
+        self.tls_version = session.tls.version if session.tls else None
+        self.tls_cipher = session.tls.cipher if session.tls else None
+        self.authed = session.authed
+        self.receiver = session.hostname
+        return self
+
+    def add_recipient(self, address: str, params: dict[str, str | None]) -> None:
+        self.recipients.append(address)
+        self.rcpt_params.append(dict(params))
+
+    @property
+    def smtputf8(self) -> bool:
+        return "SMTPUTF8" in self.mail_params
+
+    def received_header(self) -> bytes:
+        """The ``Received:`` trace header (RFC 5321 4.4, RFC 3848), folded, CRLF-terminated."""
+        ip = self.client_ip
+        literal = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"
+        helo = _header_safe(self.ehlo_as or literal)
+        name = _header_safe(self.client_name or "unknown")
+        with_clause = f"\twith {self.protocol}"
+        if self.tls_version and self.tls_cipher:
+            with_clause += f" ({self.tls_version} {self.tls_cipher})"
+        parts = [
+            f"Received: from {helo} ({name} {literal})",
+            f"\tby {_header_safe(self.receiver)} (slimta_tx)",
+            with_clause,
+            f"\tid {self.queue_id}",
+        ]
+        if len(self.recipients) == 1:
+            parts.append(f"\tfor <{_header_safe(self.recipients[0])}>")
+        stamp = format_datetime(datetime.fromtimestamp(self.received_at, timezone.utc))
+        parts[-1] += f"; {stamp}"
+        return ("\r\n".join(parts) + "\r\n").encode("utf-8")
+
+    def return_path_header(self) -> bytes:
+        return f"Return-Path: <{_header_safe(self.sender)}>\r\n".encode()
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The envelope as plain JSON-ready data (the message itself is not included)."""
+        return {
+            "queue_id": self.queue_id,
+            "sender": self.sender,
+            "mail_params": self.mail_params,
+            "recipients": [
+                {"address": rcpt, "params": params}
+                for rcpt, params in zip(self.recipients, self.rcpt_params, strict=True)
+            ],
+            "client": {
+                "ip": self.client_ip,
+                "port": self.client_port,
+                "name": self.client_name,
+                "helo": self.ehlo_as,
+            },
+            "protocol": self.protocol,
+            "security": self.security,
+            "tls": {"version": self.tls_version, "cipher": self.tls_cipher}
+            if self.tls_version
+            else None,
+            "authed": self.authed,
+            "receiver": self.receiver,
+            "received_at": self.received_at,
+            "size": self.message.size if self.message is not None else None,
+        }
+
+
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _header_safe(text: str) -> str:
+    return _UNSAFE.sub("?", text)

@@ -1,0 +1,113 @@
+"""Limits and timeouts, as one frozen value checked when it is built."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from slimta_tx.data import BareNewlinePolicy
+
+__all__ = ["DEFAULT_TRUSTED_NETWORKS", "Network", "Policy", "parse_network"]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_TRUSTED_NETWORKS: tuple[Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
+def parse_network(text: str) -> Network:
+    """``"192.0.2.0/24"`` or a single address; raises ValueError with a readable message."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=False)
+    except ValueError as e:
+        raise ValueError(f"not a network in CIDR notation: {text!r}") from e
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the edge allows. Every field has a production-minded default.
+
+    :ivar max_message_size: bytes after unstuffing; 0 means no limit (``SIZE`` advertises 0).
+    :ivar max_recipients: RCPT commands accepted per transaction; more get 452 4.5.3.
+    :ivar max_command_length: command line limit in bytes, CRLF included (RFC 5321: 512).
+    :ivar max_line_length: DATA text line limit, CRLF included (RFC 5321: 1000); 0: none.
+    :ivar max_bad_commands: syntax and sequence errors before ``421 4.7.0`` and a close.
+    :ivar command_timeout: seconds to wait for each complete command line.
+    :ivar data_timeout: seconds of silence allowed while the message body arrives.
+    :ivar bare_newline: ``"reject"`` (550 5.5.2 after the end of data) or ``"normalize"``.
+    :ivar trusted_networks: clients here may relay to any domain.
+    :ivar accepted_domains: recipient domains accepted from anyone (exact or ``.suffix``).
+    :ivar shutdown_grace: seconds a session may finish its transaction when the edge closes.
+    """
+
+    hostname: str = "localhost"
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_command_length: int = 512
+    max_line_length: int = 1000
+    max_bad_commands: int = 20
+    command_timeout: float = 300.0
+    data_timeout: float = 300.0
+    bare_newline: BareNewlinePolicy = BareNewlinePolicy.REJECT
+    trusted_networks: tuple[Network, ...] = DEFAULT_TRUSTED_NETWORKS
+    accepted_domains: tuple[str, ...] = ()
+    smtputf8: bool = True
+    spool_directory: str | None = None
+    spool_memory_limit: int = 256 * 1024
+    shutdown_grace: float = 30.0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_size", "max_line_length"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more")
+        for name in ("max_recipients", "max_bad_commands"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be 1 or more")
+        if self.max_command_length < 512:
+            raise ValueError("max_command_length must be at least 512 (RFC 5321 4.5.3.1.4)")
+        if self.max_line_length and self.max_line_length < 1000:
+            raise ValueError("max_line_length must be 0 or at least 1000 (RFC 5321 4.5.3.1.6)")
+        for name in ("command_timeout", "data_timeout", "shutdown_grace"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be more than 0 seconds")
+        object.__setattr__(self, "bare_newline", BareNewlinePolicy(self.bare_newline))
+        object.__setattr__(
+            self,
+            "trusted_networks",
+            tuple(
+                n if not isinstance(n, str) else parse_network(n) for n in self.trusted_networks
+            ),
+        )
+        object.__setattr__(
+            self,
+            "accepted_domains",
+            tuple(d.strip().lower().rstrip(".") for d in self.accepted_domains),
+        )
+
+    def evolve(self, **changes: Any) -> Policy:
+        """A copy with ``changes`` applied (and validated)."""
+        return replace(self, **changes)
+
+    def is_trusted(self, host: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip.version == net.version and ip in net for net in self.trusted_networks)
+
+    def is_accepted_domain(self, domain: str) -> bool:
+        """Exact match, or a ``.example.com`` entry matching any subdomain."""
+        domain = domain.lower().rstrip(".")
+        for accepted in self.accepted_domains:
+            if accepted.startswith("."):
+                if domain.endswith(accepted):
+                    return True
+            elif domain == accepted:
+                return True
+        return False

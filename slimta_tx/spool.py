@@ -1,0 +1,108 @@
+"""Where a message body goes while it arrives: memory up to a threshold, then a file.
+
+A connection holds at most ``memory_limit`` bytes of message in memory; past that the body
+streams to an unlinked temporary file in ``directory``. Writes to that file go to the page
+cache (no fsync: durability is the bus's job), so they are cheap enough for the reactor thread.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import BinaryIO
+
+__all__ = ["Spool", "SpoolFactory"]
+
+DEFAULT_MEMORY_LIMIT = 256 * 1024
+READ_SIZE = 256 * 1024
+
+
+class Spool:
+    """One message body, written once then read any number of times."""
+
+    def __init__(self, directory: str | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT):
+        self._directory = directory
+        self._memory_limit = memory_limit
+        self._memory: bytearray | None = bytearray()
+        self._file: BinaryIO | None = None
+        self.size = 0
+        self.closed = False
+
+    @property
+    def in_memory(self) -> bool:
+        return self._file is None
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise ValueError("spool is closed")
+        self.size += len(data)
+        if self._memory is not None:
+            if len(self._memory) + len(data) <= self._memory_limit:
+                self._memory += data
+                return
+            self._file = tempfile.TemporaryFile(dir=self._directory, prefix="slimta-spool-")
+            self._file.write(self._memory)
+            self._memory = None
+        assert self._file is not None
+        self._file.write(data)
+
+    def open(self) -> BinaryIO:
+        """A new binary reader positioned at the start of the body."""
+        if self.closed:
+            raise ValueError("spool is closed")
+        if self._memory is not None:
+            return io.BytesIO(bytes(self._memory))
+        assert self._file is not None
+        self._file.flush()
+        return os.fdopen(os.dup(self._file.fileno()), "rb", closefd=True)
+
+    def chunks(self, size: int = READ_SIZE) -> Iterator[bytes]:
+        """The body in chunks of at most ``size`` bytes (reads with ``pread``: position-safe)."""
+        if self._memory is not None:
+            view = bytes(self._memory)
+            for start in range(0, len(view), size):
+                yield view[start : start + size]
+            return
+        assert self._file is not None
+        self._file.flush()
+        fd = self._file.fileno()
+        offset = 0
+        while offset < self.size:
+            chunk = os.pread(fd, min(size, self.size - offset), offset)
+            if not chunk:
+                break
+            offset += len(chunk)
+            yield chunk
+
+    def head(self, limit: int = 64 * 1024) -> bytes:
+        """Up to ``limit`` bytes from the start (enough for the header section, usually)."""
+        out = bytearray()
+        for chunk in self.chunks(min(limit, READ_SIZE)):
+            out += chunk
+            if len(out) >= limit:
+                break
+        return bytes(out[:limit])
+
+    def read(self) -> bytes:
+        """The whole body in memory: for tests and small messages only."""
+        return b"".join(self.chunks())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._memory = None
+        self.closed = True
+
+
+class SpoolFactory:
+    """Makes :class:`Spool` objects with one directory and memory threshold."""
+
+    def __init__(self, directory: str | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT):
+        self.directory = directory
+        self.memory_limit = memory_limit
+
+    def __call__(self) -> Spool:
+        return Spool(self.directory, self.memory_limit)

@@ -1,0 +1,126 @@
+"""The command state machine as a table: which command is allowed where, and what follows.
+
+Pure data and two small functions; the protocol asks :func:`check` before running a command
+and :func:`after` for the state that follows its reply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from slimta_tx.reply import Reply
+
+__all__ = ["COMMANDS", "UNIMPLEMENTED", "State", "after", "check"]
+
+
+class State(str, Enum):
+    GREETING = "greeting"  # the banner is not out yet
+    CONNECTED = "connected"  # banner sent, no successful EHLO/HELO
+    READY = "ready"  # greeted, no transaction
+    MAIL = "mail"  # MAIL accepted, no recipient yet
+    RCPT = "rcpt"  # at least one recipient accepted
+    DATA = "data"  # message body arriving
+    CLOSED = "closed"
+
+
+_ANY = frozenset({State.CONNECTED, State.READY, State.MAIL, State.RCPT})
+_GREETED = frozenset({State.READY, State.MAIL, State.RCPT})
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    allowed: frozenset[State]
+    # The 503 text for each state the command is not allowed in.
+    refusals: tuple[tuple[frozenset[State], str], ...] = ()
+
+
+_NEED_HELO = "Send EHLO or HELO first"
+
+COMMANDS: dict[str, CommandSpec] = {
+    "EHLO": CommandSpec(_ANY),
+    "HELO": CommandSpec(_ANY),
+    "MAIL": CommandSpec(
+        frozenset({State.READY}),
+        (
+            (frozenset({State.CONNECTED}), _NEED_HELO),
+            (frozenset({State.MAIL, State.RCPT}), "Nested MAIL command"),
+        ),
+    ),
+    "RCPT": CommandSpec(
+        frozenset({State.MAIL, State.RCPT}),
+        (
+            (frozenset({State.CONNECTED}), _NEED_HELO),
+            (frozenset({State.READY}), "Need MAIL before RCPT"),
+        ),
+    ),
+    "DATA": CommandSpec(
+        frozenset({State.RCPT}),
+        (
+            (frozenset({State.CONNECTED}), _NEED_HELO),
+            (frozenset({State.READY}), "Need MAIL before DATA"),
+            (frozenset({State.MAIL}), "Need RCPT before DATA (no valid recipients)"),
+        ),
+    ),
+    "RSET": CommandSpec(_ANY),
+    "NOOP": CommandSpec(_ANY),
+    "QUIT": CommandSpec(_ANY),
+    "VRFY": CommandSpec(_ANY),
+    "HELP": CommandSpec(_ANY),
+    "STARTTLS": CommandSpec(
+        frozenset({State.READY}),
+        (
+            (frozenset({State.CONNECTED}), _NEED_HELO),
+            (frozenset({State.MAIL, State.RCPT}), "STARTTLS not allowed during a transaction"),
+        ),
+    ),
+    "AUTH": CommandSpec(
+        frozenset({State.READY}),
+        (
+            (frozenset({State.CONNECTED}), _NEED_HELO),
+            (frozenset({State.MAIL, State.RCPT}), "AUTH not allowed during a transaction"),
+        ),
+    ),
+}
+
+# Known to SMTP but not offered here: 502 5.5.1 rather than 500 5.5.2.
+UNIMPLEMENTED = frozenset(
+    {
+        "EXPN",
+        "TURN",
+        "ETRN",
+        "ATRN",
+        "SEND",
+        "SOML",
+        "SAML",
+        "VERB",
+        "ONEX",
+        "BDAT",
+        "XCLIENT",
+        "STARTTLS",
+        "AUTH",
+    }
+)
+
+
+def check(state: State, verb: str) -> Reply | None:
+    """None if ``verb`` may run in ``state``, else the 503 reply."""
+    spec = COMMANDS[verb]
+    if state in spec.allowed:
+        return None
+    for states, text in spec.refusals:
+        if state in states:
+            return Reply("503", text, "5.5.1")
+    return Reply("503", "Bad sequence of commands", "5.5.1")
+
+
+def after(state: State, verb: str, reply: Reply) -> State:
+    """The state that follows ``verb``'s ``reply`` (sent in ``state``)."""
+    ok = reply.code.startswith("2") or reply.code.startswith("3")
+    if verb in ("EHLO", "HELO"):
+        return State.READY if ok else State.CONNECTED
+    if verb == "RSET":
+        return State.CONNECTED if state is State.CONNECTED else State.READY
+    if not ok:
+        return state
+    return {"MAIL": State.MAIL, "RCPT": State.RCPT, "DATA": State.DATA}.get(verb, state)
