@@ -1,0 +1,30 @@
+"""slimta_tx: an ESMTP edge listener on Twisted.
+
+The public names live here; the modules behind them are implementation detail. Importing this
+package never installs a reactor.
+"""
+
+from slimta_tx.bus.maildir import MaildirBus
+from slimta_tx.bus.simple import DiscardBus
+from slimta_tx.data import BareNewlinePolicy
+from slimta_tx.envelope import Envelope, Session, TLSInfo
+from slimta_tx.factory import SmtpEdge
+from slimta_tx.interfaces import IBus
+from slimta_tx.policy import Policy
+from slimta_tx.reply import Reply
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BareNewlinePolicy",
+    "DiscardBus",
+    "Envelope",
+    "IBus",
+    "MaildirBus",
+    "Policy",
+    "Reply",
+    "Session",
+    "SmtpEdge",
+    "TLSInfo",
+    "__version__",
+]

@@ -1,0 +1,217 @@
+"""The core SMTP commands, one function each, dispatched through :data:`HANDLERS`.
+
+Each handler gets the protocol and the argument text. It proposes a reply, lets the
+command's validator change it (possibly asynchronously, through ``run_step``), and finishes
+with ``finish_command``, which also moves the state machine on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from slimta_tx.address import ArgumentError, MailArgument, parse_mail_argument, parse_rcpt_argument
+from slimta_tx.envelope import Envelope
+from slimta_tx.extensions import ehlo_keywords
+from slimta_tx.reply import Reply
+from slimta_tx.state import State
+from slimta_tx.validators import relay_allowed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slimta_tx.protocol import ESMTPServerProtocol
+
+__all__ = ["HANDLERS"]
+
+Handler = Callable[["ESMTPServerProtocol", str], None]
+
+_BODY_VALUES = ("7BIT", "8BITMIME")
+
+
+def _greeting(proto: ESMTPServerProtocol, argument: str, verb: str) -> None:
+    name = argument.strip()
+    if not name or " " in name:
+        proto.refuse(Reply("501", f"Syntax: {verb} hostname", "5.5.4"))
+        return
+    proto.reset_transaction()
+    policy, session = proto.policy, proto.session
+    if verb == "EHLO":
+        keywords = ehlo_keywords(
+            policy,
+            starttls=proto.edge.starttls_available(session),
+            auth_mechanisms=proto.edge.auth_mechanisms(session),
+        )
+        reply = Reply("250", "\n".join([f"{policy.hostname} Hello {name}", *keywords]))
+    else:
+        reply = Reply("250", f"{policy.hostname} Hello {name}")
+
+    def done(reply: Reply) -> None:
+        ok = reply.code.startswith("2")
+        session.ehlo_as = name if ok else None
+        session.extended_smtp = ok and verb == "EHLO"
+        proto.finish_command(verb, reply, enhanced=not ok)
+
+    # Validators tell EHLO from HELO by this flag, as in python-slimta.
+    session.extended_smtp = verb == "EHLO"
+    proto.run_step(proto.call_hook("EHLO", reply, name), done)
+
+
+def ehlo(proto: ESMTPServerProtocol, argument: str) -> None:
+    _greeting(proto, argument, "EHLO")
+
+
+def helo(proto: ESMTPServerProtocol, argument: str) -> None:
+    _greeting(proto, argument, "HELO")
+
+
+def _check_mail_params(proto: ESMTPServerProtocol, parsed: MailArgument) -> Reply | None:
+    params = parsed.params
+    if params and not proto.session.extended_smtp:
+        return Reply("555", "MAIL parameters are not allowed after HELO", "5.5.4")
+    allowed = {"SIZE", "BODY", "SMTPUTF8", *proto.edge.extra_mail_params}
+    if not proto.policy.smtputf8:
+        allowed.discard("SMTPUTF8")
+    for key in params:
+        if key not in allowed:
+            return Reply("555", f"Unsupported MAIL parameter {key}", "5.5.4")
+    size = params.get("SIZE", "0")
+    if "SIZE" in params:
+        if size is None or not size.isdigit() or len(size) > 20:
+            return Reply("501", "Syntax: SIZE=<number>", "5.5.4")
+        limit = proto.policy.max_message_size
+        if limit and int(size) > limit:
+            return Reply("552", "Message size exceeds fixed maximum message size", "5.3.4")
+    if "BODY" in params and (params["BODY"] or "").upper() not in _BODY_VALUES:
+        return Reply("501", "Syntax: BODY=7BIT or BODY=8BITMIME", "5.5.4")
+    if "SMTPUTF8" in params and params["SMTPUTF8"] is not None:
+        return Reply("501", "SMTPUTF8 takes no value", "5.5.4")
+    return None
+
+
+def mail(proto: ESMTPServerProtocol, argument: str) -> None:
+    try:
+        parsed = parse_mail_argument(argument)
+    except ArgumentError as e:
+        proto.finish_command("MAIL", e.reply)
+        return
+    problem = _check_mail_params(proto, parsed)
+    if problem is None:
+        problem = proto.edge.check_mail(proto.session, parsed)
+    if problem is not None:
+        proto.finish_command("MAIL", problem)
+        return
+    reply = Reply("250", f"Sender <{parsed.address}> ok", "2.1.0")
+
+    def done(reply: Reply) -> None:
+        if reply.code.startswith("2"):
+            proto.session.envelope = Envelope.start(proto.session, parsed.address, parsed.params)
+        proto.finish_command("MAIL", reply)
+
+    proto.run_step(proto.call_hook("MAIL", reply, parsed.address, parsed.params), done)
+
+
+def rcpt(proto: ESMTPServerProtocol, argument: str) -> None:
+    envelope = proto.session.envelope
+    assert envelope is not None
+    try:
+        parsed = parse_rcpt_argument(argument, utf8=envelope.smtputf8)
+    except ArgumentError as e:
+        proto.finish_command("RCPT", e.reply)
+        return
+    if parsed.params:
+        key = next(iter(parsed.params))
+        proto.finish_command("RCPT", Reply("555", f"Unsupported RCPT parameter {key}", "5.5.4"))
+        return
+    if len(envelope.recipients) >= proto.policy.max_recipients:
+        proto.finish_command("RCPT", Reply("452", "Too many recipients", "4.5.3"))
+        return
+    reply = Reply("250", f"Recipient <{parsed.address}> ok", "2.1.5")
+    if not relay_allowed(proto.policy, proto.session, parsed.address):
+        reply.set("554", f"<{parsed.address}>: Relay access denied", "5.7.1")
+
+    def done(reply: Reply) -> None:
+        if reply.code.startswith("2"):
+            envelope.add_recipient(parsed.address, parsed.params)
+        proto.finish_command("RCPT", reply)
+
+    proto.run_step(proto.call_hook("RCPT", reply, parsed.address, parsed.params), done)
+
+
+def data(proto: ESMTPServerProtocol, argument: str) -> None:
+    if argument.strip():
+        proto.refuse(Reply("501", "Syntax: DATA", "5.5.4"))
+        return
+    reply = Reply("354", "End data with <CR><LF>.<CR><LF>")
+
+    def done(reply: Reply) -> None:
+        proto.finish_command("DATA", reply)
+        if proto.state is State.DATA:
+            proto.start_data()
+
+    proto.run_step(proto.call_hook("DATA", reply), done)
+
+
+def rset(proto: ESMTPServerProtocol, argument: str) -> None:
+    if argument.strip():
+        proto.refuse(Reply("501", "Syntax: RSET", "5.5.4"))
+        return
+    proto.reset_transaction()
+    reply = Reply("250", "Ok", "2.0.0")
+    proto.run_step(proto.call_hook("RSET", reply), lambda r: proto.finish_command("RSET", r))
+
+
+def noop(proto: ESMTPServerProtocol, argument: str) -> None:
+    proto.send(Reply("250", "Ok", "2.0.0"))
+
+
+def quit_(proto: ESMTPServerProtocol, argument: str) -> None:
+    reply = Reply("221", f"{proto.policy.hostname} Bye", "2.0.0")
+
+    def done(reply: Reply) -> None:
+        proto.send(reply)
+        if not reply.closes_connection:
+            proto.close_after_flush()
+
+    proto.run_step(proto.call_hook("QUIT", reply), done)
+
+
+def vrfy(proto: ESMTPServerProtocol, argument: str) -> None:
+    if not argument.strip():
+        proto.refuse(Reply("501", "Syntax: VRFY address", "5.5.4"))
+        return
+    proto.send(
+        Reply("252", "Cannot VRFY user, but will accept message and attempt delivery", "2.0.0")
+    )
+
+
+def help_(proto: ESMTPServerProtocol, argument: str) -> None:
+    verbs = sorted(
+        {
+            "EHLO",
+            "HELO",
+            "MAIL",
+            "RCPT",
+            "DATA",
+            "RSET",
+            "NOOP",
+            "QUIT",
+            "VRFY",
+            "HELP",
+            *proto.edge.extra_commands,
+        }
+    )
+    text = "Supported commands:\n" + " ".join(verbs) + "\nSee RFC 5321"
+    proto.send(Reply("214", text, "2.0.0"))
+
+
+HANDLERS: dict[str, Handler] = {
+    "EHLO": ehlo,
+    "HELO": helo,
+    "MAIL": mail,
+    "RCPT": rcpt,
+    "DATA": data,
+    "RSET": rset,
+    "NOOP": noop,
+    "QUIT": quit_,
+    "VRFY": vrfy,
+    "HELP": help_,
+}

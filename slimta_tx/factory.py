@@ -1,0 +1,178 @@
+"""``SmtpEdge``: the factory that holds policy, validators, the bus and the seed API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+
+from slimta_tx.address import MailArgument
+from slimta_tx.envelope import Envelope, Session
+from slimta_tx.interfaces import IBus
+from slimta_tx.policy import Policy
+from slimta_tx.protocol import ESMTPServerProtocol
+from slimta_tx.reply import Reply
+from slimta_tx.spool import SpoolFactory
+from slimta_tx.validators import Validator, Validators
+
+if TYPE_CHECKING:  # pragma: no cover
+    from twisted.internet.interfaces import IAddress
+
+__all__ = ["SmtpEdge"]
+
+CommandHandler = Callable[[ESMTPServerProtocol, str], None]
+
+
+class SmtpEdge(ServerFactory):
+    """An SMTP edge listener: policy plus a bus, ready to serve on any Twisted endpoint.
+
+    :param bus: an :class:`~slimta_tx.interfaces.IBus` provider; each accepted message goes
+        there and its reply goes to the client.
+    :param policy: limits and relay rules (:class:`~slimta_tx.policy.Policy`).
+    :param reactor: the reactor (and clock) to use; the global reactor when None.
+    """
+
+    log = Logger()
+
+    def __init__(self, bus: IBus, policy: Policy | None = None, reactor: Any = None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        if not IBus.providedBy(bus) and not callable(getattr(bus, "send", None)):
+            raise TypeError(f"{bus!r} is not a bus: it needs a send(envelope) method")
+        self.bus = bus
+        self.policy = policy if policy is not None else Policy()
+        self.reactor: IReactorTime = reactor
+        self.validators = Validators()
+        self.spool_factory = SpoolFactory(
+            self.policy.spool_directory, self.policy.spool_memory_limit
+        )
+        self.banner_code = "220"
+        self.banner_message: str | None = None
+        # Commands and MAIL parameters that TLS and AUTH add when enabled.
+        self.extra_commands: dict[str, CommandHandler] = {}
+        self.extra_mail_params: set[str] = set()
+        self.connections: set[ESMTPServerProtocol] = set()
+        self.ports: list[IListeningPort] = []
+        self._closing: Deferred[None] | None = None
+        self._drained: list[Deferred[None]] = []
+
+    # -- the seed API ----------------------------------------------------------------------
+
+    def set_banner_message(self, code: str | int, message: str) -> None:
+        """The greeting every client gets first (the ``BANNER`` validator may change it)."""
+        self.banner_code = str(code)
+        self.banner_message = message
+
+    def set_max_message_size(self, size: int | None) -> None:
+        """Largest message accepted, in bytes (advertised with SIZE; None or 0: no limit)."""
+        self.policy = self.policy.evolve(max_message_size=int(size or 0))
+
+    def set_validator(self, command: str, func: Validator | None) -> None:
+        """Call ``func(session, reply, *extra)`` at ``command``.
+
+        See :mod:`slimta_tx.validators` for the hooks and what each receives.
+        """
+        self.validators.set(command, func)
+
+    def listen(self, endpoint: IStreamServerEndpoint) -> Deferred[IListeningPort]:
+        """Start listening on ``endpoint``; :meth:`close` stops it."""
+        d: Deferred[IListeningPort] = endpoint.listen(self)
+
+        def record(port: IListeningPort) -> IListeningPort:
+            self.ports.append(port)
+            return port
+
+        return d.addCallback(record)
+
+    def close(self) -> Deferred[None]:
+        """Stop listening now; let sessions finish their current transaction; fire when all
+        are gone. After ``policy.shutdown_grace`` seconds the rest get ``421 4.3.2``."""
+        if self._closing is not None:
+            return self._closing
+        stops = [Deferred.fromCoroutine(_stop(port)) for port in self.ports]
+        self.ports = []
+        drained: Deferred[None] = Deferred()
+        self._drained.append(drained)
+        for proto in list(self.connections):
+            proto.shutdown()
+        grace = self.reactor.callLater(self.policy.shutdown_grace, self._force_close)
+        self._check_drained()
+
+        def cancel_grace(result: object) -> None:
+            if grace.active():
+                grace.cancel()
+
+        closing: Deferred[Any] = DeferredList([*stops, drained], consumeErrors=True)
+        self._closing = closing.addCallback(cancel_grace)
+        return self._closing
+
+    # -- used by the protocol ----------------------------------------------------------------
+
+    def buildProtocol(self, addr: IAddress | None) -> ESMTPServerProtocol:
+        proto = ESMTPServerProtocol(self)
+        proto.factory = self
+        return proto
+
+    def banner_reply(self) -> Reply:
+        message = self.banner_message or f"{self.policy.hostname} ESMTP slimta_tx"
+        return Reply(self.banner_code, message)
+
+    def starttls_available(self, session: Session) -> bool:
+        return False
+
+    def auth_mechanisms(self, session: Session) -> list[str]:
+        return []
+
+    def check_mail(self, session: Session, argument: MailArgument) -> Reply | None:
+        """Policy checks on MAIL beyond syntax (TLS or AUTH requirements); None: fine."""
+        return None
+
+    def connection_made(self, proto: ESMTPServerProtocol) -> None:
+        self.connections.add(proto)
+        if self._closing is not None:
+            proto.shutdown()
+
+    def connection_lost(self, proto: ESMTPServerProtocol) -> None:
+        self.connections.discard(proto)
+        self._check_drained()
+
+    def log_transaction(self, session: Session, envelope: Envelope, reply: Reply) -> None:
+        """One summary event per transaction."""
+        self.log.info(
+            "{client} helo={helo} from=<{sender}> rcpts={rcpts} size={size} id={queue_id} "
+            "result={result} {seconds:.3f}s",
+            client=session.address[0],
+            helo=session.ehlo_as,
+            sender=envelope.sender,
+            rcpts=len(envelope.recipients),
+            size=envelope.message.size if envelope.message is not None else 0,
+            queue_id=envelope.queue_id,
+            result=f"{reply.code} {reply.effective_enhanced_code() or ''}".strip(),
+            seconds=time.time() - envelope.received_at,
+        )
+
+    def _force_close(self) -> None:
+        for proto in list(self.connections):
+            proto.force_close()
+
+    def _check_drained(self) -> None:
+        if self.connections:
+            return
+        drained, self._drained = self._drained, []
+        for d in drained:
+            d.callback(None)
+
+
+async def _stop(port: IListeningPort) -> None:
+    result = port.stopListening()
+    if isinstance(result, Deferred):
+        await result
+    else:
+        await succeed(None)

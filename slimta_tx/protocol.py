@@ -1,0 +1,379 @@
+"""The ESMTP server protocol: thin glue between a transport and the sans-I/O core.
+
+One command at a time. While a validator or the bus has not answered, reading is paused (the
+transport too, so TCP pushes back) and buffered pipelined commands wait; replies therefore
+always go out in order. Replies produced while working through one batch of input are written
+together, in one ``write``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from slimta_tx import commands
+from slimta_tx.data import DataDecoder, DataResult
+from slimta_tx.envelope import Session
+from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
+from slimta_tx.reply import Reply
+from slimta_tx.spool import Spool
+from slimta_tx.state import UNIMPLEMENTED, State, after, check
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slimta_tx.factory import SmtpEdge
+
+__all__ = ["ESMTPServerProtocol"]
+
+# Reply lines longer than this are not needed; a command line may grow by these allowances
+# (RFC 1870 SIZE 26, RFC 4954 AUTH= 500, RFC 6531 SMTPUTF8 10, RFC 6152 BODY 16).
+_EXTENSION_ALLOWANCE = 26 + 500 + 10 + 16
+
+_DATA_REFUSALS = {
+    DataResult.TOO_BIG: Reply("552", "Message too big for system", "5.3.4"),
+    DataResult.LINE_TOO_LONG: Reply("500", "Line too long in message", "5.5.6"),
+    DataResult.BARE_NEWLINE: Reply(
+        "550", "Message contains bare CR or LF; lines must end with CRLF", "5.5.2"
+    ),
+}
+TEMPFAIL = Reply("451", "Temporary local problem, try again later", "4.3.0")
+
+LineHandler = Callable[[bytes], None]
+
+
+class ESMTPServerProtocol(Protocol):
+    """One SMTP session. Built by :class:`slimta_tx.factory.SmtpEdge`."""
+
+    log = Logger()
+
+    def __init__(self, edge: SmtpEdge) -> None:
+        self.edge = edge
+        self.policy = edge.policy
+        self.clock = edge.reactor
+        self.session = Session(hostname=self.policy.hostname)
+        self.state = State.GREETING
+        self.reader = LineReader(self.policy.max_command_length - 2 + _EXTENSION_ALLOWANCE)
+        self.line_handler: LineHandler = self._command_line
+        self.bad_commands = 0
+        self._decoder: DataDecoder | None = None
+        self._spool: Spool | None = None
+        self._out: list[bytes] = []
+        self._waiting = False
+        self._processing = False
+        self._paused = False
+        self._closing = False
+        self._shutdown_requested = False
+        self._timer: IDelayedCall | None = None
+
+    # -- transport events -----------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+        transport = cast(Any, self.transport)
+        peer, host = transport.getPeer(), transport.getHost()
+        self.session.address = (getattr(peer, "host", str(peer)), getattr(peer, "port", 0))
+        self.session.server_address = (getattr(host, "host", ""), getattr(host, "port", 0))
+        self.edge.connection_made(self)
+        self.log.debug("{peer} connected", peer=self.session.address)
+        reply = self.edge.banner_reply()
+        self.run_step(self.edge.validators.run("BANNER", self.session, reply), self._banner_done)
+
+    def _banner_done(self, reply: Reply) -> None:
+        self.send(reply, enhanced=reply.is_error)
+        if not reply.closes_connection and reply.code.startswith("2"):
+            self.state = State.CONNECTED
+        elif not reply.closes_connection:
+            # A 554 greeting: RFC 5321 3.1 says answer 503 to all but QUIT.
+            self.state = State.CONNECTED
+            self.line_handler = self._refused_session_line
+        self.restart_timer(self.policy.command_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.reader.feed(data)
+        if self.state is State.DATA and not self._waiting:
+            self.restart_timer(self.policy.data_timeout)
+        self.process()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.cancel_timer()
+        previous, self.state = self.state, State.CLOSED
+        if previous is State.DATA and not self._waiting:
+            self._discard_spool()
+        self.edge.connection_lost(self)
+        self.log.debug("{peer} disconnected", peer=self.session.address)
+
+    # -- the processing loop ---------------------------------------------------------------
+
+    def process(self) -> None:
+        """Work through buffered input until it runs out or a step must wait; then flush."""
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while not self._waiting and not self._closing and self.state is not State.CLOSED:
+                if self.state is State.DATA:
+                    data = self.reader.take_rest()
+                    if not data:
+                        break
+                    self._data_bytes(data)
+                elif self.state is State.GREETING:
+                    break
+                else:
+                    line = self.reader.next_line()
+                    if line is None:
+                        break
+                    self.line_handler(line)  # type: ignore[arg-type]
+        finally:
+            self._processing = False
+        self.flush()
+
+    def run_step(self, d: Deferred[Reply], then: Callable[[Reply], None]) -> None:
+        """Wait for ``d`` (a hook or the bus) with input paused, then call ``then`` in order."""
+        self._waiting = True
+        self.cancel_timer()
+        self.pause_input()
+
+        def done(reply: Reply) -> None:
+            self._waiting = False
+            if self.state is not State.CLOSED:
+                then(reply)
+                if not self._closing:
+                    self.resume_input()
+                    self.process()
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("{peer}: step failed", failure, peer=self.session.address)
+            done(TEMPFAIL.copy())
+
+        d.addCallbacks(done, failed)
+
+    def call_hook(self, name: str, reply: Reply, *extra: Any) -> Deferred[Reply]:
+        return self.edge.validators.run(name, self.session, reply, *extra)
+
+    # -- output ------------------------------------------------------------------------------
+
+    def send(self, reply: Reply, enhanced: bool = True) -> None:
+        """Queue ``reply``; a 421/221 also ends the session after it is written."""
+        self._out.append(reply.render(with_enhanced=enhanced))
+        if reply.closes_connection:
+            self.close_after_flush()
+        elif self._shutdown_requested and self.state in (State.CONNECTED, State.READY):
+            self._out.append(
+                Reply("421", f"{self.policy.hostname} Service shutting down", "4.3.2").render()
+            )
+            self.close_after_flush()
+
+    def flush(self) -> None:
+        if self._out and self.transport is not None and self.state is not State.CLOSED:
+            out, self._out = b"".join(self._out), []
+            self.transport.write(out)
+        if self._closing and self.state is not State.CLOSED and self.transport is not None:
+            self.transport.loseConnection()
+            # A client that never reads cannot hold the connection open.
+            self.clock.callLater(30, self._abort_if_open)
+
+    def close_after_flush(self) -> None:
+        self._closing = True
+        self.cancel_timer()
+
+    def _abort_if_open(self) -> None:
+        if self.state is not State.CLOSED and self.transport is not None:
+            cast(Any, self.transport).abortConnection()
+
+    def refuse(self, reply: Reply) -> None:
+        """Send an error caused by the client's input; too many of them end the session."""
+        self.send(reply)
+        self.bad_commands += 1
+        if self.bad_commands >= self.policy.max_bad_commands and not self._closing:
+            self.send(
+                Reply(
+                    "421", f"{self.policy.hostname} Too many errors, closing connection", "4.7.0"
+                )
+            )
+
+    # -- flow control and timers -----------------------------------------------------------
+
+    def pause_input(self) -> None:
+        if not self._paused and self.transport is not None:
+            self._paused = True
+            cast(Any, self.transport).pauseProducing()
+
+    def resume_input(self) -> None:
+        if self._paused and self.transport is not None:
+            self._paused = False
+            cast(Any, self.transport).resumeProducing()
+        timeout = (
+            self.policy.data_timeout if self.state is State.DATA else self.policy.command_timeout
+        )
+        self.restart_timer(timeout)
+
+    def restart_timer(self, seconds: float) -> None:
+        self.cancel_timer()
+        if self.state is not State.CLOSED and not self._closing:
+            self._timer = self.clock.callLater(seconds, self._timed_out)
+
+    def cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self.log.info(
+            "{peer} timed out in state {state}", peer=self.session.address, state=self.state.value
+        )
+        if self.state is State.DATA:
+            self._discard_spool()
+        self.send(
+            Reply("421", f"{self.policy.hostname} Timeout exceeded, closing connection", "4.4.2")
+        )
+        self.flush()
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def _command_line(self, line: bytes | _TooLong) -> None:
+        self.restart_timer(self.policy.command_timeout)
+        if line is TOO_LONG:
+            self.refuse(Reply("500", "Line too long", "5.5.6"))
+            return
+        assert isinstance(line, bytes)
+        if b"\r" in line or b"\n" in line or b"\0" in line:
+            self.refuse(
+                Reply("500", "Bare CR, LF or NUL in command; lines end with CRLF", "5.5.2")
+            )
+            return
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self.refuse(Reply("500", "Command is not valid UTF-8", "5.5.2"))
+            return
+        verb, _, argument = text.partition(" ")
+        verb = verb.upper()
+        handler = self.edge.extra_commands.get(verb) or commands.HANDLERS.get(verb)
+        if handler is None:
+            self._unknown(verb, text)
+            return
+        refusal = check(self.state, verb)
+        if refusal is not None:
+            self.refuse(refusal)
+            return
+        handler(self, argument)
+
+    def _unknown(self, verb: str, text: str) -> None:
+        if verb in UNIMPLEMENTED:
+            reply = Reply("502", "Command not implemented", "5.5.1")
+        else:
+            reply = Reply("500", "Command not recognized", "5.5.2")
+        if "UNKNOWN" in self.edge.validators:
+            self.run_step(self.call_hook("UNKNOWN", reply, text), self.refuse)
+        else:
+            self.refuse(reply)
+
+    def _refused_session_line(self, line: bytes | _TooLong) -> None:
+        if isinstance(line, bytes) and line.upper().strip() == b"QUIT":
+            self.send(Reply("221", f"{self.policy.hostname} Bye", "2.0.0"))
+        else:
+            self.refuse(Reply("503", "Service refused; only QUIT is allowed", "5.5.1"))
+
+    def finish_command(self, verb: str, reply: Reply, enhanced: bool = True) -> None:
+        """Send the reply to ``verb`` and move the state machine on."""
+        self.state = after(self.state, verb, reply)
+        if reply.code[:1] == "5" and reply.code in ("500", "501", "502", "503", "504", "555"):
+            self.refuse(reply)
+        else:
+            self.send(reply, enhanced=enhanced)
+
+    def reset_transaction(self) -> None:
+        self._discard_spool()
+        self.session.envelope = None
+
+    # -- the message body ---------------------------------------------------------------------
+
+    def start_data(self) -> None:
+        self._spool = self.edge.spool_factory()
+        self._decoder = DataDecoder(
+            self._spool.write,
+            max_size=self.policy.max_message_size,
+            max_line_length=self.policy.max_line_length,
+            bare_newline=self.policy.bare_newline,
+        )
+        self.restart_timer(self.policy.data_timeout)
+
+    def _data_bytes(self, data: bytes) -> None:
+        assert self._decoder is not None
+        rest = self._decoder.feed(data)
+        if rest is None:
+            return
+        if rest:
+            self.reader.feed(rest)
+        self._end_of_data()
+
+    def _end_of_data(self) -> None:
+        decoder, spool, envelope = self._decoder, self._spool, self.session.envelope
+        assert decoder is not None and spool is not None and envelope is not None
+        self._decoder = None
+        refusal = _DATA_REFUSALS.get(decoder.result)
+        if refusal is not None:
+            self.log.info(
+                "{peer} message refused: {why} ({size} bytes)",
+                peer=self.session.address,
+                why=decoder.result.value,
+                size=decoder.size,
+            )
+            self._complete_transaction(refusal.copy())
+            return
+        envelope.refresh_from(self.session)
+        envelope.message = spool
+        queued = Reply("250", f"Message queued as {envelope.queue_id}", "2.6.0")
+
+        def deliver(reply: Reply) -> Deferred[Reply] | Reply:
+            if not reply.code.startswith("2"):
+                return reply
+            return maybeDeferred(self.edge.bus.send, envelope).addCallback(_check_bus_reply)
+
+        d: Deferred[Any] = self.call_hook("HAVE_DATA", queued, envelope)
+        d.addCallback(deliver)
+        self.run_step(d, self._complete_transaction)
+
+    def _complete_transaction(self, reply: Reply) -> None:
+        envelope = self.session.envelope
+        self.session.transactions += 1
+        if envelope is not None:
+            self.edge.log_transaction(self.session, envelope, reply)
+        self.reset_transaction()
+        self.state = State.READY
+        self.send(reply)
+
+    def _discard_spool(self) -> None:
+        self._decoder = None
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Close at the next point between transactions (the edge is closing)."""
+        self._shutdown_requested = True
+        if self.state in (State.CONNECTED, State.READY, State.GREETING) and not self._waiting:
+            self.force_close()
+
+    def force_close(self) -> None:
+        if self.state is State.CLOSED or self._closing:
+            return
+        if self.state is State.DATA:
+            self._discard_spool()
+        self.send(Reply("421", f"{self.policy.hostname} Service shutting down", "4.3.2"))
+        self.flush()
+
+
+def _check_bus_reply(reply: object) -> Reply:
+    if not isinstance(reply, Reply):
+        raise TypeError(f"the bus returned {reply!r}, not a Reply")
+    return reply

@@ -1,0 +1,32 @@
+"""Policy + bus + endpoint descriptions -> a service that twistd (or any app) can run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+
+from slimta_tx.factory import SmtpEdge
+
+__all__ = ["EdgeService"]
+
+
+class EdgeService(MultiService):
+    """Listens on each endpoint description; on stop, drains sessions through ``edge.close``.
+
+    Listening uses ``strports.service``, so a port that cannot be bound fails start-up
+    (``twistd`` exits 1 and says why) instead of running with no listener.
+    """
+
+    def __init__(self, edge: SmtpEdge, listen: Sequence[str], reactor: Any = None) -> None:
+        super().__init__()
+        self.edge = edge
+        for description in listen:
+            strports.service(description, edge, reactor=reactor).setServiceParent(self)
+
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[Any] = super().stopService()  # stops listening first
+        return d.addCallback(lambda _: self.edge.close())
