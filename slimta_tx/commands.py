@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from slimta_tx.address import ArgumentError, MailArgument, parse_mail_argument, parse_rcpt_argument
 from slimta_tx.envelope import Envelope
-from slimta_tx.extensions import ehlo_keywords
 from slimta_tx.reply import Reply
 from slimta_tx.state import State
 from slimta_tx.validators import relay_allowed
@@ -35,11 +34,7 @@ def _greeting(proto: ESMTPServerProtocol, argument: str, verb: str) -> None:
     proto.reset_transaction()
     policy, session = proto.policy, proto.session
     if verb == "EHLO":
-        keywords = ehlo_keywords(
-            policy,
-            starttls=proto.edge.starttls_available(session),
-            auth_mechanisms=proto.edge.auth_mechanisms(session),
-        )
+        keywords = proto.edge.ehlo_keywords(session)
         reply = Reply("250", "\n".join([f"{policy.hostname} Hello {name}", *keywords]))
     else:
         reply = Reply("250", f"{policy.hostname} Hello {name}")

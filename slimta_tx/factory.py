@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from slimta_tx.address import MailArgument
 from slimta_tx.envelope import Envelope, Session
+from slimta_tx.extensions import ehlo_keywords
 from slimta_tx.interfaces import IBus
 from slimta_tx.policy import Policy
 from slimta_tx.protocol import ESMTPServerProtocol
@@ -55,9 +56,12 @@ class SmtpEdge(ServerFactory):
         )
         self.banner_code = "220"
         self.banner_message: str | None = None
-        # Commands and MAIL parameters that TLS and AUTH add when enabled.
+        # What features (TLS, AUTH, ...) add when enabled: commands, MAIL parameters, EHLO
+        # keywords (a function of the session) and checks on MAIL (returning a refusal).
         self.extra_commands: dict[str, CommandHandler] = {}
         self.extra_mail_params: set[str] = set()
+        self.ehlo_extensions: list[Callable[[Session], list[str]]] = []
+        self.mail_checks: list[Callable[[Session, MailArgument], Reply | None]] = []
         self.connections: set[ESMTPServerProtocol] = set()
         self.ports: list[IListeningPort] = []
         self._closing: Deferred[None] | None = None
@@ -124,14 +128,18 @@ class SmtpEdge(ServerFactory):
         message = self.banner_message or f"{self.policy.hostname} ESMTP slimta_tx"
         return Reply(self.banner_code, message)
 
-    def starttls_available(self, session: Session) -> bool:
-        return False
-
-    def auth_mechanisms(self, session: Session) -> list[str]:
-        return []
+    def ehlo_keywords(self, session: Session) -> list[str]:
+        keywords = ehlo_keywords(self.policy)
+        for extension in self.ehlo_extensions:
+            keywords += extension(session)
+        return keywords
 
     def check_mail(self, session: Session, argument: MailArgument) -> Reply | None:
         """Policy checks on MAIL beyond syntax (TLS or AUTH requirements); None: fine."""
+        for mail_check in self.mail_checks:
+            refusal = mail_check(session, argument)
+            if refusal is not None:
+                return refusal
         return None
 
     def connection_made(self, proto: ESMTPServerProtocol) -> None:
