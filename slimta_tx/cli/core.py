@@ -70,7 +70,7 @@ class OptionGroup:
     ]
 
     def opt_listen(self, description: str) -> None:
-        """Listen on a Twisted endpoint, e.g. tcp:25 (repeatable; default tcp:2525:interface=127.0.0.1)"""
+        """Listen on a Twisted endpoint, e.g. tcp:25 (repeatable; default: loopback 2525)"""
         self["listen"].append(description)  # type: ignore[index]
 
     def opt_trusted_network(self, cidr: str) -> None:
