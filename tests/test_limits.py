@@ -1,0 +1,144 @@
+"""Limits that keep hostile or broken clients from hurting the server (issue 2)."""
+
+from __future__ import annotations
+
+from smtp_driver import Driver
+
+from slimta_tx import Policy
+from slimta_tx.testing import PendingBus
+
+
+def test_command_line_too_long_then_next_command_works() -> None:
+    """An over-long command line gets 500 5.5.6; the following command is read normally."""
+    d = Driver()
+    replies = d.send(b"NOOP " + b"x" * 5000 + b"\r\nNOOP\r\n")
+    assert replies == [("500", "5.5.6 Line too long"), ("250", "2.0.0 Ok")]
+
+
+def test_endless_line_keeps_memory_bounded() -> None:
+    """Megabytes with no CRLF: one 500 5.5.6, a small buffer, and the rest never runs."""
+    d = Driver()
+    replies = d.send(b"MAIL FROM:<" + b"a" * 100_000)
+    assert replies == [("500", "5.5.6 Line too long")]
+    for _ in range(40):
+        assert d.send(b"b" * 100_000 + b"\nQUIT\n") == []
+        assert d.proto.reader.buffered <= 1
+    # Only a real CRLF ends the skipped line; then commands are read again.
+    assert d.send(b"\r\nNOOP\r\n") == [("250", "2.0.0 Ok")]
+    assert not d.closed
+
+
+def test_bare_lf_in_commands_refused() -> None:
+    """Commands end with CRLF only: a bare LF inside a line is a 500 5.5.2, not a separator."""
+    d = Driver()
+    assert d.send(b"NOOP\nNOOP\r\n") == [
+        ("500", "5.5.2 Bare CR, LF or NUL in command; lines end with CRLF")
+    ]
+    assert d.send(b"NOOP\rQUIT\r\n")[0][0] == "500"
+    assert not d.closed
+
+
+def test_nul_and_invalid_utf8_refused() -> None:
+    d = Driver()
+    assert d.send(b"NO\x00OP\r\n")[0] == (
+        "500",
+        "5.5.2 Bare CR, LF or NUL in command; lines end with CRLF",
+    )
+    assert d.send(b"NOOP \xff\xfe\r\n") == [("500", "5.5.2 Command is not valid UTF-8")]
+
+
+def test_too_many_bad_commands_closes() -> None:
+    """After max_bad_commands errors: 421 4.7.0 and the connection closes."""
+    d = Driver(policy=Policy(hostname="mx.test", max_bad_commands=3))
+    replies = d.send(b"BAD1\r\nBAD2\r\nBAD3\r\nNOOP\r\n")
+    assert [code for code, _ in replies] == ["500", "500", "500", "421"]
+    assert replies[-1] == ("421", "4.7.0 mx.test Too many errors, closing connection")
+    assert d.closed
+
+
+def test_good_commands_do_not_count_as_errors() -> None:
+    d = Driver(policy=Policy(hostname="mx.test", max_bad_commands=2))
+    for _ in range(10):
+        assert d.cmd("NOOP")[0] == "250"
+    assert d.cmd("BAD")[0] == "500"
+    assert not d.closed
+
+
+def test_idle_timeout() -> None:
+    """No command for command_timeout seconds: 421 4.4.2 and close."""
+    d = Driver(policy=Policy(hostname="mx.test", command_timeout=60))
+    d.clock.advance(59)
+    assert not d.closed
+    d.clock.advance(2)
+    assert d.read() == [("421", "4.4.2 mx.test Timeout exceeded, closing connection")]
+    assert d.closed
+
+
+def test_trickled_command_does_not_reset_the_timer() -> None:
+    """Partial command bytes do not count as activity: a command must complete in time."""
+    d = Driver(policy=Policy(hostname="mx.test", command_timeout=60))
+    for _ in range(5):
+        d.send(b"N")
+        d.clock.advance(15)
+    assert d.closed
+
+
+def test_each_command_restarts_the_timer() -> None:
+    d = Driver(policy=Policy(hostname="mx.test", command_timeout=60))
+    for _ in range(5):
+        d.clock.advance(50)
+        assert d.cmd("NOOP")[0] == "250"
+    assert not d.closed
+
+
+def test_data_timeout_discards_the_message() -> None:
+    """Silence during DATA: 421 4.4.2, close, nothing stored."""
+    d = Driver(
+        policy=Policy(hostname="mx.test", accepted_domains=("example.com",), data_timeout=30)
+    )
+    d.start_data()
+    d.send(b"partial\r\n")
+    d.clock.advance(20)
+    d.send(b"more\r\n")
+    d.clock.advance(20)
+    assert not d.closed
+    d.clock.advance(11)
+    assert d.read()[0][0] == "421"
+    assert d.closed
+    assert d.bus.messages == []
+
+
+def test_timer_paused_while_the_bus_works() -> None:
+    """A slow bus is our delay, not the client's: no timeout while it works."""
+    bus = PendingBus()
+    d = Driver(
+        bus=bus,
+        policy=Policy(
+            hostname="mx.test",
+            accepted_domains=("example.com",),
+            command_timeout=10,
+            data_timeout=10,
+        ),
+    )
+    d.start_data()
+    d.send(b"x\r\n.\r\n")
+    d.clock.advance(100)
+    assert not d.closed
+    from slimta_tx import Reply
+
+    bus.pending[0][2].callback(Reply("250", "ok", "2.6.0"))
+    assert d.read() == [("250", "2.6.0 ok")]
+    d.clock.advance(9)
+    assert not d.closed
+    d.clock.advance(2)
+    assert d.closed
+
+
+def test_client_that_never_reads_is_aborted_after_close() -> None:
+    """After a closing reply, a client that never reads cannot keep the socket forever."""
+    d = Driver()
+    aborted = []
+    d.transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+    d.cmd("QUIT")
+    d.clock.advance(31)
+    assert aborted == [True]
