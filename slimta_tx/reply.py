@@ -65,7 +65,11 @@ class Reply:
 
     def effective_enhanced_code(self, with_enhanced: bool = True) -> str | None:
         """The x.y.z that goes on the wire for this reply, or None."""
-        if not with_enhanced or self.code[:1] not in ("2", "4", "5"):
+        if not with_enhanced:
+            return None
+        if not _CODE.match(self.code):
+            return "4.0.0"  # an invalid code is rendered as 451
+        if self.code[:1] not in ("2", "4", "5"):
             return None
         esc = self.enhanced_status_code
         if esc is not None and _ESC.match(esc) and esc[0] == self.code[0]:
