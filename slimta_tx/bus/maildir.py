@@ -18,7 +18,9 @@ Order of a delivery (all of it in a worker thread, never on the reactor thread):
 
 A crash at any point leaves no partial file in ``new/`` (at worst a file in ``tmp/`` and an
 envelope without a message, both of which :meth:`MaildirBus.clean` removes). Any OSError
-(disk full, permission denied) is ``451 4.3.0`` with nothing half-written visible.
+(disk full, permission denied) is ``451 4.3.0`` with nothing half-written visible: a failure
+after step 3's rename (the fsync of ``new/``) takes the message back out of ``new/``, since the
+client will send it again.
 """
 
 from __future__ import annotations
@@ -141,13 +143,20 @@ class MaildirBus:
             if self.fsync:
                 _fsync_dir(env_dir)
             new_dir = os.path.join(self.path, "new")
-            os.rename(tmp_path, os.path.join(new_dir, name))
-            delivered = True
+            new_path = os.path.join(new_dir, name)
+            os.rename(tmp_path, new_path)
             if self.fsync:
                 _fsync_dir(new_dir)
+            delivered = True
         finally:
             if not delivered:
-                for leftover in (tmp_path, env_tmp, env_path):
+                # The client gets a 451 and retries: take back whatever became visible.
+                for leftover in (
+                    os.path.join(self.path, "new", name),
+                    tmp_path,
+                    env_tmp,
+                    env_path,
+                ):
                     try:
                         os.unlink(leftover)
                     except OSError:
