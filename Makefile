@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LISTEN ?= tcp:2525:interface=127.0.0.1
 MAILDIR ?= ./var/maildir
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test services lint typecheck pytest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,11 @@ typecheck: $(VENV)/.installed-test
 pytest: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+# System packages and local services the end-to-end tests drive (idempotent).
+services:
+	./.ci/services
+
+test: services lint typecheck pytest
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py
