@@ -33,6 +33,7 @@ __all__ = ["ESMTPServerProtocol"]
 # Reply lines longer than this are not needed; a command line may grow by these allowances
 # (RFC 1870 SIZE 26, RFC 4954 AUTH= 500, RFC 6531 SMTPUTF8 10, RFC 6152 BODY 16).
 _EXTENSION_ALLOWANCE = 26 + 500 + 10 + 16
+_LONG_LINE_VERBS = frozenset({"MAIL", "RCPT", "AUTH"})
 
 _DATA_REFUSALS = {
     DataResult.TOO_BIG: Reply("552", "Message too big for system", "5.3.4"),
@@ -255,6 +256,10 @@ class ESMTPServerProtocol(Protocol):
             return
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
+        if len(line) > self.policy.max_command_length - 2 and verb not in _LONG_LINE_VERBS:
+            # Only MAIL and RCPT get the extension allowances (AUTH has its own limit).
+            self.refuse(Reply("500", "Line too long", "5.5.6"))
+            return
         handler = self.edge.extra_commands.get(verb) or commands.HANDLERS.get(verb)
         if handler is None:
             self._unknown(verb, text)

@@ -142,3 +142,24 @@ def test_client_that_never_reads_is_aborted_after_close() -> None:
     d.cmd("QUIT")
     d.clock.advance(31)
     assert aborted == [True]
+
+
+def test_512_octet_limit_applies_to_plain_commands() -> None:
+    """NOOP/EHLO lines past 512 octets (CRLF included) are too long; 512 exactly is fine."""
+    d = Driver()
+    assert d.cmd("NOOP " + "x" * (510 - 5))[0] == "250"
+    assert d.cmd("NOOP " + "x" * (511 - 5)) == ("500", "5.5.6 Line too long")
+
+
+def test_mail_gets_the_extension_allowance() -> None:
+    """MAIL may exceed 512 octets by the SIZE/AUTH=/SMTPUTF8/BODY allowances (RFC 1870, 4954)."""
+    d = Driver()
+    d.greet()
+    local = "a" * 64
+    domain = ".".join(["b" * 60] * 3) + ".test"
+    params = " SIZE=1000 BODY=8BITMIME " + "SMTPUTF8"
+    line = f"MAIL FROM:<{local}@{domain}>{params}"
+    assert len(line) < 512
+    assert d.cmd(line)[0] == "250"
+    d.cmd("RSET")
+    assert d.cmd("MAIL FROM:<a@b.test> " + "X-PAD=" + "y" * 700)[0] == "555"
