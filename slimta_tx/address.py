@@ -92,6 +92,8 @@ def _is_address_literal(literal: str) -> bool:
         return False
     inner = literal[1:-1]
     if inner[:5].upper() == "IPV6:":
+        if "%" in inner:
+            return False  # ipaddress accepts a scope id ("fe80::1%anything"); RFC 5321 does not
         try:
             ipaddress.IPv6Address(inner[5:])
         except ValueError:
@@ -200,7 +202,8 @@ def _split_argument(argument: str, prefix: str) -> tuple[str, list[str]]:
     path, tail = rest[: end + 1], rest[end + 1 :]
     if tail and not tail.startswith(" "):
         raise ArgumentError("501", "5.5.4", "Syntax error after address")
-    return path, tail.split()
+    # Only SP separates parameters (str.split() would also split on TAB, VT, FS, ...).
+    return path, [word for word in tail.split(" ") if word]
 
 
 def parse_mail_argument(argument: str) -> MailArgument:
