@@ -1,0 +1,248 @@
+"""One AMQP connection and one confirm-mode channel, on pika's Twisted adapter.
+
+:class:`AmqpLink` publishes with ``mandatory=True`` and tracks publisher confirms itself
+rather than through ``pika``'s ``TwistedChannel``: that wrapper keeps a single slot for a
+returned message and hands it to whichever delivery the next ack covers, which under
+concurrent publishing (an ack with ``multiple=True``) can blame the wrong message and, worse,
+report a returned one as confirmed. Here a ``basic.return`` is matched to its delivery by
+``message_id`` (RabbitMQ always sends the return before the ack of the same message), and each
+delivery tag resolves on its own.
+
+:func:`open_link` connects (TCP or TLS for ``amqps://``), opens the channel, turns confirms
+on and declares the target; any failure closes the connection and raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.logger import Logger
+
+__all__ = ["AmqpLink", "PublishFailed", "Target", "close_quietly", "describe_error", "open_link"]
+
+
+class PublishFailed(Exception):
+    """The broker did not take the message; ``reason`` says why, in a few words."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where messages go: a queue (through the default exchange) or an exchange.
+
+    :ivar exchange: the exchange name; ``""`` is the default exchange.
+    :ivar routing_key: the routing key (the queue name when publishing to a queue).
+    :ivar queue: the queue to declare (durable, quorum) or check, or None.
+    :ivar declare: declare the queue if missing; False only checks that it exists.
+    """
+
+    exchange: str
+    routing_key: str
+    queue: str | None = None
+    declare: bool = True
+
+    @classmethod
+    def for_queue(cls, queue: str, declare: bool = True) -> Target:
+        return cls(exchange="", routing_key=queue, queue=queue, declare=declare)
+
+    @classmethod
+    def for_exchange(cls, exchange: str, routing_key: str = "") -> Target:
+        return cls(exchange=exchange, routing_key=routing_key)
+
+    def describe(self) -> str:
+        if self.queue is not None:
+            return f"queue {self.queue!r}"
+        return f"exchange {self.exchange!r} key {self.routing_key!r}"
+
+
+@dataclass
+class _Pending:
+    deferred: Deferred[None]
+    message_id: str | None
+    returned: str | None = None
+
+
+class AmqpLink:
+    """A channel in confirm mode over one connection.
+
+    :param connection: the ``TwistedProtocolConnection`` (after its handshake), or anything
+        with ``close()``; None in tests.
+    :param channel: the raw ``pika.channel.Channel`` (confirms already on), or a fake.
+    """
+
+    log = Logger()
+
+    def __init__(self, connection: Any, channel: Any) -> None:
+        self.connection = connection
+        self.channel = channel
+        self.blocked: str | None = None
+        self.closed: Deferred[BaseException] = Deferred()
+        self._open = True
+        self._next_tag = 0
+        self._pending: dict[int, _Pending] = {}
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def publish(
+        self, exchange: str, routing_key: str, body: bytes, properties: Any
+    ) -> Deferred[None]:
+        """Publish; the Deferred fires when the broker confirms, or fails with
+        :class:`PublishFailed` on a nack, a return or a closed channel."""
+        if not self._open:
+            raise PublishFailed("connection lost")
+        self.channel.basic_publish(
+            exchange=exchange,
+            routing_key=routing_key,
+            body=body,
+            properties=properties,
+            mandatory=True,
+        )
+        self._next_tag += 1
+        d: Deferred[None] = Deferred()
+        self._pending[self._next_tag] = _Pending(d, getattr(properties, "message_id", None))
+        return d
+
+    def close(self) -> Deferred[Any]:
+        """Close the connection (pending confirms fail); fires when it is closed."""
+        result = close_quietly(self.connection)
+        if isinstance(result, Deferred):
+            return result
+        return Deferred.fromCoroutine(_nothing())
+
+    # -- callbacks from pika ---------------------------------------------------------------
+
+    def on_confirm(self, frame: Any) -> None:
+        """``basic.ack`` or ``basic.nack`` for one delivery tag, or every tag up to it."""
+        method = frame.method
+        ack = type(method).__name__ == "Ack"
+        if method.multiple:
+            tags = [tag for tag in self._pending if tag <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag] if method.delivery_tag in self._pending else []
+        for tag in tags:
+            pending = self._pending.pop(tag)
+            if pending.deferred.called:  # timed out and cancelled already
+                continue
+            if not ack:
+                pending.deferred.errback(PublishFailed("broker refused it (nack)"))
+            elif pending.returned is not None:
+                pending.deferred.errback(PublishFailed(f"unroutable ({pending.returned})"))
+            else:
+                pending.deferred.callback(None)
+
+    def _on_return(self, channel: Any, method: Any, properties: Any, body: bytes) -> None:
+        message_id = getattr(properties, "message_id", None)
+        for pending in self._pending.values():
+            if pending.message_id == message_id and pending.returned is None:
+                pending.returned = f"{method.reply_code} {method.reply_text}"
+                return
+        self.log.warn("basic.return for an unknown message {message_id}", message_id=message_id)
+
+    def _on_channel_closed(self, channel: Any, reason: Exception) -> None:
+        if not self._open:
+            return
+        self._open = False
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            if not entry.deferred.called:
+                entry.deferred.errback(PublishFailed(f"connection lost ({reason})"))
+        self.closed.callback(reason)
+        # The channel went (e.g. 404 on a deleted exchange): drop the connection too so the
+        # bus reconnects and declares again.
+        close_quietly(self.connection)
+
+    def on_blocked(self, connection: Any, frame: Any) -> None:
+        self.blocked = str(getattr(frame.method, "reason", "") or "resource alarm")
+        self.log.warn("broker blocked publishing: {reason}", reason=self.blocked)
+
+    def on_unblocked(self, connection: Any, frame: Any) -> None:
+        self.blocked = None
+        self.log.info("broker unblocked publishing")
+
+
+async def _nothing() -> None:
+    return None
+
+
+def close_quietly(connection: Any) -> Any:
+    """Close a pika connection that may be opening, open, closing or closed."""
+    if connection is None or not getattr(connection, "is_open", False):
+        return None
+    try:
+        return connection.close()
+    except Exception:  # closing already: nothing to do
+        return None
+
+
+def describe_error(error: BaseException) -> str:
+    """A one-line description, with the AMQP reply code and text when there is one."""
+    code = getattr(error, "reply_code", None)
+    text = getattr(error, "reply_text", None)
+    if code is not None and text is not None:
+        return f"{code} {text}"
+    return (str(error) or type(error).__name__).splitlines()[0][:200]
+
+
+def _callback_deferred() -> tuple[Deferred[Any], Any]:
+    d: Deferred[Any] = Deferred()
+
+    def fire(*args: Any) -> None:
+        if not d.called:
+            d.callback(args[0] if len(args) == 1 else args)
+
+    return d, fire
+
+
+async def open_link(reactor: Any, url: str, target: Target, connect_timeout: float) -> AmqpLink:
+    """Connect, open a confirm-mode channel, declare or check the target."""
+    import pika
+    from pika.adapters.twisted_connection import TwistedProtocolConnection
+
+    params = pika.URLParameters(url)
+    endpoint: Any = HostnameEndpoint(reactor, params.host, params.port, timeout=connect_timeout)
+    if url.lower().startswith("amqps:"):
+        from twisted.internet.ssl import optionsForClientTLS
+
+        endpoint = wrapClientTLS(optionsForClientTLS(params.host), endpoint)
+    protocol = TwistedProtocolConnection(params, custom_reactor=reactor)
+    await connectProtocol(endpoint, protocol)
+    try:
+        await protocol.ready
+        twisted_channel = await protocol.channel()
+        channel = twisted_channel._channel  # the raw pika channel (see the module docstring)
+        if target.queue is not None:
+            await twisted_channel.queue_declare(
+                queue=target.queue,
+                durable=True,
+                passive=not target.declare,
+                arguments={"x-queue-type": "quorum"} if target.declare else None,
+            )
+        elif target.exchange:
+            await twisted_channel.exchange_declare(exchange=target.exchange, passive=True)
+        selected, fire = _callback_deferred()
+        link = AmqpLink(protocol, channel)
+        channel.confirm_delivery(ack_nack_callback=link.on_confirm, callback=fire)
+        await selected
+        protocol._impl.add_on_connection_blocked_callback(link.on_blocked)
+        protocol._impl.add_on_connection_unblocked_callback(link.on_unblocked)
+        return link
+    except BaseException as e:
+        if isinstance(e, CancelledError) and protocol.transport is not None:
+            protocol.transport.abortConnection()
+        else:
+            close_quietly(protocol)
+        raise
