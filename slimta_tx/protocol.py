@@ -147,6 +147,8 @@ class ESMTPServerProtocol(Protocol):
                 if not self._closing:
                     self.resume_input()
                     self.process()
+                else:
+                    self.flush()  # e.g. 250 then 421 when the edge is shutting down
 
         def failed(failure: Failure) -> None:
             self.log.failure("{peer}: step failed", failure, peer=self.session.address)
