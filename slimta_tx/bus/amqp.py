@@ -393,4 +393,4 @@ async def _settled(d: Deferred[Any]) -> None:
 def _describe(failure: Failure) -> str:
     if isinstance(failure.value, TimeoutError):
         return "connection attempt timed out"
-    return describe_error(failure.value)
+    return describe_error(failure.value) if failure.value is not None else "unknown error"
