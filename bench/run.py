@@ -1,0 +1,455 @@
+"""slimta_tx benchmark: four SMTP servers, five scenarios, one table (``make bench``).
+
+Usage::
+
+    .venv/bin/python bench/run.py            # the full run, about 4 minutes
+    .venv/bin/python bench/run.py --quick    # a smoke run, about 30 seconds
+    .venv/bin/python bench/run.py --profile  # also cProfile the slimta_tx servers
+
+Every (scenario, server) pair gets a fresh server process (``bench/servers.py``) on 127.0.0.1
+and a fresh load generator process (``bench/load.py``). The load generator first warms the
+server up with a few small messages; then the server's peak-RSS counter is reset (``5`` to
+``/proc/<pid>/clear_refs``) and VmRSS sampled; after the run VmHWM and VmRSS are read again.
+"peak +MiB" is VmHWM after minus VmRSS before. Server CPU comes from ``/proc/<pid>/stat``.
+
+Every run is bounded by a message count, a soft time limit (no new transaction after it) and a
+hard time limit (the load generator gives up; this script kills what is left). The printed
+table is also written as JSON to ``bench/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import IO, Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+PYTHON = sys.executable
+MiB = 1024 * 1024
+
+SERVERS: dict[str, str] = {
+    "slimta-discard": "slimta_tx discard",
+    "slimta-maildir": "slimta_tx maildir",
+    "twisted": "twisted.mail",
+    "aiosmtpd": "aiosmtpd",
+}
+SLIMTA = ("slimta-discard", "slimta-maildir")
+PEERS = ("twisted", "aiosmtpd")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    connections: int
+    size: int
+    messages: int
+    time_limit: float
+    hard_limit: float
+    pipelining: bool = False
+
+
+PIPE_TITLE = "50 connections x 2 KiB, PIPELINING"
+LOCKSTEP_TITLE = "50 connections x 2 KiB, no pipelining"
+
+
+def scenarios(quick: bool) -> list[Scenario]:
+    # key, title, connections, message size, messages at most, soft and hard time limits
+    if quick:
+        return [
+            Scenario("1x2k", "1 connection x 2 KiB", 1, 2048, 300, 1.0, 20),
+            Scenario("50x2k-pipe", PIPE_TITLE, 50, 2048, 2000, 1.0, 20, pipelining=True),
+            Scenario("50x2k", LOCKSTEP_TITLE, 50, 2048, 2000, 1.0, 20),
+            Scenario("10x1m", "10 connections x 1 MiB", 10, MiB, 40, 1.5, 30),
+            Scenario("1x16m", "1 message of 16 MiB (quick stand-in)", 1, 16 * MiB, 1, 20, 40),
+        ]
+    return [
+        Scenario("1x2k", "1 connection x 2 KiB", 1, 2048, 4000, 5.0, 40),
+        Scenario("50x2k-pipe", PIPE_TITLE, 50, 2048, 20000, 7.0, 40, pipelining=True),
+        Scenario("50x2k", LOCKSTEP_TITLE, 50, 2048, 20000, 7.0, 40),
+        Scenario("10x1m", "10 connections x 1 MiB", 10, MiB, 600, 8.0, 60),
+        Scenario("1x100m", "1 message of 100 MiB", 1, 100 * MiB, 1, 60, 90),
+    ]
+
+
+# -- /proc ---------------------------------------------------------------------------------------
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of ``pid``, in KiB."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def proc_cpu(pid: int) -> float:
+    """User plus system CPU seconds of ``pid`` (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reset_peak(pid: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux 4.0+); False when not allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+class RunFailed(Exception):
+    pass
+
+
+def read_line(stream: IO[str], timeout: float, what: str) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    if not ready:
+        raise RunFailed(f"no {what} within {timeout:.0f}s")
+    line = stream.readline()
+    if not line:
+        raise RunFailed(f"{what}: the process exited")
+    return line.strip()
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def tail(path: str, lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:]).strip()
+    except OSError:
+        return ""
+
+
+def run_one(
+    kind: str, scenario: Scenario, warmup: int, scratch: str, profile: str | None
+) -> dict[str, Any]:
+    """One fresh server, one load run; returns the measurements (or an ``error``)."""
+    result: dict[str, Any] = {"server": kind, "scenario": scenario.key}
+    command = [PYTHON, os.path.join(HERE, "servers.py"), kind]
+    maildir = None
+    if kind == "slimta-maildir":
+        maildir = tempfile.mkdtemp(prefix="maildir-", dir=scratch)
+        command += ["--maildir", maildir]
+    if profile and kind in SLIMTA:
+        command += ["--profile", profile]
+    errlog = os.path.join(scratch, f"{kind}-{scenario.key}.stderr")
+    server: subprocess.Popen[str] | None = None
+    load: subprocess.Popen[str] | None = None
+    try:
+        with open(errlog, "w") as err:
+            server = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=err, text=True, cwd=HERE
+            )
+        assert server.stdout is not None
+        ready = read_line(server.stdout, 30, "READY from the server")
+        if not ready.startswith("READY "):
+            raise RunFailed(f"server said {ready!r}")
+        port = int(ready.split()[1])
+        load = subprocess.Popen(
+            [
+                PYTHON,
+                os.path.join(HERE, "load.py"),
+                f"--port={port}",
+                f"--connections={scenario.connections}",
+                f"--size={scenario.size}",
+                f"--messages={scenario.messages}",
+                f"--time-limit={scenario.time_limit}",
+                f"--hard-limit={scenario.hard_limit}",
+                f"--warmup={warmup}",
+                *(["--pipelining"] if scenario.pipelining else []),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert load.stdout is not None and load.stdin is not None
+        line = read_line(load.stdout, 60, "end of warm-up")
+        if line != "warm":
+            raise RunFailed(f"load generator said {line!r}")
+        result["peak_reset"] = reset_peak(server.pid)
+        before = proc_status(server.pid)
+        cpu_before = proc_cpu(server.pid)
+        load.stdin.write("go\n")
+        load.stdin.flush()
+        try:
+            out, errors = load.communicate(timeout=scenario.hard_limit + 15)
+        except subprocess.TimeoutExpired as e:
+            raise RunFailed("the load generator overran its hard limit; killed") from e
+        if server.poll() is not None:
+            raise RunFailed(f"the server died: {tail(errlog)}")
+        after = proc_status(server.pid)
+        server_cpu = proc_cpu(server.pid) - cpu_before
+        if load.returncode != 0:
+            raise RunFailed(f"load generator failed: {errors.strip().splitlines()[-1:]}")
+        result.update(json.loads(out.strip().splitlines()[-1]))
+        result["rss_before_kib"] = before["VmRSS"]
+        result["rss_after_kib"] = after["VmRSS"]
+        result["hwm_after_kib"] = after["VmHWM"]
+        result["peak_increase_mib"] = (after["VmHWM"] - before["VmRSS"]) / 1024
+        result["server_cpu"] = server_cpu
+        server_errors = tail(errlog)
+        if server_errors:
+            result["server_stderr"] = server_errors
+    except RunFailed as e:
+        result["error"] = str(e)
+    finally:
+        for proc in (load, server):
+            if proc is not None:
+                stop(proc)
+        if maildir is not None:
+            shutil.rmtree(maildir, ignore_errors=True)
+    return result
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.2f}"
+
+
+def row(result: dict[str, Any]) -> str:
+    name = SERVERS[result["server"]]
+    if "error" in result:
+        return f"  {name:<18} FAILED: {result['error']}"
+    notes = []
+    if result["error_count"]:
+        notes.append(f"{result['error_count']} errors: {result['errors'][0]}")
+    if result["pipelining_requested"] and not result["pipelined_connections"]:
+        notes.append("lockstep: no PIPELINING in EHLO")
+    if result["hit_time_limit"]:
+        notes.append("stopped by time limit")
+    if not result["peak_reset"]:
+        notes.append("VmHWM not reset")
+    cpu = result["server_cpu"] / result["elapsed"] * 100 if result["elapsed"] else 0
+    peak = f"{result['hwm_after_kib'] / 1024:.1f} (+{result['peak_increase_mib']:.1f})"
+    return (
+        f"  {name:<18} {result['msgs_per_s']:>9.1f} {result['mib_per_s']:>7.1f} "
+        f"{fmt_ms(result['p50']):>9} {fmt_ms(result['p99']):>9} {peak:>15} {cpu:>6.0f}% "
+        f"{result['messages']:>6}  {'; '.join(notes)}"
+    )
+
+
+HEADER = (
+    f"  {'server':<18} {'msgs/s':>9} {'MiB/s':>7} {'p50 ms':>9} {'p99 ms':>9} "
+    f"{'peak RSS MiB':>15} {'srvCPU':>7} {'msgs':>6}  notes"
+)
+
+
+def ratio(by_server: dict[str, dict[str, Any]], mine: str, peer: str) -> float | None:
+    a, b = by_server.get(mine), by_server.get(peer)
+    if not a or not b or "error" in a or "error" in b or not b["msgs_per_s"]:
+        return None
+    if a["error_count"] or b["error_count"]:
+        return None
+    return float(a["msgs_per_s"] / b["msgs_per_s"])
+
+
+def ratio_lines(by_server: dict[str, dict[str, Any]]) -> list[str]:
+    lines = []
+    for mine in SLIMTA:
+        parts = []
+        for peer in PEERS:
+            r = ratio(by_server, mine, peer)
+            parts.append(f"/{SERVERS[peer]} {'-' if r is None else f'{r:.2f}x'}")
+        lines.append(f"  ratio {SERVERS[mine]:<18} " + "   ".join(parts))
+    return lines
+
+
+def targets(results: dict[str, dict[str, dict[str, Any]]], quick: bool) -> list[dict[str, Any]]:
+    """The issue's targets, judged on what was measured (never on a missing run)."""
+    out: list[dict[str, Any]] = []
+    for key, label in (("50x2k-pipe", "PIPELINING"), ("50x2k", "no pipelining")):
+        r = ratio(results.get(key, {}), "slimta-discard", "twisted")
+        out.append(
+            {
+                "target": f"discard bus >= 1.5x twisted.mail msgs/s, 50 connections ({label})",
+                "value": None if r is None else round(r, 2),
+                "met": None if r is None else r >= 1.5,
+            }
+        )
+    r = ratio(results.get("10x1m", {}), "slimta-discard", "twisted")
+    out.append(
+        {
+            "target": "discard bus >= 3x twisted.mail msgs/s, 1 MiB messages",
+            "value": None if r is None else round(r, 2),
+            "met": None if r is None else r >= 3,
+        }
+    )
+    big = results.get("1x100m", {})
+    for kind in SLIMTA:
+        res = big.get(kind)
+        ok = res is not None and "error" not in res and not res["error_count"]
+        value = round(res["peak_increase_mib"], 1) if ok and res else None
+        out.append(
+            {
+                "target": f"100 MiB message raises {SERVERS[kind]} peak RSS by < 16 MiB",
+                "value": value,
+                "met": None if value is None else value < 16,
+                **({"note": "not run (--quick uses 16 MiB)"} if quick else {}),
+            }
+        )
+    return out
+
+
+def describe_target(t: dict[str, Any]) -> str:
+    verdict = {True: "MET   ", False: "MISSED", None: "n/a   "}[t["met"]]
+    value = "" if t["value"] is None else f": {t['value']}"
+    note = f" ({t['note']})" if "note" in t else ""
+    return f"  [{verdict}] {t['target']}{value}{note}"
+
+
+def meta(quick: bool) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("slimta_tx", "Twisted", "aiosmtpd"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "quick": quick,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "versions": versions,
+        "loadavg_start": os.getloadavg(),
+    }
+
+
+def profile_summary(path: str, out: str) -> None:
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    stats = pstats.Stats(path, stream=buf)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
+    with open(out, "w") as f:
+        f.write(buf.getvalue())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
+    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated")
+    parser.add_argument("--scenarios", default=None, help="comma-separated scenario keys")
+    parser.add_argument("--profile", action="store_true", help="cProfile the slimta_tx servers")
+    parser.add_argument("--output", default=None, help="JSON file (default: bench/results/)")
+    args = parser.parse_args()
+
+    servers = [s for s in args.servers.split(",") if s]
+    unknown = [s for s in servers if s not in SERVERS]
+    if unknown:
+        parser.error(f"unknown servers {unknown}; choose from {list(SERVERS)}")
+    chosen = scenarios(args.quick)
+    if args.scenarios:
+        keys = args.scenarios.split(",")
+        chosen = [s for s in chosen if s.key in keys]
+        if not chosen:
+            parser.error("no such scenario")
+    os.makedirs(RESULTS, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    info = meta(args.quick)
+    warmup = 5 if args.quick else 20
+    print(
+        f"slimta_tx bench {'(quick) ' if args.quick else ''}{info['started']}  "
+        f"python {info['python']}  Twisted {info['versions']['Twisted']}  "
+        f"aiosmtpd {info['versions']['aiosmtpd']}  {info['cpus']} CPUs  "
+        f"load average {' '.join(f'{x:.2f}' for x in info['loadavg_start'])}",
+        flush=True,
+    )
+    started = time.monotonic()
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    loadavg: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="slimta-bench-") as scratch:
+        for scenario in chosen:
+            print(
+                f"\n== {scenario.title}  (at most {scenario.messages} msgs, "
+                f"{scenario.time_limit:g} s) ==",
+                flush=True,
+            )
+            print(HEADER, flush=True)
+            by_server: dict[str, dict[str, Any]] = {}
+            for kind in servers:
+                profile = None
+                if args.profile and kind in SLIMTA:
+                    profile = os.path.join(RESULTS, f"profile-{stamp}-{kind}-{scenario.key}.prof")
+                res = run_one(kind, scenario, warmup, scratch, profile)
+                by_server[kind] = res
+                print(row(res), flush=True)
+                if profile and os.path.exists(profile):
+                    profile_summary(profile, profile[: -len(".prof")] + ".txt")
+            results[scenario.key] = by_server
+            loadavg[scenario.key] = list(os.getloadavg())
+            for line in ratio_lines(by_server):
+                print(line)
+            print(
+                "  load average after: " + " ".join(f"{x:.2f}" for x in loadavg[scenario.key]),
+                flush=True,
+            )
+    judged = targets(results, args.quick)
+    print("\nTargets (issue 2):")
+    for t in judged:
+        print(describe_target(t))
+    took = time.monotonic() - started
+    info["loadavg_end"] = os.getloadavg()
+    info["seconds"] = round(took, 1)
+    print(
+        f"\ndone in {took:.0f} s; load average now "
+        + " ".join(f"{x:.2f}" for x in info["loadavg_end"])
+        + (" (profiled: slimta_tx figures are slowed by cProfile)" if args.profile else "")
+    )
+    output = args.output or os.path.join(RESULTS, f"bench-{stamp}.json")
+    with open(output, "w") as f:
+        json.dump(
+            {
+                "meta": info,
+                "scenarios": [asdict(s) for s in chosen],
+                "results": results,
+                "loadavg_after_scenario": loadavg,
+                "targets": judged,
+            },
+            f,
+            indent=2,
+        )
+    print(f"JSON: {os.path.relpath(output)}")
+    failed = any("error" in r for by in results.values() for r in by.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
