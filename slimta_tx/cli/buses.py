@@ -4,28 +4,108 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.python import usage
+
+from slimta_tx.cli.coerce import seconds
 from slimta_tx.interfaces import IBus
 
 
 class OptionGroup:
+    def opt_also_maildir(self, path: str) -> None:
+        """Store a copy here first; 250 only if both copy and bus succeed (repeatable)"""
+        self["also-maildir"].append(path)  # type: ignore[index]
+
     optParameters: list[list[Any]] = [
         ["maildir", None, "./var/maildir", "Store accepted mail in this Maildir."],
+        ["amqp", None, None, "Publish accepted mail to RabbitMQ: amqp://user:pw@host:5672/vhost."],
+        ["amqp-queue", None, None, "With --amqp: durable quorum queue (declared if missing)."],
+        ["amqp-exchange", None, None, "With --amqp: existing exchange to publish to instead."],
+        ["amqp-routing-key", None, "", "With --amqp-exchange: the routing key."],
+        [
+            "amqp-timeout",
+            None,
+            30.0,
+            "Seconds to wait for the broker's confirm.",
+            seconds("amqp-timeout"),
+        ],
+        ["bus", None, None, "A bus of your own: package.module:Class (see docs/buses.md)."],
     ]
 
 
 def defaults(config: Any) -> None:
-    pass
+    config["also-maildir"] = []
 
 
 def validate(config: Any) -> None:
-    pass
+    _validate_amqp_and_plugin(config)
+
+
+def _validate_amqp_and_plugin(config: Any) -> None:
+    chosen = [f"--{name}" for name in ("bus", "amqp", "relay", "relay-lmtp") if config.get(name)]
+    if len(chosen) > 1:
+        raise usage.UsageError(f"choose one bus: {' or '.join(chosen)}")
+    if config["bus"]:
+        from slimta_tx.bus.loader import BusLoadError, resolve
+
+        try:
+            resolve(config["bus"])
+        except BusLoadError as e:
+            raise usage.UsageError(f"--bus: {e}") from None
+    if not config["amqp"]:
+        if config["amqp-queue"] is not None or config["amqp-exchange"] is not None:
+            raise usage.UsageError("--amqp-queue and --amqp-exchange need --amqp URL")
+        return
+    if not config["amqp"].lower().startswith(("amqp://", "amqps://")):
+        raise usage.UsageError("--amqp takes a URL like amqp://user:password@host:5672/vhost")
+    if (config["amqp-queue"] is None) == (config["amqp-exchange"] is None):
+        raise usage.UsageError("--amqp needs --amqp-queue NAME or --amqp-exchange NAME")
+    try:
+        import pika
+    except ImportError:
+        raise usage.UsageError("--amqp needs pika: pip install 'slimta_tx[amqp]'") from None
+    try:
+        pika.URLParameters(config["amqp"])
+    except Exception as e:
+        raise usage.UsageError(f"--amqp: {e}") from None
 
 
 def make_bus(config: Any, reactor: Any) -> IBus:
+    """The chosen bus; with --also-maildir, a ChainBus of the Maildir copies then it."""
+    bus = _chosen_bus(config, reactor)
+    if config["also-maildir"]:
+        from slimta_tx.bus.compose import ChainBus
+        from slimta_tx.bus.maildir import MaildirBus
+
+        copies = [MaildirBus(path, reactor=reactor) for path in config["also-maildir"]]
+        bus = ChainBus([*copies, bus])
+    return bus
+
+
+def _chosen_bus(config: Any, reactor: Any) -> IBus:
     from slimta_tx.bus.maildir import MaildirBus
 
+    if config["bus"]:
+        from slimta_tx.bus.loader import load_bus
+
+        plugin: IBus = load_bus(config["bus"], config, reactor)
+        return plugin
+    if config["amqp"]:
+        from slimta_tx.bus.amqp import AmqpBus
+
+        return AmqpBus(
+            config["amqp"],
+            queue=config["amqp-queue"],
+            exchange=config["amqp-exchange"],
+            routing_key=config["amqp-routing-key"],
+            timeout=config["amqp-timeout"],
+            max_message_size=config["max-size"],
+            reactor=reactor,
+        )
     return MaildirBus(config["maildir"], reactor=reactor)
 
 
 def configure(config: Any, edge: Any, service: Any, reactor: Any) -> None:
-    pass
+    from slimta_tx.bus.loader import BusService
+
+    # Starts the bus (e.g. connects to RabbitMQ) and stops it after sessions drained.
+    BusService(edge.bus, edge).setServiceParent(service)
