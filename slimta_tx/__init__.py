@@ -12,6 +12,7 @@ from slimta_tx.factory import SmtpEdge
 from slimta_tx.interfaces import IBus
 from slimta_tx.policy import Policy
 from slimta_tx.reply import Reply
+from slimta_tx.tls import ServerTLS, TLSConfigError
 
 __version__ = "0.1.0"
 
@@ -23,8 +24,10 @@ __all__ = [
     "MaildirBus",
     "Policy",
     "Reply",
+    "ServerTLS",
     "Session",
     "SmtpEdge",
+    "TLSConfigError",
     "TLSInfo",
     "__version__",
 ]

@@ -62,6 +62,10 @@ class SmtpEdge(ServerFactory):
         self.extra_mail_params: set[str] = set()
         self.ehlo_extensions: list[Callable[[Session], list[str]]] = []
         self.mail_checks: list[Callable[[Session, MailArgument], Reply | None]] = []
+        # TLS (see enable_tls): the server context, TLS from the first byte, require TLS.
+        self.tls_context: Any = None
+        self.tls_immediately = False
+        self.require_tls = False
         self.connections: set[ESMTPServerProtocol] = set()
         self.ports: list[IListeningPort] = []
         self._closing: Deferred[None] | None = None
@@ -84,6 +88,21 @@ class SmtpEdge(ServerFactory):
         See :mod:`slimta_tx.validators` for the hooks and what each receives.
         """
         self.validators.set(command, func)
+
+    def enable_tls(
+        self, context: Any, immediately: bool = False, require_tls: bool = False
+    ) -> None:
+        """Offer TLS with ``context`` (a :class:`slimta_tx.ServerTLS` or Twisted
+        ``CertificateOptions``): STARTTLS on plaintext connections, or, ``immediately``, TLS
+        from the first byte on every connection (port 465). ``require_tls``: MAIL and AUTH
+        get ``530 5.7.0`` until TLS is up (for submission ports; never on a public MX)."""
+        from slimta_tx import starttls
+
+        starttls.enable(self, context, immediately, require_tls)
+
+    def tls_required(self, session: Session) -> bool:
+        """True when this session must start TLS before MAIL or AUTH (530 5.7.0)."""
+        return self.require_tls and session.security is None
 
     def listen(self, endpoint: IStreamServerEndpoint) -> Deferred[IListeningPort]:
         """Start listening on ``endpoint``; :meth:`close` stops it."""

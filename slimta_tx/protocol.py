@@ -12,12 +12,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-from slimta_tx import commands
+from slimta_tx import commands, starttls
 from slimta_tx.data import DataDecoder, DataResult
 from slimta_tx.envelope import Session
 from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
@@ -47,6 +48,7 @@ TEMPFAIL = Reply("451", "Temporary local problem, try again later", "4.3.0")
 LineHandler = Callable[[bytes], None]
 
 
+@implementer(IHandshakeListener)
 class ESMTPServerProtocol(Protocol):
     """One SMTP session. Built by :class:`slimta_tx.factory.SmtpEdge`."""
 
@@ -70,6 +72,7 @@ class ESMTPServerProtocol(Protocol):
         self._closing = False
         self._shutdown_requested = False
         self._timer: IDelayedCall | None = None
+        self.tls_started = False  # STARTTLS accepted, or TLS from the first byte
 
     # -- transport events -----------------------------------------------------------------
 
@@ -82,6 +85,13 @@ class ESMTPServerProtocol(Protocol):
         self.session.server_address = (getattr(host, "host", ""), getattr(host, "port", 0))
         self.edge.connection_made(self)
         self.log.debug("{peer} connected", peer=self.session.address)
+        if starttls.begin_implicit(self):
+            # TLS from the first byte (RFC 8314): the banner waits for the handshake.
+            self.restart_timer(self.policy.command_timeout)
+            return
+        self.greet()
+
+    def greet(self) -> None:
         reply = self.edge.banner_reply()
         self.run_step(self.edge.validators.run("BANNER", self.session, reply), self._banner_done)
 
@@ -106,8 +116,13 @@ class ESMTPServerProtocol(Protocol):
         previous, self.state = self.state, State.CLOSED
         if previous is State.DATA and not self._waiting:
             self._discard_spool()
+        starttls.connection_lost(self, reason)
         self.edge.connection_lost(self)
         self.log.debug("{peer} disconnected", peer=self.session.address)
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up (IHandshakeListener): record its facts in the session."""
+        starttls.handshake_completed(self)
 
     # -- the processing loop ---------------------------------------------------------------
 

@@ -19,8 +19,10 @@ def test_exported_names_are_pinned() -> None:
             "MaildirBus",
             "Policy",
             "Reply",
+            "ServerTLS",
             "Session",
             "SmtpEdge",
+            "TLSConfigError",
             "TLSInfo",
             "__version__",
         ]
