@@ -84,7 +84,11 @@ class DataDecoder:
         self.done = False
         if max_line_length:
             self._long_line: re.Pattern[bytes] | None = re.compile(b"[^\\n]{%d}" % max_line_length)
-            self._flush_at = max_line_length
+            # The same run of non-LF bytes, but starting after an LF: the regex engine then
+            # jumps from LF to LF instead of trying every offset (linear, ~30x faster).
+            self._long_line_after_lf = re.compile(b"\\n[^\\n]{%d}" % max_line_length)
+            # Never flush a possible ".\r" of the end marker (only reachable with limits < 3).
+            self._flush_at = max(max_line_length, 3)
         else:
             self._long_line = None
             self._flush_at = _FLUSH_UNLIMITED
@@ -156,15 +160,18 @@ class DataDecoder:
             elif bare_lf:
                 # Bare CR stays content under "normalize", as in Postfix; bare LF becomes CRLF.
                 region = _BARE_LF.sub(b"\r\n", region)
-        if complete_lines and self._long_line is not None and self._long_line.search(body):
+        if (
+            complete_lines
+            and self._long_line is not None
+            and (self._long_line.match(body) or self._long_line_after_lf.search(body))
+        ):
             self.line_too_long = True
-        if self.too_big or self.bare_newline or self.line_too_long:
-            # Refused already: keep counting, store nothing.
-            self.size += len(body)
-            return
         out = region.replace(b"\r\n.", b"\r\n")[head_len:]
+        # Count the same bytes whether or not the message is refused already, so that the
+        # verdict (TOO_BIG first) does not depend on how the stream was chunked.
         self.size += len(out)
         if self.max_size and self.size > self.max_size:
             self.too_big = True
-            return
+        if self.too_big or self.bare_newline or self.line_too_long:
+            return  # refused: keep counting, store nothing
         self._sink(out)
