@@ -49,6 +49,8 @@ class Session:
     :ivar security: ``"TLS"`` once the connection is encrypted, else None.
     :ivar authed: the authenticated identity, or None.
     :ivar envelope: the transaction in progress, or None.
+    :ivar early_talker: True if the client sent anything before the greeting.
+    :ivar extra: what policies and validators learn about the session (e.g. ``"dnswl"``).
     """
 
     address: tuple[str, int] = ("", 0)
@@ -65,6 +67,7 @@ class Session:
     connected_at: float = field(default_factory=time.time)
     session_id: str = field(default_factory=new_queue_id)
     transactions: int = 0
+    early_talker: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

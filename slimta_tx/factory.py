@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -11,6 +12,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamSer
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
+from slimta_tx.accept import AcceptQueue, HeldConnection, adopt_socket
 from slimta_tx.address import MailArgument
 from slimta_tx.envelope import Envelope, Session
 from slimta_tx.extensions import ehlo_keywords
@@ -19,7 +21,7 @@ from slimta_tx.policy import Policy
 from slimta_tx.protocol import ESMTPServerProtocol
 from slimta_tx.reply import Reply
 from slimta_tx.spool import SpoolFactory
-from slimta_tx.validators import Validator, Validators
+from slimta_tx.validators import SmtpValidators, Validator, Validators, install_validators
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.interfaces import IAddress
@@ -67,6 +69,9 @@ class SmtpEdge(ServerFactory):
         self.tls_immediately = False
         self.require_tls = False
         self.connections: set[ESMTPServerProtocol] = set()
+        # Called with each session when its connection ends (policies keep counts with it).
+        self.disconnect_hooks: list[Callable[[Session], None]] = []
+        self._accept_queue: AcceptQueue | None = None
         self.ports: list[IListeningPort] = []
         self._closing: Deferred[None] | None = None
         self._drained: list[Deferred[None]] = []
@@ -104,6 +109,24 @@ class SmtpEdge(ServerFactory):
         """True when this session must start TLS before MAIL or AUTH (530 5.7.0)."""
         return self.require_tls and session.security is None
 
+    def set_validators(self, validators: SmtpValidators | type[SmtpValidators]) -> None:
+        """Use the ``handle_*`` methods of a :class:`~slimta_tx.validators.SmtpValidators`
+        subclass (one instance per session) or instance as validators."""
+        install_validators(self.validators, validators)
+
+    def adopt(self, sock: socket.socket) -> IListeningPort:
+        """Serve an already-listening socket (the seed's ``new(socket, bus)``)."""
+        return adopt_socket(self, sock)
+
+    def accept(self) -> Deferred[HeldConnection]:
+        """Fire with the next connection, as a callable that runs the whole session and
+        returns a Deferred of its end. From the first call on, connections wait for it."""
+        if self._accept_queue is None:
+            self._accept_queue = AcceptQueue(self)
+            if self._closing is not None:
+                self._accept_queue.close()
+        return self._accept_queue.accept()
+
     def listen(self, endpoint: IStreamServerEndpoint) -> Deferred[IListeningPort]:
         """Start listening on ``endpoint``; :meth:`close` stops it."""
         d: Deferred[IListeningPort] = endpoint.listen(self)
@@ -121,6 +144,8 @@ class SmtpEdge(ServerFactory):
             return self._closing
         stops = [Deferred.fromCoroutine(_stop(port)) for port in self.ports]
         self.ports = []
+        if self._accept_queue is not None:
+            self._accept_queue.close()
         drained: Deferred[None] = Deferred()
         self._drained.append(drained)
         for proto in list(self.connections):
@@ -138,7 +163,12 @@ class SmtpEdge(ServerFactory):
 
     # -- used by the protocol ----------------------------------------------------------------
 
-    def buildProtocol(self, addr: IAddress | None) -> ESMTPServerProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> ESMTPServerProtocol | HeldConnection:
+        if self._accept_queue is not None:
+            return HeldConnection(self, self._accept_queue)
+        return self.build_session_protocol()
+
+    def build_session_protocol(self) -> ESMTPServerProtocol:
         proto = ESMTPServerProtocol(self)
         proto.factory = self
         return proto
@@ -168,6 +198,11 @@ class SmtpEdge(ServerFactory):
 
     def connection_lost(self, proto: ESMTPServerProtocol) -> None:
         self.connections.discard(proto)
+        for hook in self.disconnect_hooks:
+            try:
+                hook(proto.session)
+            except Exception:
+                self.log.failure("disconnect hook {hook!r} failed", hook=hook)
         self._check_drained()
 
     def log_transaction(self, session: Session, envelope: Envelope, reply: Reply) -> None:

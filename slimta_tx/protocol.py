@@ -71,6 +71,7 @@ class ESMTPServerProtocol(Protocol):
         self._paused = False
         self._closing = False
         self._shutdown_requested = False
+        self._banner_pending = False
         self._timer: IDelayedCall | None = None
         self.tls_started = False  # STARTTLS accepted, or TLS from the first byte
 
@@ -93,9 +94,13 @@ class ESMTPServerProtocol(Protocol):
 
     def greet(self) -> None:
         reply = self.edge.banner_reply()
-        self.run_step(self.edge.validators.run("BANNER", self.session, reply), self._banner_done)
+        # Input stays unpaused until the banner is out, so early talkers are noticed.
+        self._banner_pending = True
+        hook = self.edge.validators.run("BANNER", self.session, reply, self.session.address)
+        self.run_step(hook, self._banner_done)
 
     def _banner_done(self, reply: Reply) -> None:
+        self._banner_pending = False
         self.send(reply, enhanced=reply.is_error)
         if not reply.closes_connection and reply.code.startswith("2"):
             self.state = State.CONNECTED
@@ -103,9 +108,16 @@ class ESMTPServerProtocol(Protocol):
             # A 554 greeting: RFC 5321 3.1 says answer 503 to all but QUIT.
             self.state = State.CONNECTED
             self.line_handler = self._refused_session_line
+            if self.session.early_talker:
+                # What it sent before the greeting is not answered: refused, then closed.
+                self.close_after_flush()
         self.restart_timer(self.policy.command_timeout)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._banner_pending:
+            # Sent before the greeting (RFC 5321 4.3.1: clients must wait for it).
+            self.session.early_talker = True
+            self.pause_input()
         self.reader.feed(data)
         if self.state is State.DATA and not self._waiting:
             self.restart_timer(self.policy.data_timeout)
@@ -147,13 +159,17 @@ class ESMTPServerProtocol(Protocol):
                     self.line_handler(line)  # type: ignore[arg-type]
         finally:
             self._processing = False
-        self.flush()
+        if not (self._waiting and self.reader.buffered):
+            # Waiting with commands still buffered: the rest of the group is answered in the
+            # same write (RFC 2920 only requires a flush before waiting for input).
+            self.flush()
 
     def run_step(self, d: Deferred[Reply], then: Callable[[Reply], None]) -> None:
         """Wait for ``d`` (a hook or the bus) with input paused, then call ``then`` in order."""
         self._waiting = True
         self.cancel_timer()
-        self.pause_input()
+        if not self._banner_pending:
+            self.pause_input()
 
         def done(reply: Reply) -> None:
             self._waiting = False
@@ -162,7 +178,7 @@ class ESMTPServerProtocol(Protocol):
                 if not self._closing:
                     self.resume_input()
                     self.process()
-                else:
+                elif not self._processing:  # process() flushes when it returns
                     self.flush()  # e.g. 250 then 421 when the edge is shutting down
 
         def failed(failure: Failure) -> None:
@@ -389,7 +405,7 @@ class ESMTPServerProtocol(Protocol):
     def force_close(self) -> None:
         if self.state is State.CLOSED or self._closing:
             return
-        if self.state is State.DATA:
+        if self.state is State.DATA and not self._waiting:  # not while the bus reads it
             self._discard_spool()
         self.send(Reply("421", f"{self.policy.hostname} Service shutting down", "4.3.2"))
         self.flush()

@@ -1,8 +1,18 @@
 """Validator hooks: the registry, the way they are called, and the built-in relay rule.
 
 A validator is ``func(session, reply, *extra)``. It sees the reply the server proposes and may
-change it (``reply.set("550", "No such user", "5.1.1")``); it may return a value, a Deferred or
-a coroutine. An exception is logged and becomes ``451 4.3.0`` for that command.
+change it (``reply.set("550", "No such user", "5.1.1")``); it may return None, a Deferred or a
+coroutine (a returned :class:`Reply` replaces the proposed one). An exception is logged and
+becomes ``451 4.3.0`` for that command (``421 4.3.0`` for ``BANNER``: a greeting cannot be 451).
+
+Built-in policies (:mod:`slimta_tx.policies`) register *checks* with :meth:`Validators.add_check`.
+At each hook the checks run first, in the order they were added, each only while the reply is
+still positive (once one has refused, the rest are skipped: no DNS lookup for a client already
+refused); then the user's validator (``set_validator``) runs, and sees the reply as the checks
+left it, as it sees the relay rule's ``554 5.7.1``.
+
+Validators can also be methods of a class, as in python-slimta: subclass :class:`SmtpValidators`
+and give the class (one instance per session) or an instance to ``SmtpEdge.set_validators``.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from slimta_tx.envelope import Session
 from slimta_tx.policy import Policy
 from slimta_tx.reply import Reply
 
-__all__ = ["HOOKS", "Validators", "relay_allowed"]
+__all__ = ["HOOKS", "SmtpValidators", "Validators", "relay_allowed"]
 
 Validator = Callable[..., Any]
 
@@ -43,17 +53,16 @@ _ALIASES = {"HELO": "EHLO"}
 
 
 class Validators:
-    """One validator per hook, as in ``slimta.edge.smtp.set_validator``."""
+    """One validator per hook, as in ``slimta.edge.smtp.set_validator``, plus policy checks."""
 
     log = Logger()
 
     def __init__(self) -> None:
         self._hooks: dict[str, Validator] = {}
+        self._checks: dict[str, list[Validator]] = {}
 
     def set(self, command: str, func: Validator | None) -> None:
-        name = _ALIASES.get(command.upper(), command.upper())
-        if name not in HOOKS:
-            raise ValueError(f"no validator hook named {command!r}; hooks: {sorted(HOOKS)}")
+        name = _hook_name(command)
         if func is None:
             self._hooks.pop(name, None)
         else:
@@ -62,23 +71,168 @@ class Validators:
     def get(self, command: str) -> Validator | None:
         return self._hooks.get(command)
 
+    def add_check(self, command: str, func: Validator) -> None:
+        """Add a policy check at ``command``; checks run in order, before the validator."""
+        self._checks.setdefault(_hook_name(command), []).append(func)
+
+    def remove_check(self, command: str, func: Validator) -> None:
+        checks = self._checks.get(_hook_name(command), [])
+        if func in checks:
+            checks.remove(func)
+
+    def checks(self, command: str) -> list[Validator]:
+        return list(self._checks.get(_hook_name(command), ()))
+
     def __contains__(self, command: str) -> bool:
-        return command in self._hooks
+        return command in self._hooks or bool(self._checks.get(command))
 
     def run(self, command: str, session: Session, reply: Reply, *extra: Any) -> Deferred[Reply]:
-        """Call the hook (if any); fire with ``reply`` as the hook left it."""
+        """Call the checks and the hook (if any); fire with ``reply`` as they left it."""
+        funcs = [*self._checks.get(command, ())]
         func = self._hooks.get(command)
-        if func is None:
+        if not funcs and func is None:
             return succeed(reply)
-        d: Deferred[Any] = maybeDeferred(func, session, reply, *extra)
+        return Deferred.fromCoroutine(self._run(command, funcs, func, session, reply, extra))
 
-        def failed(failure: Failure) -> Reply:
+    async def _run(
+        self,
+        command: str,
+        checks: list[Validator],
+        validator: Validator | None,
+        session: Session,
+        reply: Reply,
+        extra: tuple[Any, ...],
+    ) -> Reply:
+        for check in checks:
+            if not reply.is_positive:
+                break
+            reply = await self._call(command, check, session, reply, extra)
+        if validator is not None:
+            reply = await self._call(command, validator, session, reply, extra)
+        return reply
+
+    async def _call(
+        self,
+        command: str,
+        func: Validator,
+        session: Session,
+        reply: Reply,
+        extra: tuple[Any, ...],
+    ) -> Reply:
+        try:
+            result = await maybeDeferred(func, session, reply, *extra)
+        except Exception:
             self.log.failure(
-                "validator for {command} raised; replying 451", failure, command=command
+                "validator {func} for {command} raised; replying with a temporary failure",
+                Failure(),
+                func=getattr(func, "__qualname__", repr(func)),
+                command=command,
             )
+            if command == "BANNER":
+                return Reply("421", "Temporary local problem, try again later", "4.3.0")
             return Reply("451", "Temporary local problem, try again later", "4.3.0")
+        if isinstance(result, Reply) and result is not reply:
+            reply.set(result.code, result.message, result.enhanced_status_code)
+        return reply
 
-        return d.addCallbacks(lambda _: reply, failed)
+
+def _hook_name(command: str) -> str:
+    name = _ALIASES.get(command.upper(), command.upper())
+    if name not in HOOKS:
+        raise ValueError(f"no validator hook named {command!r}; hooks: {sorted(HOOKS)}")
+    return name
+
+
+class SmtpValidators:
+    """Validators as methods, in python-slimta's style.
+
+    Override any of ``handle_banner``, ``handle_ehlo``, ``handle_starttls``, ``handle_auth``,
+    ``handle_mail``, ``handle_rcpt``, ``handle_data``, ``handle_have_data``, ``handle_rset``,
+    ``handle_quit`` and ``handle_unknown``; each gets ``(reply, *extra)`` (the same extras as the
+    function validators) and may change the reply or return a Deferred or coroutine.
+    ``self.session`` is the session. Give ``SmtpEdge.set_validators`` the class to get one
+    instance per session (state kept on ``self`` is per connection), or an instance to share it
+    (then ``self.session`` is the session of the current call only).
+    """
+
+    session: Session
+
+    def __init__(self, session: Session | None = None) -> None:
+        if session is not None:
+            self.session = session
+
+    @classmethod
+    def hooks(cls) -> list[str]:
+        """The hooks this class overrides."""
+        return [
+            hook
+            for hook in sorted(HOOKS)
+            if getattr(cls, _method_name(hook)) is not getattr(SmtpValidators, _method_name(hook))
+        ]
+
+    def handle_banner(self, reply: Reply, address: tuple[str, int]) -> Any:
+        pass
+
+    def handle_ehlo(self, reply: Reply, ehlo_as: str) -> Any:
+        pass
+
+    def handle_starttls(self, reply: Reply, *extra: Any) -> Any:
+        pass
+
+    def handle_auth(self, reply: Reply, *extra: Any) -> Any:
+        pass
+
+    def handle_mail(self, reply: Reply, sender: str, params: dict[str, str | None]) -> Any:
+        pass
+
+    def handle_rcpt(self, reply: Reply, recipient: str, params: dict[str, str | None]) -> Any:
+        pass
+
+    def handle_data(self, reply: Reply) -> Any:
+        pass
+
+    def handle_have_data(self, reply: Reply, envelope: Any) -> Any:
+        pass
+
+    def handle_rset(self, reply: Reply) -> Any:
+        pass
+
+    def handle_quit(self, reply: Reply) -> Any:
+        pass
+
+    def handle_unknown(self, reply: Reply, line: str) -> Any:
+        pass
+
+
+def _method_name(hook: str) -> str:
+    return "handle_" + hook.lower()
+
+
+def install_validators(
+    validators: Validators, target: SmtpValidators | type[SmtpValidators]
+) -> None:
+    """Register each ``handle_*`` method ``target`` overrides as that hook's validator."""
+    cls = target if isinstance(target, type) else type(target)
+    key = f"validators.{id(target)}"
+
+    def bind(hook: str) -> Validator:
+        method_name = _method_name(hook)
+
+        def call(session: Session, reply: Reply, *extra: Any) -> Any:
+            if isinstance(target, type):
+                instance = session.extra.get(key)
+                if instance is None:
+                    instance = session.extra[key] = target(session)
+            else:
+                instance = target
+                instance.session = session
+            return getattr(instance, method_name)(reply, *extra)
+
+        call.__qualname__ = f"{cls.__qualname__}.{method_name}"
+        return call
+
+    for hook in cls.hooks():
+        validators.set(hook, bind(hook))
 
 
 def relay_allowed(policy: Policy, session: Session, recipient: str) -> bool:

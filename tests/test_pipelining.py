@@ -50,7 +50,8 @@ def test_pending_bus_pauses_input_and_keeps_order() -> None:
 
 
 def test_slow_validators_keep_replies_in_order() -> None:
-    """Asynchronous MAIL and RCPT validators: replies still come in command order."""
+    """Asynchronous MAIL and RCPT validators: replies still come in command order, and the
+    whole group is answered in one write once the last slow validator has answered."""
     d = Driver()
     pending: list[tuple[Reply, Deferred[None]]] = []
 
@@ -62,19 +63,23 @@ def test_slow_validators_keep_replies_in_order() -> None:
     d.edge.set_validator("MAIL", slow)
     d.edge.set_validator("RCPT", slow)
     d.greet()
+    d.writes.clear()
     assert d.send(GROUP) == []
     # Only the MAIL validator runs until it answers: one command at a time.
     assert len(pending) == 1
     reply, waiting = pending.pop()
     waiting.callback(None)
-    assert d.read() == [("250", "2.1.0 Sender <a@b.test> ok")]
     reply, waiting = pending.pop()
     reply.set("550", "No such user", "5.1.1")
     waiting.callback(None)
-    assert d.read() == [("550", "5.1.1 No such user")]
+    # The rest of the group is still buffered: nothing is written yet.
+    assert d.read() == []
     reply, waiting = pending.pop()
     waiting.callback(None)
     assert d.read() == [
+        ("250", "2.1.0 Sender <a@b.test> ok"),
+        ("550", "5.1.1 No such user"),
         ("250", "2.1.5 Recipient <2@example.com> ok"),
         ("354", "End data with <CR><LF>.<CR><LF>"),
     ]
+    assert len(d.writes) == 1
