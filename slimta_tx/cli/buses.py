@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from slimta_tx.cli.coerce import seconds
+from slimta_tx.cli.coerce import seconds, whole_number
 from slimta_tx.interfaces import IBus
 
 
@@ -29,6 +29,47 @@ class OptionGroup:
             seconds("amqp-timeout"),
         ],
         ["bus", None, None, "A bus of your own: package.module:Class (see docs/buses.md)."],
+        # The relay bus (docs/bus-relay.md).
+        ["relay", None, None, "Forward accepted mail to this SMTP next hop: HOST:PORT."],
+        ["relay-lmtp", None, None, "Forward accepted mail over LMTP: HOST:PORT or unix:PATH."],
+        [
+            "relay-tls",
+            None,
+            "opportunistic",
+            "STARTTLS to the next hop: none|opportunistic|required.",
+        ],
+        [
+            "relay-tls-ca",
+            None,
+            None,
+            "PEM CA file for the next hop's certificate (default: system).",
+        ],
+        [
+            "relay-tls-name",
+            None,
+            None,
+            "Name the next hop's certificate must carry (default: host).",
+        ],
+        [
+            "relay-auth",
+            None,
+            None,
+            "AUTH to the next hop: USER:PASSWORD or file:PATH holding that.",
+        ],
+        [
+            "relay-pool",
+            None,
+            10,
+            "Connections to the next hop, at most.",
+            whole_number("relay-pool", 1),
+        ],
+        [
+            "relay-timeout",
+            None,
+            120.0,
+            "Seconds to wait for the next hop.",
+            seconds("relay-timeout"),
+        ],
     ]
 
 
@@ -38,6 +79,13 @@ def defaults(config: Any) -> None:
 
 def validate(config: Any) -> None:
     _validate_amqp_and_plugin(config)
+    _validate_relay(config)
+
+
+def _validate_relay(config: Any) -> None:
+    from slimta_tx.bus.relay_options import validate_relay_options
+
+    validate_relay_options(config)
 
 
 def _validate_amqp_and_plugin(config: Any) -> None:
@@ -89,6 +137,10 @@ def _chosen_bus(config: Any, reactor: Any) -> IBus:
 
         plugin: IBus = load_bus(config["bus"], config, reactor)
         return plugin
+    if config.get("relay") or config.get("relay-lmtp"):
+        from slimta_tx.bus.relay_options import make_relay_bus
+
+        return make_relay_bus(config, reactor)
     if config["amqp"]:
         from slimta_tx.bus.amqp import AmqpBus
 
