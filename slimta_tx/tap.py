@@ -42,9 +42,14 @@ class Options(
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
-            # twistd prints our usage and then the error; a failed parse shows only the error.
+            message = str(e).removeprefix("Parameter type enforcement failed: ")
+            message = f"{message} (see 'twistd slimta --help')"
+            if self.parent is not None:
+                # Under twistd, which would print its own usage line first: exactly one line
+                # on stderr, exit status 1.
+                raise SystemExit(f"twistd slimta: {message}") from None
             self._failed = True
-            raise usage.UsageError(f"{e} (see 'twistd slimta --help')") from None
+            raise usage.UsageError(message) from None
 
     def getUsage(self, width: int | None = None) -> str:
         return "" if self._failed else super().getUsage(width)

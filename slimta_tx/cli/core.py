@@ -124,5 +124,9 @@ def validate(config: Any) -> None:
 
 
 def configure(config: Any, edge: Any, service: Any, reactor: Any) -> None:
+    # With twistd -n, a port in use is one line and exit 1; a daemonizing twistd reports
+    # start-up errors through its parent process itself.
+    parent = getattr(config, "parent", None)
+    service.exit_on_listen_error = parent is not None and bool(parent.get("nodaemon"))
     if config["banner"]:
         edge.set_banner_message("220", config["banner"])
