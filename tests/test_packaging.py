@@ -1,0 +1,68 @@
+"""The wheel: its twistd plugin ships alone (no twisted/plugins/__init__.py, no dropin.cache),
+and ``twistd slimta`` works from a fresh virtualenv outside the source tree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(argv: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    result = subprocess.run(
+        argv,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 0, f"{argv} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.mark.slow
+def test_wheel_installs_into_a_fresh_venv_and_twistd_finds_the_plugin(tmp_path: Path) -> None:
+    """Build the wheel, check that its twisted/ part is only the plugin module, install it
+    into a new virtualenv (dependencies from the index) and run `twistd slimta --help` from
+    a directory outside the source tree."""
+    dist = tmp_path / "dist"
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)], ROOT
+    )
+    [wheel] = list(dist.glob("slimta_tx-*.whl"))
+
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert [n for n in names if n.startswith("twisted/")] == [
+        "twisted/plugins/slimta_tx_plugin.py"
+    ]
+    assert not [n for n in names if "dropin.cache" in n or n.endswith(".pyc")]
+    assert "slimta_tx/__init__.py" in names
+
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", str(venv)], tmp_path)
+    python = venv / "bin" / "python"
+    run(
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", str(wheel)],
+        tmp_path,
+    )
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run([str(venv / "bin" / "twistd"), "slimta", "--help"], elsewhere, timeout=60)
+    assert "--listen" in result.stdout
+    assert "--maildir" in result.stdout
+    # The plugin came from the installed wheel, not from the source tree.
+    where = run(
+        [str(python), "-c", "import slimta_tx; print(slimta_tx.__file__)"], elsewhere, timeout=60
+    )
+    assert where.stdout.strip().startswith(str(venv))
