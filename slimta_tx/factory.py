@@ -127,6 +127,17 @@ class SmtpEdge(ServerFactory):
                 self._accept_queue.close()
         return self._accept_queue.accept()
 
+    def enable_authentication(self, auth: Any) -> None:
+        """Offer SMTP AUTH (RFC 4954) as configured by ``auth``, a :class:`slimta_tx.auth.Auth`.
+
+        Fails closed: without a credential checker nothing is offered; PLAIN and LOGIN need
+        TLS unless ``auth.allow_insecure``. A session's identity is ``session.authed``.
+        """
+        from slimta_tx.auth.exchange import install
+
+        self.auth = auth
+        install(self, auth)
+
     def listen(self, endpoint: IStreamServerEndpoint) -> Deferred[IListeningPort]:
         """Start listening on ``endpoint``; :meth:`close` stops it."""
         d: Deferred[IListeningPort] = endpoint.listen(self)
