@@ -294,6 +294,8 @@ class RelayBus:
         PIPELINING: after a refused RSET/MAIL, or before DATA when a RCPT was refused)."""
         if pipelined:
             results = await DeferredList(client.send_lines(commands), consumeErrors=True)
+            if reused and results[0][0] and not results[0][1].code.startswith("2"):
+                raise _RetryOnFresh()  # e.g. a 421 to RSET: the next hop hung up on us
             answers: list[Reply] = []
             for index, (ok, value) in enumerate(results):
                 if not ok:
