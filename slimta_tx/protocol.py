@@ -167,9 +167,6 @@ class ESMTPServerProtocol(Protocol):
     def run_step(self, d: Deferred[Reply], then: Callable[[Reply], None]) -> None:
         """Wait for ``d`` (a hook or the bus) with input paused, then call ``then`` in order."""
         self._waiting = True
-        self.cancel_timer()
-        if not self._banner_pending:
-            self.pause_input()
 
         def done(reply: Reply) -> None:
             self._waiting = False
@@ -186,6 +183,12 @@ class ESMTPServerProtocol(Protocol):
             done(TEMPFAIL.copy())
 
         d.addCallbacks(done, failed)
+        if self._waiting:
+            # Not answered yet: no command timeout meanwhile, and no reading. (A step answered
+            # at once needs neither: nothing can arrive in between; this saves two epoll calls.)
+            self.cancel_timer()
+            if not self._banner_pending:
+                self.pause_input()
 
     def call_hook(self, name: str, reply: Reply, *extra: Any) -> Deferred[Reply]:
         return self.edge.validators.run(name, self.session, reply, *extra)
@@ -248,8 +251,11 @@ class ESMTPServerProtocol(Protocol):
         self.restart_timer(timeout)
 
     def restart_timer(self, seconds: float) -> None:
-        self.cancel_timer()
-        if self.state is not State.CLOSED and not self._closing:
+        if self.state is State.CLOSED or self._closing:
+            self.cancel_timer()
+        elif self._timer is not None and self._timer.active():
+            self._timer.reset(seconds)  # cheaper than cancel + callLater, several times a message
+        else:
             self._timer = self.clock.callLater(seconds, self._timed_out)
 
     def cancel_timer(self) -> None:

@@ -163,6 +163,11 @@ def handshake_completed(proto: ESMTPServerProtocol) -> None:
     info = tls_info(handle)
     proto.session.tls = info
     proto.session.security = "TLS"
+    if info.client_certificate:
+        # For validators that check more than the subject (names, fingerprint).
+        proto.session.extra["tls_peer_certificate"] = handle.get_peer_certificate(
+            as_cryptography=True
+        )
     log.info(
         "{peer} TLS {version} {cipher}{sni}{client}",
         peer=proto.session.address,
