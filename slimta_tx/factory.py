@@ -138,21 +138,6 @@ class SmtpEdge(ServerFactory):
         self.auth = auth
         install(self, auth)
 
-    def enable_tls(
-        self, context: Any, immediately: bool = False, require_tls: bool = False
-    ) -> None:
-        """Offer TLS with ``context`` (a :class:`slimta_tx.ServerTLS` or Twisted
-        ``CertificateOptions``): STARTTLS on plaintext connections, or, ``immediately``, TLS
-        from the first byte on every connection (port 465). ``require_tls``: MAIL and AUTH
-        get ``530 5.7.0`` until TLS is up (for submission ports; never on a public MX)."""
-        from slimta_tx import starttls
-
-        starttls.enable(self, context, immediately, require_tls)
-
-    def tls_required(self, session: Session) -> bool:
-        """True when this session must start TLS before MAIL or AUTH (530 5.7.0)."""
-        return self.require_tls and session.security is None
-
     def listen(self, endpoint: IStreamServerEndpoint) -> Deferred[IListeningPort]:
         """Start listening on ``endpoint``; :meth:`close` stops it."""
         d: Deferred[IListeningPort] = endpoint.listen(self)
