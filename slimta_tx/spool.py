@@ -11,7 +11,7 @@ import io
 import os
 import tempfile
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 __all__ = ["Spool", "SpoolFactory"]
 
@@ -56,10 +56,13 @@ class Spool:
             return io.BytesIO(bytes(self._memory))
         assert self._file is not None
         self._file.flush()
-        return os.fdopen(os.dup(self._file.fileno()), "rb", closefd=True)
+        # Not os.fdopen(os.dup(fd)): a dup shares the file offset, which sits at the end.
+        return io.BufferedReader(_FileReader(self._file.fileno(), self.size))
 
     def chunks(self, size: int = READ_SIZE) -> Iterator[bytes]:
         """The body in chunks of at most ``size`` bytes (reads with ``pread``: position-safe)."""
+        if self.closed:
+            raise ValueError("spool is closed")
         if self._memory is not None:
             view = bytes(self._memory)
             for start in range(0, len(view), size):
@@ -95,6 +98,44 @@ class Spool:
             self._file = None
         self._memory = None
         self.closed = True
+
+
+class _FileReader(io.RawIOBase):
+    """A reader of the first ``size`` bytes of ``fd`` with its own position (``pread``)."""
+
+    def __init__(self, fd: int, size: int) -> None:
+        super().__init__()
+        self._fd = os.dup(fd)
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        data = os.pread(self._fd, min(len(view), max(self._size - self._pos, 0)), self._pos)
+        view[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
 
 
 class SpoolFactory:
