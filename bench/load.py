@@ -68,10 +68,11 @@ class Message:
     head: bytes
     block: bytes
     repeat: int
+    tail: bytes = b""
 
     @property
     def size(self) -> int:
-        return len(self.head) + len(self.block) * self.repeat
+        return len(self.head) + len(self.block) * self.repeat + len(self.tail)
 
     @classmethod
     def of_size(cls, size: int) -> Message:
@@ -85,8 +86,8 @@ class Message:
         body = max(size - len(head), 2)
         chunk = 1024 * 1024
         if body > 4 * chunk:
-            repeat = body // chunk
-            return cls(head, make_block(chunk), repeat)
+            repeat, rest = divmod(body, chunk)
+            return cls(head, make_block(chunk), repeat, make_block(rest) if rest else b"")
         return cls(head, make_block(body), 1)
 
 
@@ -237,7 +238,7 @@ async def session(host: str, port: int, shared: Shared) -> None:
                 await client.write(message.head)
                 for _ in range(message.repeat):
                     await client.write(message.block)
-                await client.write(b".\r\n")
+                await client.write(message.tail + b".\r\n")
             await client.expect(250)
             shared.latencies.append(perf() - started)
             shared.bytes_sent += message.size

@@ -253,17 +253,19 @@ def row(result: dict[str, Any]) -> str:
     if not result["peak_reset"]:
         notes.append("VmHWM not reset")
     cpu = result["server_cpu"] / result["elapsed"] * 100 if result["elapsed"] else 0
+    per_msg = result["server_cpu"] / result["messages"] if result["messages"] else 0.0
+    per_msg_text = f"{per_msg * 1e6:.0f}us" if per_msg < 0.01 else f"{per_msg * 1e3:.0f}ms"
     peak = f"{result['hwm_after_kib'] / 1024:.1f} (+{result['peak_increase_mib']:.1f})"
     return (
         f"  {name:<18} {result['msgs_per_s']:>9.1f} {result['mib_per_s']:>7.1f} "
         f"{fmt_ms(result['p50']):>9} {fmt_ms(result['p99']):>9} {peak:>15} {cpu:>6.0f}% "
-        f"{result['messages']:>6}  {'; '.join(notes)}"
+        f"{per_msg_text:>8} {result['messages']:>6}  {'; '.join(notes)}"
     )
 
 
 HEADER = (
     f"  {'server':<18} {'msgs/s':>9} {'MiB/s':>7} {'p50 ms':>9} {'p99 ms':>9} "
-    f"{'peak RSS MiB':>15} {'srvCPU':>7} {'msgs':>6}  notes"
+    f"{'peak RSS MiB':>15} {'srvCPU':>7} {'CPU/msg':>8} {'msgs':>6}  notes"
 )
 
 
