@@ -71,9 +71,16 @@ class Validators:
     def get(self, command: str) -> Validator | None:
         return self._hooks.get(command)
 
-    def add_check(self, command: str, func: Validator) -> None:
-        """Add a policy check at ``command``; checks run in order, before the validator."""
-        self._checks.setdefault(_hook_name(command), []).append(func)
+    def add_check(self, command: str, func: Validator, first: bool = False) -> None:
+        """Add a policy check at ``command``; checks run in order, before the validator.
+
+        ``first=True`` puts it before the checks already there.
+        """
+        checks = self._checks.setdefault(_hook_name(command), [])
+        if first:
+            checks.insert(0, func)
+        else:
+            checks.append(func)
 
     def remove_check(self, command: str, func: Validator) -> None:
         checks = self._checks.get(_hook_name(command), [])
