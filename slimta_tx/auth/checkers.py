@@ -17,8 +17,8 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from argon2 import PasswordHasher
-from argon2.exceptions import InvalidHashError, VerificationError
+from argon2 import PasswordHasher, extract_parameters
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.cred.checkers import ANONYMOUS, FilePasswordDB, ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -127,10 +127,18 @@ def read_password_file(path: str) -> dict[str, str]:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         user, sep, hashed = line.partition(":")
-        if not sep or not user or not hashed.startswith("$argon2"):
+        if not sep or not user or not _is_argon2(hashed):
             raise PasswordFileError(f"{path} line {number}: expected 'user:$argon2id$...'")
         entries[user] = hashed
     return entries
+
+
+def _is_argon2(hashed: str) -> bool:
+    try:
+        extract_parameters(hashed)
+    except (InvalidHashError, ValueError):
+        return False
+    return hashed.startswith("$argon2")
 
 
 @implementer(ICredentialsChecker)
@@ -188,10 +196,10 @@ class PasswordFileChecker:
             password = password + "\0"  # never matches the dummy
         try:
             return bool(self._hasher.verify(hashed, password))
-        except InvalidHashError:
-            self.log.error("password file {path}: an entry is not a valid hash", path=self.path)
+        except VerifyMismatchError:
             return False
-        except VerificationError:
+        except (InvalidHashError, VerificationError):
+            self.log.error("password file {path}: an entry is not a valid hash", path=self.path)
             return False
 
     def _run(self, func: Callable[..., bool], *args: Any) -> Deferred[bool]:
