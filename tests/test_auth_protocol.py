@@ -354,8 +354,8 @@ def test_auth_validator_sees_identity_and_may_refuse() -> None:
 
 def test_failures_are_delayed_and_doubling_then_421() -> None:
     """The 535 is held back 1 s, then 2 s; the third failure on the connection is 421 4.7.0
-    and the connection closes. Input waits meanwhile (a pipelined guess is not read)."""
-    d = Driver(memory_auth())
+    and the connection closes (limit 3 here). Input waits meanwhile."""
+    d = Driver(memory_auth(limits=AuthLimits(max_failures_per_connection=3)))
     d.ehlo()
     bad = f"AUTH PLAIN {b64(chr(0) + 'alice' + chr(0) + 'guess')}"
     assert d.cmd(bad) == []

@@ -23,7 +23,7 @@ class AuthLimits:
 
     failure_delay: float = 1.0
     max_failure_delay: float = 16.0
-    max_failures_per_connection: int = 3
+    max_failures_per_connection: int = 5
     max_failures_per_address: int = 10
     address_window: float = 900.0
     tracked_addresses: int = 10_000

@@ -47,7 +47,7 @@ class OptionGroup:
         [
             "auth-max-failures",
             None,
-            3,
+            5,
             "Failed AUTH attempts per connection before 421 and close.",
             whole_number("auth-max-failures", 1),
         ],
