@@ -4,6 +4,7 @@ The public names live here; the modules behind them are implementation detail. I
 package never installs a reactor.
 """
 
+from slimta_tx.auth import Auth, AuthLimits
 from slimta_tx.bus.maildir import MaildirBus
 from slimta_tx.bus.simple import DiscardBus
 from slimta_tx.data import BareNewlinePolicy
@@ -17,6 +18,8 @@ from slimta_tx.tls import ServerTLS, TLSConfigError
 __version__ = "0.1.0"
 
 __all__ = [
+    "Auth",
+    "AuthLimits",
     "BareNewlinePolicy",
     "DiscardBus",
     "Envelope",

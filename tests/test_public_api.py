@@ -12,6 +12,8 @@ def test_exported_names_are_pinned() -> None:
     """Adding or removing a public name is a deliberate change to this list."""
     assert sorted(slimta_tx.__all__) == sorted(
         [
+            "Auth",
+            "AuthLimits",
             "BareNewlinePolicy",
             "DiscardBus",
             "Envelope",
