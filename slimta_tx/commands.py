@@ -31,8 +31,8 @@ def _greeting(proto: ESMTPServerProtocol, argument: str, verb: str) -> None:
     if not name or " " in name:
         proto.refuse(Reply("501", f"Syntax: {verb} hostname", "5.5.4"))
         return
-    proto.reset_transaction()
     policy, session = proto.policy, proto.session
+    previous = (session.ehlo_as, session.extended_smtp)
     if verb == "EHLO":
         keywords = proto.edge.ehlo_keywords(session)
         reply = Reply("250", "\n".join([f"{policy.hostname} Hello {name}", *keywords]))
@@ -40,10 +40,13 @@ def _greeting(proto: ESMTPServerProtocol, argument: str, verb: str) -> None:
         reply = Reply("250", f"{policy.hostname} Hello {name}")
 
     def done(reply: Reply) -> None:
-        ok = reply.code.startswith("2")
-        session.ehlo_as = name if ok else None
-        session.extended_smtp = ok and verb == "EHLO"
-        proto.finish_command(verb, reply, enhanced=not ok)
+        if reply.code.startswith("2"):
+            proto.reset_transaction()
+            session.ehlo_as, session.extended_smtp = name, verb == "EHLO"
+        else:
+            # A refused greeting changes nothing (RFC 5321 4.1.4).
+            session.ehlo_as, session.extended_smtp = previous
+        proto.finish_command(verb, reply, enhanced=not reply.code.startswith("2"))
 
     # Validators tell EHLO from HELO by this flag, as in python-slimta.
     session.extended_smtp = verb == "EHLO"

@@ -103,9 +103,13 @@ UNIMPLEMENTED = frozenset(
 )
 
 
+# A verb a feature registers without a row of its own: allowed whenever a session is open.
+_DEFAULT_SPEC = CommandSpec(_ANY)
+
+
 def check(state: State, verb: str) -> Reply | None:
     """None if ``verb`` may run in ``state``, else the 503 reply."""
-    spec = COMMANDS[verb]
+    spec = COMMANDS.get(verb, _DEFAULT_SPEC)
     if state in spec.allowed:
         return None
     for states, text in spec.refusals:
@@ -118,7 +122,8 @@ def after(state: State, verb: str, reply: Reply) -> State:
     """The state that follows ``verb``'s ``reply`` (sent in ``state``)."""
     ok = reply.code.startswith("2") or reply.code.startswith("3")
     if verb in ("EHLO", "HELO"):
-        return State.READY if ok else State.CONNECTED
+        # A refused greeting leaves the state as it was (RFC 5321 4.1.4).
+        return State.READY if ok else state
     if verb == "RSET":
         return State.CONNECTED if state is State.CONNECTED else State.READY
     if not ok:

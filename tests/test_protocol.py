@@ -404,3 +404,20 @@ class TestData:
             ]
             assert d.codes(b"n=%d\r\n.\r\n" % i) == ["250"]
         assert [m.data for m in d.bus.messages] == [b"n=0\r\n", b"n=1\r\n", b"n=2\r\n"]
+
+
+def test_refused_ehlo_keeps_the_session_as_it_was() -> None:
+    """RFC 5321 4.1.4: after a refused EHLO the server stays in its state; the earlier
+    greeting and the open transaction survive."""
+    d = Driver()
+    d.greet()
+    d.cmd("MAIL FROM:<a@b.test>")
+
+    def refuse(session: object, reply: Reply, name: str) -> None:
+        reply.set("550", "Go away", "5.7.1")
+
+    d.edge.set_validator("EHLO", refuse)
+    assert d.cmd("EHLO other.test") == ("550", "5.7.1 Go away")
+    assert d.proto.session.ehlo_as == "client.test"
+    assert d.proto.session.extended_smtp
+    assert d.cmd("RCPT TO:<u@example.com>")[0] == "250"

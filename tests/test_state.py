@@ -109,11 +109,10 @@ def test_greeting_success_resets_to_ready(verb: str, state: State) -> None:
 @pytest.mark.parametrize("verb", ["EHLO", "HELO"])
 @pytest.mark.parametrize("reply", [FAIL, TEMP], ids=["5xx", "4xx"])
 @pytest.mark.parametrize("state", sorted(OPEN), ids=lambda s: s.value)
-def test_greeting_refused_leaves_the_client_ungreeted(
-    verb: str, reply: Reply, state: State
-) -> None:
-    """A greeting the server refuses leaves no greeting (and no transaction) in force."""
-    assert after(state, verb, reply) is State.CONNECTED
+def test_greeting_refused_keeps_the_state(verb: str, reply: Reply, state: State) -> None:
+    """A greeting the server refuses changes nothing: RFC 5321 4.1.4 says the server MUST
+    stay in the state it was in."""
+    assert after(state, verb, reply) is state
 
 
 @pytest.mark.parametrize(
@@ -200,8 +199,8 @@ def test_table_agrees_with_a_model_of_the_session(steps: list[tuple[str, str]]) 
         reply = _REPLY[outcome]
         state = after(state, verb, reply)
         ok = reply.code[0] in "23"
-        if verb in ("EHLO", "HELO"):
-            greeted, has_mail, has_rcpt = ok, False, False
+        if verb in ("EHLO", "HELO") and ok:
+            greeted, has_mail, has_rcpt = True, False, False
         elif verb == "RSET":
             has_mail = has_rcpt = False
         elif verb == "MAIL" and ok:
@@ -211,3 +210,9 @@ def test_table_agrees_with_a_model_of_the_session(steps: list[tuple[str, str]]) 
         if state is State.DATA:
             # The body arrives and the final reply ends the transaction (protocol's job).
             state, has_mail, has_rcpt = State.READY, False, False
+
+
+def test_a_verb_without_a_row_is_allowed_in_any_open_state() -> None:
+    """A command a feature registers without a table row never crashes the dispatcher."""
+    for state in OPEN:
+        assert check(state, "XFEATURE") is None
