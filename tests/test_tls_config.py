@@ -162,6 +162,7 @@ def test_cli_bad_certificate_is_a_one_line_usage_error(certs: Certs) -> None:
         (["--tls-listen", "tcp:465"], "--tls-listen needs --tls-cert"),
         (["--require-tls"], "--require-tls needs --tls-cert"),
         (["--tls-key", "k.pem"], "--tls-key needs --tls-cert"),
+        (["--tls-min-version", "1.3"], "--tls-min-version needs --tls-cert"),
     ],
 )
 def test_cli_options_that_need_a_certificate(argv: list[str], message: str) -> None:

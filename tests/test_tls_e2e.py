@@ -39,6 +39,7 @@ class Server:
     port: int = 0
     implicit_port: int = 0
     sessions: list[Session] | None = None
+    nodelay: list[bool] | None = None
 
     def messages(self) -> list[bytes]:
         new = self.maildir / "new"
@@ -73,12 +74,20 @@ def _serve(context: ServerTLS, tmp_path: Path, **tls: Any) -> Iterator[Server]:
     )
     edge.enable_tls(context, **tls)
     sessions: list[Session] = []
-    edge.set_validator("MAIL", lambda session, reply, *extra: sessions.append(session))
+    nodelay: list[bool] = []
+
+    def on_mail(session: Session, reply: Any, *extra: Any) -> None:
+        sessions.append(session)
+        for proto in edge.connections:
+            if proto.session is session:
+                nodelay.append(proto.transport.getTcpNoDelay())  # type: ignore[union-attr]
+
+    edge.set_validator("MAIL", on_mail)
     ports: list[IListeningPort] = [
         reactor.listenTCP(0, edge, interface="127.0.0.1"),  # type: ignore[attr-defined]
         reactor.listenTCP(0, wrap_implicit(edge), interface="127.0.0.1"),  # type: ignore[attr-defined]
     ]
-    server = Server(edge, context, maildir, sessions=sessions)
+    server = Server(edge, context, maildir, sessions=sessions, nodelay=nodelay)
     server.port, server.implicit_port = (p.getHost().port for p in ports)  # type: ignore[attr-defined]
     yield server
     for port in ports:
@@ -118,6 +127,7 @@ def test_smtplib_starttls_delivers_into_maildir(server: Server, certs: Certs) ->
     assert message.endswith(MESSAGE)
     tls = server.sessions[0].tls  # type: ignore[index]
     assert tls is not None and tls.version == "TLSv1.3" and not tls.client_certificate
+    assert server.nodelay == [True]
 
 
 def send_implicit(port: int, ctx: ssl.SSLContext) -> dict[str, Any]:
@@ -135,6 +145,7 @@ def test_smtp_ssl_on_implicit_listener(server: Server, certs: Certs) -> Any:
     result = yield in_thread(send_implicit, server.implicit_port, client_context(certs))
     assert result == {"ehlo": 250, "advertised": False}
     assert len(server.messages()) == 1
+    assert server.nodelay == [True]  # Nagle off under the TLS wrapper too
 
 
 @pytest_twisted.inlineCallbacks

@@ -250,3 +250,24 @@ def test_starttls_listed_in_help(context: ServerTLS, tmp_path: Path) -> None:
     """HELP lists STARTTLS once TLS is enabled."""
     d = TLSDriver(make_edge(context))
     assert "STARTTLS" in d.cmd("HELP")[1]
+
+
+def test_require_tls_refuses_auth_until_tls(context: ServerTLS) -> None:
+    """require_tls: AUTH before STARTTLS is 530 5.7.0 (credentials never looked at); after
+    STARTTLS and a new EHLO the same AUTH succeeds."""
+    import base64
+
+    from slimta_tx.auth import Auth
+    from slimta_tx.auth.checkers import from_strcred
+
+    edge = make_edge(context, require_tls=True)
+    edge.enable_authentication(Auth([from_strcred("memory:alice:s3cret-pw")]))
+    d = TLSDriver(edge)
+    d.ehlo_keywords()
+    plain = "AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret-pw").decode()
+    assert d.cmd(plain) == ("530", "5.7.0 Must issue a STARTTLS command first")
+    assert d.starttls()[0][0] == "220"
+    d.handshake()
+    d.ehlo_keywords()
+    assert d.cmd(plain)[0] == "235"
+    assert d.proto.session.authed == "alice"

@@ -64,6 +64,8 @@ def validate(config: Any) -> None:
         for option in ("tls-key", "tls-chain", "tls-client-ca", "tls-ciphers"):
             if config[option]:
                 raise usage.UsageError(f"--{option} needs --tls-cert or --tls-cert-dir")
+        if config["tls-min-version"] != "1.2":
+            raise usage.UsageError("--tls-min-version needs --tls-cert or --tls-cert-dir")
         if config["tls-listen"]:
             raise usage.UsageError("--tls-listen needs --tls-cert or --tls-cert-dir")
         if config["require-tls"]:
