@@ -472,3 +472,14 @@ def test_mail_auth_parameter() -> None:
     assert d.proto.session.envelope.mail_params["AUTH"] == "e+3Dmc2@example.com"
     d.one("RSET")
     assert d.one("MAIL FROM:<a@example.org> AUTH=<>")[0] == "250"
+
+
+def test_require_tls_refuses_auth_before_starttls() -> None:
+    """With the edge requiring TLS (enable_tls(..., require_tls=True)), AUTH before TLS gets
+    530 5.7.0, even for mechanisms that are safe over plaintext."""
+    d = Driver(memory_auth(), tls=False)
+    d.edge.require_tls = True
+    d.ehlo()
+    assert d.one("AUTH CRAM-MD5") == ("530", "5.7.0 Must issue a STARTTLS command first")
+    d.proto.session.security = "TLS"
+    assert d.one(f"AUTH PLAIN {ALICE_PLAIN}")[0] == "235"
