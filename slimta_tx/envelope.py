@@ -8,11 +8,14 @@ The names follow python-slimta's session so validators written for it read the s
 from __future__ import annotations
 
 import base64
+import email.policy
 import re
 import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
 from email.utils import format_datetime
 from typing import Any
 
@@ -133,6 +136,18 @@ class Envelope:
         self.authed = session.authed
         self.receiver = session.hostname
         return self
+
+    def headers(self, limit: int = 64 * 1024) -> EmailMessage:
+        """The message's header section, parsed (read from the spool; the body is not)."""
+        if self.message is None:
+            raise ValueError("no message yet: headers() is for HAVE_DATA and the bus")
+        head = self.message.head(limit)
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:
+            head = head[: end + 4]
+        parsed = BytesHeaderParser(policy=email.policy.SMTP).parsebytes(head)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
 
     def add_recipient(self, address: str, params: dict[str, str | None]) -> None:
         self.recipients.append(address)
