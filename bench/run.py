@@ -76,10 +76,10 @@ def scenarios(quick: bool) -> list[Scenario]:
             Scenario("1x16m", "1 message of 16 MiB (quick stand-in)", 1, 16 * MiB, 1, 20, 40),
         ]
     return [
-        Scenario("1x2k", "1 connection x 2 KiB", 1, 2048, 4000, 5.0, 40),
-        Scenario("50x2k-pipe", PIPE_TITLE, 50, 2048, 20000, 7.0, 40, pipelining=True),
-        Scenario("50x2k", LOCKSTEP_TITLE, 50, 2048, 20000, 7.0, 40),
-        Scenario("10x1m", "10 connections x 1 MiB", 10, MiB, 600, 8.0, 60),
+        Scenario("1x2k", "1 connection x 2 KiB", 1, 2048, 4000, 4.0, 40),
+        Scenario("50x2k-pipe", PIPE_TITLE, 50, 2048, 20000, 5.0, 40, pipelining=True),
+        Scenario("50x2k", LOCKSTEP_TITLE, 50, 2048, 20000, 5.0, 40),
+        Scenario("10x1m", "10 connections x 1 MiB", 10, MiB, 500, 6.0, 60),
         Scenario("1x100m", "1 message of 100 MiB", 1, 100 * MiB, 1, 60, 90),
     ]
 
@@ -269,6 +269,24 @@ HEADER = (
 )
 
 
+def pick(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of one server's rounds: the fastest clean run (other load on the machine only ever slows
+    a run down), with the largest peak-RSS increase seen in any round (memory: the worst)."""
+    clean = [r for r in runs if "error" not in r and not r["error_count"]]
+    if not clean:
+        chosen = dict(runs[0])
+    else:
+        chosen = dict(max(clean, key=lambda r: r["msgs_per_s"]))
+        worst = max(clean, key=lambda r: r["peak_increase_mib"])
+        chosen["peak_increase_mib"] = worst["peak_increase_mib"]
+        chosen["hwm_after_kib"] = worst["hwm_after_kib"]
+    chosen["rounds"] = [
+        {k: r.get(k) for k in ("msgs_per_s", "p50", "p99", "peak_increase_mib", "error")}
+        for r in runs
+    ]
+    return chosen
+
+
 def ratio(by_server: dict[str, dict[str, Any]], mine: str, peer: str) -> float | None:
     a, b = by_server.get(mine), by_server.get(peer)
     if not a or not b or "error" in a or "error" in b or not b["msgs_per_s"]:
@@ -344,6 +362,7 @@ def meta(quick: bool) -> dict[str, Any]:
     return {
         "started": dt.datetime.now().isoformat(timespec="seconds"),
         "quick": quick,
+        "argv": sys.argv[1:],
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
@@ -369,6 +388,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
     parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated")
     parser.add_argument("--scenarios", default=None, help="comma-separated scenario keys")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="run each (scenario, server) this many times, interleaved; report the fastest",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the slimta_tx servers")
     parser.add_argument("--output", default=None, help="JSON file (default: bench/results/)")
     args = parser.parse_args()
@@ -387,6 +412,8 @@ def main() -> int:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     info = meta(args.quick)
     warmup = 5 if args.quick else 20
+    if args.quick and "--rounds" not in " ".join(sys.argv):
+        args.rounds = 1
     print(
         f"slimta_tx bench {'(quick) ' if args.quick else ''}{info['started']}  "
         f"python {info['python']}  Twisted {info['versions']['Twisted']}  "
@@ -394,6 +421,12 @@ def main() -> int:
         f"load average {' '.join(f'{x:.2f}' for x in info['loadavg_start'])}",
         flush=True,
     )
+    if args.rounds > 1:
+        print(
+            f"each figure: the fastest of {args.rounds} interleaved rounds "
+            "(peak RSS: the largest of them); every round is in the JSON",
+            flush=True,
+        )
     started = time.monotonic()
     results: dict[str, dict[str, dict[str, Any]]] = {}
     loadavg: dict[str, list[float]] = {}
@@ -405,16 +438,22 @@ def main() -> int:
                 flush=True,
             )
             print(HEADER, flush=True)
-            by_server: dict[str, dict[str, Any]] = {}
+            runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in servers}
+            for round_ in range(args.rounds):
+                # Rotate the order so no server always runs first (or after the heaviest).
+                shift = round_ % len(servers)
+                for kind in servers[shift:] + servers[:shift]:
+                    profile = None
+                    if args.profile and kind in SLIMTA:
+                        profile = os.path.join(
+                            RESULTS, f"profile-{stamp}-{kind}-{scenario.key}-{round_}.prof"
+                        )
+                    runs[kind].append(run_one(kind, scenario, warmup, scratch, profile))
+                    if profile and os.path.exists(profile):
+                        profile_summary(profile, profile[: -len(".prof")] + ".txt")
+            by_server = {kind: pick(runs[kind]) for kind in servers}
             for kind in servers:
-                profile = None
-                if args.profile and kind in SLIMTA:
-                    profile = os.path.join(RESULTS, f"profile-{stamp}-{kind}-{scenario.key}.prof")
-                res = run_one(kind, scenario, warmup, scratch, profile)
-                by_server[kind] = res
-                print(row(res), flush=True)
-                if profile and os.path.exists(profile):
-                    profile_summary(profile, profile[: -len(".prof")] + ".txt")
+                print(row(by_server[kind]), flush=True)
             results[scenario.key] = by_server
             loadavg[scenario.key] = list(os.getloadavg())
             for line in ratio_lines(by_server):
