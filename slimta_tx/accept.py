@@ -18,10 +18,11 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IListeningPort, IReactorSocket
+from twisted.internet.interfaces import IHandshakeListener, IListeningPort, IReactorSocket
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from slimta_tx.reply import Reply
 
@@ -123,6 +124,7 @@ class AcceptQueue:
             self.waiting.remove(d)
 
 
+@implementer(IHandshakeListener)
 class HeldConnection(Protocol):
     """A connection that waits, unread, until it is accepted; then an SMTP session.
 
@@ -136,6 +138,7 @@ class HeldConnection(Protocol):
         self.session_protocol: ESMTPServerProtocol | None = None
         self.ended: Deferred[None] = Deferred()
         self._started = False
+        self._handshake_done = False
 
     @property
     def is_open(self) -> bool:
@@ -155,7 +158,16 @@ class HeldConnection(Protocol):
         # Resume first: the session pauses reading itself whenever it waits.
         cast(Any, self.transport).resumeProducing()
         proto.makeConnection(cast(Any, self.transport))
+        if self._handshake_done:
+            proto.handshakeCompleted()
         return self.ended
+
+    def handshakeCompleted(self) -> None:
+        # TLS layers report to the transport's protocol, which is this one (STARTTLS, 465).
+        if self.session_protocol is not None:
+            self.session_protocol.handshakeCompleted()
+        else:
+            self._handshake_done = True
 
     def dataReceived(self, data: bytes) -> None:
         if self.session_protocol is not None:

@@ -456,3 +456,31 @@ def test_aborted_handshake_is_logged_and_others_are_served(server: Server, certs
     result = yield in_thread(send_starttls, server.port, client_context(certs))
     assert result["starttls_code"] == 220
     assert len(server.messages()) == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_sessions_taken_with_accept_get_tls(certs: Certs, tmp_path: Path) -> Any:
+    """With edge.accept() (connections wait until taken), STARTTLS and implicit TLS still
+    complete: the session records TLS, stops offering STARTTLS, and the 465 banner arrives."""
+    cert = certs.leaf("localhost", "127.0.0.1", stem="accept")
+    gen = _serve(ServerTLS(str(cert)), tmp_path)
+    server = next(gen)
+    ctx = client_context(certs)
+    try:
+        taken = server.edge.accept()
+        starttls_client = in_thread(send_starttls, server.port, ctx)
+        held = yield taken
+        ended = held()
+        starttls_result = yield starttls_client
+        yield ended
+        taken = server.edge.accept()
+        implicit_client = in_thread(send_implicit, server.implicit_port, ctx)
+        held = yield taken
+        held()
+        implicit_result = yield implicit_client
+    finally:
+        gen.close()
+    assert starttls_result["advertised"] and not starttls_result["advertised_after"]
+    assert implicit_result == {"ehlo": 250, "advertised": False}
+    assert [s.security for s in server.sessions] == ["TLS", "TLS"]  # type: ignore[union-attr]
+    assert len(server.messages()) == 2
