@@ -144,23 +144,23 @@ def test_lost_connection_fails_waiters() -> None:
 
 
 def test_body_streams_as_transport_pulls() -> None:
-    """The body is written one chunk per pull, dot-stuffed, then the final dot."""
+    """The body goes out in writes of about 64 KiB, one per pull, dot-stuffed, then the dot."""
     client, transport, _ = _client()
     pulled: list[int] = []
+    piece = b".x" + b"y" * (40 * 1024 - 4) + b"\r\n"
 
     def chunks():
-        for i, chunk in enumerate([b"Subject: x\r\n", b"\r\n.dot\r\n"]):
+        for i in range(3):
             pulled.append(i)
-            yield chunk
+            yield piece
 
     done = client.send_body(chunks())
     # StringTransport pulls from a non-streaming producer only when asked.
     producer = transport.producer
     assert producer is not None and pulled == []
     producer.resumeProducing()
-    assert pulled == [0]
+    assert pulled == [0, 1] and not done.called
     producer.resumeProducing()
-    producer.resumeProducing()
-    assert done.called
-    assert transport.value() == b"Subject: x\r\n\r\n..dot\r\n.\r\n"
+    assert pulled == [0, 1, 2] and done.called
+    assert transport.value() == (b"." + piece) * 3 + b".\r\n"
     assert transport.producer is None

@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 MAX_REPLY_LINE = 4096
+WRITE_SIZE = 64 * 1024  # the body goes out in writes of about this size
 MAX_REPLY_LINES = 200
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -]|$)(.*)$", re.DOTALL)
 _ESC = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
@@ -196,17 +197,27 @@ class _BodyProducer:
             return
         transport = self.client.transport
         assert transport is not None
+        # Small pieces (the Received: header, a small message, the final dot) are joined into
+        # one write: one system call for a typical message instead of one per piece.
+        out: list[bytes] = []
+        size = 0
+        finished = False
         try:
-            chunk = next(self.chunks, None)
+            while size < WRITE_SIZE:
+                chunk = next(self.chunks, None)
+                if chunk is None:
+                    out.append(self.stuffer.finish())
+                    finished = True
+                    break
+                out.append(self.stuffer.encode(chunk))
+                size += len(out[-1])
         except Exception:
             self._end(Failure())
             return
         self.client.touch()
-        if chunk is None:
-            transport.write(self.stuffer.finish())
+        transport.write(b"".join(out))
+        if finished:
             self._end(None)
-        else:
-            transport.write(self.stuffer.encode(chunk))
 
     def stopProducing(self) -> None:
         self._end(Failure(NextHopClosed("connection lost while sending the message")))
@@ -304,9 +315,10 @@ class SmtpClientProtocol(Protocol):
         if self._failure is not None:
             return fail(self._failure)
         assert self.transport is not None
-        self.producer = _BodyProducer(self, iter(chunks))
-        cast(IConsumer, self.transport).registerProducer(self.producer, False)
-        return self.producer.done
+        producer = self.producer = _BodyProducer(self, iter(chunks))
+        # A real transport pulls at once: a small body may be all written before this returns.
+        cast(IConsumer, self.transport).registerProducer(producer, False)
+        return producer.done
 
     def start_tls(self, creator: Any) -> None:
         """Switch to TLS (after a 220 to STARTTLS). Handshake errors surface as lost."""
