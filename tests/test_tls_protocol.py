@@ -271,3 +271,19 @@ def test_require_tls_refuses_auth_until_tls(context: ServerTLS) -> None:
     d.ehlo_keywords()
     assert d.cmd(plain)[0] == "235"
     assert d.proto.session.authed == "alice"
+
+
+def test_client_that_never_completes_the_handshake_is_dropped(context: ServerTLS) -> None:
+    """On an implicit-TLS connection a client that never finishes the handshake is closed
+    after the command timeout; no banner was ever produced for it."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    edge = make_edge(context, clock=clock, immediately=True)
+    d = TLSDriver(edge)
+    assert d.transport.tls_context is context and d.banner == []
+    clock.advance(edge.policy.command_timeout - 1)
+    assert not d.transport.disconnecting
+    clock.advance(1)
+    assert d.transport.disconnecting
+    assert b"220 " not in d.transport.value()
