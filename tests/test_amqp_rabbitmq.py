@@ -364,3 +364,36 @@ async def test_broker_restart_loses_nothing_that_got_250(broker: Admin) -> None:
     missing = sorted(set(accepted) - found)
     assert refused, "the outage was not noticed by any client"
     assert not missing, f"acknowledged with 250 but lost: {missing[:10]}"
+
+
+@pytest.mark.slow
+def test_twistd_amqp_with_a_maildir_copy(broker: Admin, tmp_path: Path) -> None:
+    """twistd slimta --amqp URL --amqp-queue Q --also-maildir P: a message sent with smtplib
+    gets 250, is in the queue and in the Maildir copy; twistd stops cleanly afterwards."""
+    import smtplib
+
+    from tests.support.process import running_twistd, twistd_argv
+
+    queue = broker.name("q")
+    copy = tmp_path / "copy"
+    argv = twistd_argv(
+        tmp_path / "unused",
+        "--accept-domain",
+        "example.com",
+        "--amqp",
+        URL,
+        "--amqp-queue",
+        queue,
+        "--also-maildir",
+        str(copy),
+    )
+    with running_twistd(argv) as server:
+        with smtplib.SMTP("127.0.0.1", server.port, timeout=20) as client:
+            client.sendmail(
+                "a@sender.test", ["u@example.com"], b"Subject: cli\r\n\r\nvia twistd\r\n"
+            )
+    messages = broker.drain(queue)
+    assert len(messages) == 1 and messages[0][1].endswith(b"Subject: cli\r\n\r\nvia twistd\r\n")
+    stored = list((copy / "new").iterdir())
+    assert len(stored) == 1
+    assert messages[0][0].message_id in stored[0].name
