@@ -369,7 +369,7 @@ async def test_broker_restart_loses_nothing_that_got_250(broker: Admin) -> None:
 @pytest.mark.slow
 def test_twistd_amqp_with_a_maildir_copy(broker: Admin, tmp_path: Path) -> None:
     """twistd slimta --amqp URL --amqp-queue Q --also-maildir P: a message sent with smtplib
-    gets 250, is in the queue and in the Maildir copy; twistd stops cleanly afterwards."""
+    gets 250 and is both in the queue and in the Maildir copy, under the same queue id."""
     import smtplib
 
     from tests.support.process import running_twistd, twistd_argv
