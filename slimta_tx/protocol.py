@@ -93,6 +93,8 @@ class ESMTPServerProtocol(Protocol):
         self.greet()
 
     def greet(self) -> None:
+        if self._closing or self.state is State.CLOSED:
+            return  # turned away already (the edge is closing): 421 instead of a banner
         reply = self.edge.banner_reply()
         # Input stays unpaused until the banner is out, so early talkers are noticed.
         self._banner_pending = True
