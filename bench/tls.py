@@ -20,8 +20,13 @@ Scenarios:
              every handshake should take well under 10 ms on loopback (a Nagle or delayed-ACK
              stall shows up as ~40 ms).
 
-Bounded: ``--messages`` and ``--connections`` fix the counts, ``--time-limit`` stops starting
-new work in a scenario after that many seconds, and every read has a timeout.
+All servers run at once and the scenarios go round-robin over them for ``--rounds`` rounds
+(the order rotates each round), so load from elsewhere on the machine falls on all three alike;
+the figures are over all rounds.
+
+Bounded: ``--messages``, ``--connections``, ``--churn`` and ``--rounds`` fix the counts,
+``--time-limit`` stops starting new work in a scenario after that many seconds, and every read
+has a timeout.
 """
 
 from __future__ import annotations
@@ -323,6 +328,19 @@ async def run_churn_scenario(
 # -- reporting -----------------------------------------------------------------------------------
 
 
+def merge(parts: list[Stats]) -> Stats:
+    total = Stats()
+    for part in parts:
+        total.messages += part.messages
+        total.connections += part.connections
+        total.errors += part.errors
+        total.message_latency += part.message_latency
+        total.tls_handshake += part.tls_handshake
+        total.starttls_to_tls += part.starttls_to_tls
+        total.wall += part.wall
+    return total
+
+
 def ms(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -359,7 +377,7 @@ def ratio(a: float, b: float) -> str:
 
 
 def print_report(results: dict[str, dict[str, dict[str, Any]]]) -> None:
-    print("\nscenario 'session' (10 conns x 50 msgs after STARTTLS)")
+    print("\nscenario 'session' (N conns x M msgs after STARTTLS)")
     print(f"{'server':<14}{'msg/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'tls p50':>10}{'errors':>8}")
     for kind, r in results.items():
         s = r["session"]
@@ -411,7 +429,8 @@ def main() -> None:
     parser.add_argument("--servers", default=",".join(KINDS), help="comma-separated subset")
     parser.add_argument("--connections", type=int, default=10, help="session: concurrent")
     parser.add_argument("--messages", type=int, default=50, help="session: per connection")
-    parser.add_argument("--churn", type=int, default=200, help="churn: connections")
+    parser.add_argument("--churn", type=int, default=100, help="churn: connections per round")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin rounds")
     parser.add_argument("--size", type=int, default=2048, help="message size in bytes")
     parser.add_argument("--time-limit", type=float, default=30.0, help="seconds per scenario")
     parser.add_argument("--json", help="write the results here as JSON")
@@ -424,27 +443,42 @@ def main() -> None:
         if kind not in KINDS:
             parser.error(f"unknown server {kind!r}; choose from {', '.join(KINDS)}")
     body = make_body(args.size)
-    results: dict[str, dict[str, dict[str, Any]]] = {}
+    sessions: dict[str, list[Stats]] = {kind: [] for kind in kinds}
+    churns: dict[str, list[Stats]] = {kind: [] for kind in kinds}
     with tempfile.TemporaryDirectory(prefix="tls-bench-") as tmp:
         cert, key, ca_file = make_certificates(Path(tmp))
         ctx = ssl.create_default_context(cafile=ca_file)
-        for kind in kinds:
-            server = ServerProcess(kind, cert, key)
-            try:
-                print(f"{kind}: port {server.port}", file=sys.stderr)
+        servers: dict[str, ServerProcess] = {}
+        try:
+            for kind in kinds:
+                servers[kind] = ServerProcess(kind, cert, key)
+                port = servers[kind].port
+                print(f"{kind}: port {port}", file=sys.stderr)
                 # One warm-up connection (imports, first handshake) outside the figures.
-                asyncio.run(run_churn_scenario(server.port, ctx, 1, body, args.time_limit))
-                sess = asyncio.run(
-                    run_session_scenario(
-                        server.port, ctx, args.connections, args.messages, body, args.time_limit
+                asyncio.run(run_churn_scenario(port, ctx, 1, body, args.time_limit))
+            for round_number in range(args.rounds):
+                shift = round_number % len(kinds)
+                for kind in kinds[shift:] + kinds[:shift]:
+                    port = servers[kind].port
+                    sessions[kind].append(
+                        asyncio.run(
+                            run_session_scenario(
+                                port, ctx, args.connections, args.messages, body, args.time_limit
+                            )
+                        )
                     )
-                )
-                churn = asyncio.run(
-                    run_churn_scenario(server.port, ctx, args.churn, body, args.time_limit)
-                )
-            finally:
+                    churns[kind].append(
+                        asyncio.run(
+                            run_churn_scenario(port, ctx, args.churn, body, args.time_limit)
+                        )
+                    )
+        finally:
+            for server in servers.values():
                 server.stop()
-            results[kind] = {"session": summary(sess), "churn": summary(churn)}
+    results = {
+        kind: {"session": summary(merge(sessions[kind])), "churn": summary(merge(churns[kind]))}
+        for kind in kinds
+    }
     print_report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
