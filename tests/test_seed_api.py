@@ -3,6 +3,7 @@ a graceful shutdown that loses nothing."""
 
 from __future__ import annotations
 
+import re
 import signal
 import smtplib
 import socket
@@ -330,3 +331,49 @@ def test_systemd_socket_activation_and_sigterm_lose_nothing(tmp_path: Path) -> N
     assert stored.body == BODY
     assert stored.envelope is not None and text.endswith(stored.envelope["queue_id"])
     assert "Traceback" not in output
+
+
+# -- the docs' examples run and print what the pages say ----------------------------------------
+
+DOCS = Path(__file__).parent.parent / "docs" / "api"
+_BLOCK = re.compile(r"```python\n(.*?)```\s*Output:\s*```text\n(.*?)```", re.DOTALL)
+
+
+def example(page: Path) -> tuple[str, str]:
+    match = _BLOCK.search(page.read_text())
+    assert match is not None, f"{page.name} has no runnable example with its output"
+    return match.group(1), match.group(2)
+
+
+PAGES = sorted(p for p in DOCS.glob("*.md") if p.name != "README.md")
+
+
+def test_there_is_a_page_per_seed_function() -> None:
+    """docs/api has one page per function of slimta.edge.smtp."""
+    assert [p.stem for p in PAGES] == sorted(
+        [
+            "new",
+            "set_banner_message",
+            "set_max_message_size",
+            "enable_tls",
+            "set_validator",
+            "enable_authentication",
+            "accept",
+            "close",
+        ]
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PAGES, ids=[p.stem for p in PAGES])
+def test_the_example_on_each_api_page_runs_as_shown(page: Path, tmp_path: Path) -> None:
+    """Each page's script runs (in a fresh interpreter, from an empty directory) and prints
+    exactly the output the page shows."""
+    code, expected = example(page)
+    script = tmp_path / f"{page.stem}.py"
+    script.write_text(code)
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == expected, done.stderr
