@@ -230,11 +230,11 @@ def running_postfix(
     cert_pem: bytes | None = None, key_pem: bytes | None = None
 ) -> Iterator[Postfix]:
     server = Postfix(cert_pem, key_pem)
-    server.start()
     try:
+        server.start()
         yield server
     finally:
-        server.stop()
+        server.stop()  # also after a failed start: no process or directory left behind
 
 
 DOVECOT_CONF = """\
@@ -327,8 +327,8 @@ class Dovecot:
 @contextmanager
 def running_dovecot() -> Iterator[Dovecot]:
     server = Dovecot()
-    server.start()
     try:
+        server.start()
         yield server
     finally:
-        server.stop()
+        server.stop()  # also after a failed start: no process or directory left behind
