@@ -47,10 +47,13 @@ def send_one(port: int, rcpt: str = "u@example.com") -> Any:
 
 
 def refuses(port: int) -> bool:
+    """True once nothing listens on ``port`` (a reset means it is closing right now)."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
     return False
 
 
