@@ -186,8 +186,8 @@ def _split_argument(argument: str, prefix: str) -> tuple[str, list[str]]:
         raise ArgumentError("501", "5.5.4", f"Syntax: {prefix}<address> [parameters]")
     # The path ends at the first ">" that is not inside a quoted local part.
     in_quote = escaped = False
-    end = -1
-    for i, ch in enumerate(rest):
+    end = rest.find(">") if '"' not in rest else -1
+    for i, ch in enumerate(rest if end < 0 else ""):
         if escaped:
             escaped = False
         elif ch == "\\" and in_quote:

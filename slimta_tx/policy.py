@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 from slimta_tx.data import BareNewlinePolicy
@@ -93,13 +94,7 @@ class Policy:
         return replace(self, **changes)
 
     def is_trusted(self, host: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip.version == net.version and ip in net for net in self.trusted_networks)
+        return _is_trusted(self.trusted_networks, host)
 
     def is_accepted_domain(self, domain: str) -> bool:
         """Exact match, or a ``.example.com`` entry matching any subdomain."""
@@ -111,3 +106,15 @@ class Policy:
             elif domain == accepted:
                 return True
         return False
+
+
+@lru_cache(maxsize=4096)
+def _is_trusted(trusted_networks: tuple[Network, ...], host: str) -> bool:
+    """Cached: an edge asks this for every RCPT of every client."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == net.version and ip in net for net in trusted_networks)

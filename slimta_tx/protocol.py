@@ -166,8 +166,11 @@ class ESMTPServerProtocol(Protocol):
             # same write (RFC 2920 only requires a flush before waiting for input).
             self.flush()
 
-    def run_step(self, d: Deferred[Reply], then: Callable[[Reply], None]) -> None:
-        """Wait for ``d`` (a hook or the bus) with input paused, then call ``then`` in order."""
+    def run_step(self, d: Deferred[Reply] | Reply, then: Callable[[Reply], None]) -> None:
+        """Wait for ``d`` (a hook or the bus) with input paused, then call ``then`` in order.
+
+        ``d`` may also be a ready :class:`Reply` (nothing to wait for).
+        """
         self._waiting = True
 
         def done(reply: Reply) -> None:
@@ -184,6 +187,9 @@ class ESMTPServerProtocol(Protocol):
             self.log.failure("{peer}: step failed", failure, peer=self.session.address)
             done(TEMPFAIL.copy())
 
+        if isinstance(d, Reply):
+            done(d)
+            return
         d.addCallbacks(done, failed)
         if self._waiting:
             # Not answered yet: no command timeout meanwhile, and no reading. (A step answered
@@ -192,8 +198,9 @@ class ESMTPServerProtocol(Protocol):
             if not self._banner_pending:
                 self.pause_input()
 
-    def call_hook(self, name: str, reply: Reply, *extra: Any) -> Deferred[Reply]:
-        return self.edge.validators.run(name, self.session, reply, *extra)
+    def call_hook(self, name: str, reply: Reply, *extra: Any) -> Deferred[Reply] | Reply:
+        """Run the checks and validator of hook ``name``; a plain Reply if there are none."""
+        return self.edge.validators.run_quick(name, self.session, reply, *extra)
 
     # -- output ------------------------------------------------------------------------------
 
@@ -383,8 +390,8 @@ class ESMTPServerProtocol(Protocol):
                 return reply
             return maybeDeferred(self.edge.bus.send, envelope).addCallback(_check_bus_reply)
 
-        d: Deferred[Any] = self.call_hook("HAVE_DATA", queued, envelope)
-        d.addCallback(deliver)
+        hooked = self.call_hook("HAVE_DATA", queued, envelope)
+        d: Any = hooked.addCallback(deliver) if isinstance(hooked, Deferred) else deliver(hooked)
         self.run_step(d, self._complete_transaction)
 
     def _complete_transaction(self, reply: Reply) -> None:

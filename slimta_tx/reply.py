@@ -82,6 +82,19 @@ class Reply:
         Text is sanitised: CR, LF and other control characters never reach the wire from a
         message, so a validator cannot inject a reply line by accident.
         """
+        message = self.message or ""
+        if (
+            self.code in _VALID_CODES
+            and message.isprintable()
+            and message == message.strip()
+            and (not with_enhanced or self.enhanced_status_code in _FAST_ESC)
+        ):
+            # The common case (one clean line, a usual code): no regular expressions.
+            esc = self.enhanced_status_code if with_enhanced else None
+            if esc is not None and esc[0] == self.code[0]:
+                return f"{self.code} {esc} {message}".rstrip(" ").encode("utf-8") + b"\r\n"
+            if not with_enhanced or self.code[0] == "3":
+                return f"{self.code} {message}".rstrip(" ").encode("utf-8") + b"\r\n"
         code = self.code if _CODE.match(self.code) else "451"
         esc = self.effective_enhanced_code(with_enhanced)
         lines = [_clean(line) for line in (self.message or "").split("\n")] or [""]
@@ -98,6 +111,11 @@ class Reply:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_VALID_CODES = frozenset(f"{n}" for n in range(200, 600))
+# Enhanced codes the fast path may print as they are (None: 3xx replies carry none).
+_FAST_ESC = frozenset(
+    {None} | {f"{c}.{s}.{d}" for c in "245" for s in range(8) for d in range(10)}
+)
 
 
 def _clean(text: str) -> str:

@@ -260,7 +260,7 @@ class AuthExchange:
             return _continue(final)
         return self._accept()
 
-    def _accept(self) -> Deferred[Reply]:
+    def _accept(self) -> Deferred[Reply] | Reply:
         reply = Reply("235", "Authentication successful", "2.7.0")
         return self.proto.call_hook("AUTH", reply, self.identity, self.name)
 
