@@ -94,21 +94,6 @@ class SmtpEdge(ServerFactory):
         """
         self.validators.set(command, func)
 
-    def enable_tls(
-        self, context: Any, immediately: bool = False, require_tls: bool = False
-    ) -> None:
-        """Offer TLS with ``context`` (a :class:`slimta_tx.ServerTLS` or Twisted
-        ``CertificateOptions``): STARTTLS on plaintext connections, or, ``immediately``, TLS
-        from the first byte on every connection (port 465). ``require_tls``: MAIL and AUTH
-        get ``530 5.7.0`` until TLS is up (for submission ports; never on a public MX)."""
-        from slimta_tx import starttls
-
-        starttls.enable(self, context, immediately, require_tls)
-
-    def tls_required(self, session: Session) -> bool:
-        """True when this session must start TLS before MAIL or AUTH (530 5.7.0)."""
-        return self.require_tls and session.security is None
-
     def set_validators(self, validators: SmtpValidators | type[SmtpValidators]) -> None:
         """Use the ``handle_*`` methods of a :class:`~slimta_tx.validators.SmtpValidators`
         subclass (one instance per session) or instance as validators."""
@@ -126,6 +111,21 @@ class SmtpEdge(ServerFactory):
             if self._closing is not None:
                 self._accept_queue.close()
         return self._accept_queue.accept()
+
+    def enable_tls(
+        self, context: Any, immediately: bool = False, require_tls: bool = False
+    ) -> None:
+        """Offer TLS with ``context`` (a :class:`slimta_tx.ServerTLS` or Twisted
+        ``CertificateOptions``): STARTTLS on plaintext connections, or, ``immediately``, TLS
+        from the first byte on every connection (port 465). ``require_tls``: MAIL and AUTH
+        get ``530 5.7.0`` until TLS is up (for submission ports; never on a public MX)."""
+        from slimta_tx import starttls
+
+        starttls.enable(self, context, immediately, require_tls)
+
+    def tls_required(self, session: Session) -> bool:
+        """True when this session must start TLS before MAIL or AUTH (530 5.7.0)."""
+        return self.require_tls and session.security is None
 
     def enable_authentication(self, auth: Any) -> None:
         """Offer SMTP AUTH (RFC 4954) as configured by ``auth``, a :class:`slimta_tx.auth.Auth`.
