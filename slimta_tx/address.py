@@ -74,7 +74,8 @@ _VALUE_UTF8 = re.compile(r"(?:[\x21-\x3c\x3e-\x7e]|[^\x00-\x7f])+\Z")
 
 
 def _utf8_len(text: str) -> int:
-    return len(text.encode("utf-8"))
+    # isascii() is O(1) on str; almost every address is ASCII.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def is_valid_domain(domain: str, utf8: bool = False) -> bool:

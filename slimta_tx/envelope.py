@@ -7,7 +7,6 @@ The names follow python-slimta's session so validators written for it read the s
 
 from __future__ import annotations
 
-import base64
 import email.policy
 import re
 import secrets
@@ -25,8 +24,8 @@ __all__ = ["Envelope", "Session", "TLSInfo", "new_queue_id"]
 
 
 def new_queue_id() -> str:
-    """A 16-character random id (80 bits), unique across processes and machines."""
-    return base64.b32encode(secrets.token_bytes(10)).decode("ascii")
+    """A 16-character random id (64 bits, upper-case hex), unique across processes."""
+    return secrets.token_hex(8).upper()
 
 
 @dataclass(frozen=True)

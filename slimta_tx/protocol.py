@@ -188,7 +188,12 @@ class ESMTPServerProtocol(Protocol):
             done(TEMPFAIL.copy())
 
         if isinstance(d, Reply):
-            done(d)
+            # Answered at once: input was never paused and the command's timer still runs.
+            self._waiting = False
+            if self.state is not State.CLOSED:
+                then(d)
+                if not self._processing:
+                    self.process()  # flushes (and closes, after a 421/221)
             return
         d.addCallbacks(done, failed)
         if self._waiting:
