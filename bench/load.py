@@ -6,9 +6,10 @@ Run by ``bench/run.py``; usable alone::
 
 Every reply code is checked (220 banner, 250 EHLO, 250 MAIL, 250 RCPT, 354 DATA, 250 after
 the final dot, 221 QUIT); a wrong code ends that connection and is counted as an error.
-Commands are pipelined (MAIL, RCPT and DATA in one write) only with ``--pipelining`` and only
-when the server's EHLO reply advertises PIPELINING (RFC 2920: DATA is the last command of a
-group; the body waits for the 354).
+Commands are pipelined only with ``--pipelining`` and only when the server's EHLO reply
+advertises PIPELINING. Then each message body, with its final dot, goes out in the same write
+as the next MAIL, RCPT and DATA (RFC 2920 3.1 allows content as the first "command" of a group,
+and DATA as its last), so a message costs one round trip; a body still waits for its 354.
 
 Latency is per message: from writing MAIL to reading the reply to the final dot. Throughput is
 completed messages over the wall time from the first connect to the last close.
@@ -220,28 +221,45 @@ async def session(host: str, port: int, shared: Shared) -> None:
         pipelining = shared.pipelining and b"PIPELINING" in keywords
         if pipelining:
             shared.pipelined_connections += 1
-        while shared.take():
+        # With PIPELINING a group may start with message content (RFC 2920 3.1), so each
+        # body goes out together with the next MAIL, RCPT and DATA: one round trip a message.
+        group_next = pipelining and message.repeat == 1
+        more = shared.take()
+        if more and pipelining:
             started = perf()
-            if pipelining:
-                await client.write(MAIL + RCPT + DATA)
-                await client.expect(250, 250, 354)
-            else:
+            await client.write(MAIL + RCPT + DATA)
+            await client.expect(250, 250, 354)
+        while more:
+            if not pipelining:
+                started = perf()
                 await client.write(MAIL)
                 await client.expect(250)
                 await client.write(RCPT)
                 await client.expect(250)
                 await client.write(DATA)
                 await client.expect(354)
+            more = shared.take()
             if message.repeat == 1:
-                await client.write(message.head + message.block + b".\r\n")
+                tail = message.head + message.block + b".\r\n"
+                if more and group_next:
+                    await client.write(tail + MAIL + RCPT + DATA)
+                else:
+                    await client.write(tail)
             else:
                 await client.write(message.head)
                 for _ in range(message.repeat):
                     await client.write(message.block)
                 await client.write(message.tail + b".\r\n")
+            next_started = perf()
             await client.expect(250)
             shared.latencies.append(perf() - started)
             shared.bytes_sent += message.size
+            if more and pipelining:
+                if not group_next:
+                    next_started = perf()
+                    await client.write(MAIL + RCPT + DATA)
+                await client.expect(250, 250, 354)
+                started = next_started
         await client.write(b"QUIT\r\n")
         await client.expect(221)
     finally:
