@@ -42,11 +42,20 @@ class Spool:
             if len(self._memory) + len(data) <= self._memory_limit:
                 self._memory += data
                 return
-            self._file = tempfile.TemporaryFile(dir=self._directory, prefix="slimta-spool-")
-            self._file.write(self._memory)
+            # Unbuffered: each chunk is one write(2), with no copy into a Python buffer.
+            self._file = tempfile.TemporaryFile(
+                dir=self._directory, prefix="slimta-spool-", buffering=0
+            )
+            self._write_all(self._memory)
             self._memory = None
+        self._write_all(data)
+
+    def _write_all(self, data: bytes | bytearray) -> None:
         assert self._file is not None
-        self._file.write(data)
+        view = memoryview(data)
+        while view:
+            written = self._file.write(view)
+            view = view[written or 0 :]
 
     def open(self) -> BinaryIO:
         """A new binary reader positioned at the start of the body."""
