@@ -4,6 +4,7 @@ The public names live here; the modules behind them are implementation detail. I
 package never installs a reactor.
 """
 
+from slimta_tx.accept import new
 from slimta_tx.auth import Auth, AuthLimits
 from slimta_tx.bus.maildir import MaildirBus
 from slimta_tx.bus.simple import DiscardBus
@@ -14,6 +15,7 @@ from slimta_tx.interfaces import IBus
 from slimta_tx.policy import Policy
 from slimta_tx.reply import Reply
 from slimta_tx.tls import ServerTLS, TLSConfigError
+from slimta_tx.validators import SmtpValidators
 
 __version__ = "0.1.0"
 
@@ -30,7 +32,9 @@ __all__ = [
     "ServerTLS",
     "Session",
     "SmtpEdge",
+    "SmtpValidators",
     "TLSConfigError",
     "TLSInfo",
     "__version__",
+    "new",
 ]

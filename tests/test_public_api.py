@@ -24,9 +24,11 @@ def test_exported_names_are_pinned() -> None:
             "ServerTLS",
             "Session",
             "SmtpEdge",
+            "SmtpValidators",
             "TLSConfigError",
             "TLSInfo",
             "__version__",
+            "new",
         ]
     )
     for name in slimta_tx.__all__:
@@ -38,3 +40,18 @@ def test_import_installs_no_reactor() -> None:
     code = "import sys, slimta_tx, slimta_tx.tap; print('twisted.internet.reactor' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_bus_names() -> None:
+    """Every bus a user may pick is importable from slimta_tx.bus (pika is loaded lazily)."""
+    import slimta_tx.bus
+
+    assert sorted(slimta_tx.bus.__all__) == [
+        "AmqpBus",
+        "ChainBus",
+        "DiscardBus",
+        "MaildirBus",
+        "RelayBus",
+        "TeeBus",
+        "optional",
+    ]
