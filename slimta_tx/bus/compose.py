@@ -105,6 +105,25 @@ class _Composed:
         d: Deferred[Reply] = maybeDeferred(member.bus.send, envelope)
         return d.addCallbacks(checked, failed)
 
+    def send(self, envelope: Envelope) -> Deferred[Reply]:
+        return Deferred.fromCoroutine(self._send(envelope))
+
+    async def _send(self, envelope: Envelope) -> Reply:
+        raise NotImplementedError
+
+    def _verdict(self, envelope: Envelope, replies: list[tuple[Member, Reply]]) -> Reply:
+        """The first refusal of a required member, else the last required member's reply."""
+        answer: Reply | None = None
+        for member, reply in replies:
+            self._note(member, envelope, reply)
+            if not member.required:
+                continue
+            if not reply.code.startswith("2"):
+                return reply
+            answer = reply
+        assert answer is not None  # at least one required member
+        return answer
+
     def _note(self, member: Member, envelope: Envelope, reply: Reply) -> None:
         if not reply.code.startswith("2"):
             self.log.warn(
@@ -141,40 +160,20 @@ class ChainBus(_Composed):
     ``ChainBus([MaildirBus(path), relay])``: a local copy, then the next hop.
     """
 
-    def send(self, envelope: Envelope) -> Deferred[Reply]:
-        return Deferred.fromCoroutine(self._send(envelope))
-
     async def _send(self, envelope: Envelope) -> Reply:
-        answer: Reply | None = None
+        replies: list[tuple[Member, Reply]] = []
         for member in self.members:
             reply = await self._send_one(member, envelope)
-            self._note(member, envelope, reply)
-            if not member.required:
-                continue
-            if not reply.code.startswith("2"):
-                return reply
-            answer = reply
-        assert answer is not None  # at least one required member
-        return answer
+            replies.append((member, reply))
+            if member.required and not reply.code.startswith("2"):
+                break  # later members never see a message the chain refused
+        return self._verdict(envelope, replies)
 
 
 @implementer(IBus)
 class TeeBus(_Composed):
     """Send to every member at once; wait for all; 2xx only if all required members said 2xx."""
 
-    def send(self, envelope: Envelope) -> Deferred[Reply]:
-        return Deferred.fromCoroutine(self._send(envelope))
-
     async def _send(self, envelope: Envelope) -> Reply:
         sent = [(member, self._send_one(member, envelope)) for member in self.members]
-        replies = [(member, await d) for member, d in sent]
-        answer: Reply | None = None
-        for member, reply in replies:
-            self._note(member, envelope, reply)
-            if not member.required:
-                continue
-            if not reply.code.startswith("2"):
-                return reply
-            answer = reply
-        assert answer is not None
-        return answer
+        return self._verdict(envelope, [(member, await d) for member, d in sent])
