@@ -2,17 +2,68 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import signal
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import strports
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
 
 from slimta_tx.factory import SmtpEdge
 
-__all__ = ["EdgeService"]
+__all__ = ["EdgeService", "SighupReload"]
+
+
+class SighupReload(Service):
+    """While running, SIGHUP calls every registered reload callback, in the reactor thread.
+
+    One handler for the whole process, so certificates, lists and anything else reload
+    together whatever order features were configured in. The handler is installed once the
+    reactor runs, chains to the handler it replaced, and is removed when the service stops.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self.callbacks: list[Callable[[], object]] = []
+        self._previous: list[Any] = []
+
+    def add(self, callback: Callable[[], object]) -> None:
+        self.callbacks.append(callback)
+
+    def reload(self) -> None:
+        """What SIGHUP does: each callback runs even if an earlier one fails."""
+        for callback in self.callbacks:
+            try:
+                callback()
+            except Exception:
+                self.log.failure("reload callback {callback!r} failed", callback=callback)
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP"):
+            self.reactor.callWhenRunning(self._install)
+
+    def _install(self) -> None:
+        if not self.running:
+            return
+        previous = signal.getsignal(signal.SIGHUP)
+
+        def on_sighup(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reload)
+            if callable(previous):
+                previous(signum, frame)
+
+        self._previous.append(signal.signal(signal.SIGHUP, on_sighup))
+
+    def stopService(self) -> Any:
+        while self._previous:
+            signal.signal(signal.SIGHUP, self._previous.pop())
+        return super().stopService()
 
 
 class EdgeService(MultiService):
@@ -29,8 +80,17 @@ class EdgeService(MultiService):
     def __init__(self, edge: SmtpEdge, listen: Sequence[str], reactor: Any = None) -> None:
         super().__init__()
         self.edge = edge
+        self.reactor = reactor if reactor is not None else edge.reactor
+        self.reloads: SighupReload | None = None
         for description in listen:
             strports.service(description, edge, reactor=reactor).setServiceParent(self)
+
+    def on_reload(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` on SIGHUP (certificates, lists, ...)."""
+        if self.reloads is None:
+            self.reloads = SighupReload(self.reactor)
+            self.reloads.setServiceParent(self)
+        self.reloads.add(callback)
 
     def privilegedStartService(self) -> None:
         try:

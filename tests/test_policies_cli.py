@@ -18,10 +18,9 @@ from slimta_tx.policies import (
     ConnectionLimits,
     DnsblPolicy,
     EarlyTalkerPolicy,
-    ReloadOnSighup,
     ReverseDnsPolicy,
 )
-from slimta_tx.service import EdgeService
+from slimta_tx.service import EdgeService, SighupReload
 from slimta_tx.tap import Options, makeService
 from tests.support.process import running_twistd, twistd_argv
 from tests.support.wire import WireClient
@@ -93,7 +92,7 @@ def test_every_policy_option_installs_its_policy(tmp_path: Path) -> None:
     assert mail.__self__.addresses.match("spam@x.test") is not None
     assert rcpt.__self__.addresses.match("anyone@y.test") is not None
     assert edge.policy.shutdown_grace == 7.0
-    assert any(isinstance(s, ReloadOnSighup) for s in service)
+    assert service.reloads is not None and len(service.reloads.callbacks) == 1
 
 
 @pytest.mark.parametrize(
@@ -148,7 +147,8 @@ def test_sighup_reloads_the_lists_and_chains_to_the_previous_handler(tmp_path: P
     earlier: list[int] = []
     original = signal.signal(signal.SIGHUP, lambda signum, frame: earlier.append(signum))
     try:
-        reloader = ReloadOnSighup([addresses], ImmediateReactor())
+        reloader = SighupReload(ImmediateReactor())
+        reloader.add(addresses.reload)
         reloader.startService()
         path.write_text("b@x.test REJECT\n")
         os.kill(os.getpid(), signal.SIGHUP)

@@ -20,6 +20,7 @@ from twisted.python import usage
 
 from slimta_tx import ServerTLS, TLSConfigError
 from slimta_tx.cli import tls as tls_options
+from slimta_tx.service import SighupReload
 from slimta_tx.tap import Options, makeService
 from slimta_tx.tls import load_identity
 
@@ -216,15 +217,9 @@ def test_cli_builds_tls_listeners_and_enables_starttls(certs: Certs, tmp_path: P
     ]
     assert len(tls_factories) == 2
     assert all(f.wrappedFactory is edge for f in tls_factories)
-    # SIGHUP: installed once the reactor has started, restored at shutdown.
-    assert [(p, e) for p, e, _ in fake.triggers] == [("after", "startup"), ("before", "shutdown")]
-    previous = signal.getsignal(signal.SIGHUP)
-    try:
-        fake.triggers[0][2]()
-        assert signal.getsignal(signal.SIGHUP) is not previous
-    finally:
-        fake.triggers[1][2]()
-    assert signal.getsignal(signal.SIGHUP) is previous
+    # SIGHUP reloads the certificates through the edge's one reload service.
+    assert service.reloads is not None  # type: ignore[attr-defined]
+    assert len(service.reloads.callbacks) == 1  # type: ignore[attr-defined]
 
 
 def test_sighup_handler_reloads_in_the_reactor(certs: Certs) -> None:
@@ -236,18 +231,15 @@ def test_sighup_handler_reloads_in_the_reactor(certs: Certs) -> None:
     scheduled: list[Any] = []
 
     class FakeReactor:
-        triggers: list[Any] = []
-
-        def addSystemEventTrigger(self, phase: str, event: str, f: Any) -> None:
-            self.triggers.append(f)
+        def callWhenRunning(self, f: Any) -> None:
+            f()
 
         def callFromThread(self, f: Any, *args: Any) -> None:
             scheduled.append((f, args))
 
-    fake = FakeReactor()
-    tls_options.install_reload_signal(context, fake)
-    install, restore = fake.triggers
-    install()
+    reloads = SighupReload(FakeReactor())
+    reloads.add(lambda: tls_options.reload_certificates(context))
+    reloads.startService()
     try:
         handler = signal.getsignal(signal.SIGHUP)
         assert callable(handler)
@@ -258,7 +250,7 @@ def test_sighup_handler_reloads_in_the_reactor(certs: Certs) -> None:
         f(*args)
         assert context.default.certificate != before
     finally:
-        restore()
+        reloads.stopService()
 
 
 def test_trustme_ca_issued_names_are_reported(certs: Certs) -> None:

@@ -19,7 +19,6 @@ from slimta_tx.policies import (
     EarlyTalkerPolicy,
     ListError,
     ListPolicy,
-    ReloadOnSighup,
     ReverseDnsPolicy,
 )
 
@@ -154,4 +153,4 @@ def configure(config: Any, edge: Any, service: Any, reactor: Any) -> None:
         if isinstance(policy, ListPolicy):
             lists.append(policy.addresses)
     if lists:
-        ReloadOnSighup(lists, reactor).setServiceParent(service)
+        service.on_reload(lambda: [addresses.reload() for addresses in lists])

@@ -7,7 +7,6 @@ first byte (port 465) with the same certificates. SIGHUP reads the certificates 
 
 from __future__ import annotations
 
-import signal
 from typing import Any
 
 from twisted.application import strports
@@ -100,7 +99,7 @@ def configure(config: Any, edge: Any, service: Any, reactor: Any) -> None:
     for description in config["tls-listen"]:
         factory = wrap_implicit(edge, context)
         strports.service(description, factory, reactor=reactor).setServiceParent(service)
-    install_reload_signal(context, reactor)
+    service.on_reload(lambda: reload_certificates(context))
 
 
 def reload_certificates(context: ServerTLS) -> bool:
@@ -115,24 +114,3 @@ def reload_certificates(context: ServerTLS) -> bool:
         names=", ".join(context.default.names + sorted(context.identities)),
     )
     return True
-
-
-def install_reload_signal(context: ServerTLS, reactor: Any) -> None:
-    """Once the reactor runs, SIGHUP reloads ``context`` (in the reactor thread)."""
-    if not hasattr(signal, "SIGHUP"):  # pragma: no cover - not on Windows
-        return
-
-    def on_signal(signum: int, frame: Any) -> None:
-        reactor.callFromThread(reload_certificates, context)
-
-    previous: list[Any] = []
-
-    def install() -> None:
-        previous.append(signal.signal(signal.SIGHUP, on_signal))
-
-    def restore() -> None:
-        if previous:
-            signal.signal(signal.SIGHUP, previous.pop())
-
-    reactor.addSystemEventTrigger("after", "startup", install)
-    reactor.addSystemEventTrigger("before", "shutdown", restore)

@@ -24,7 +24,6 @@ from slimta_tx.policies.lists import (
     AddressList,
     ListError,
     ListPolicy,
-    ReloadOnSighup,
     recipient_list,
     sender_list,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "EarlyTalkerPolicy",
     "ListError",
     "ListPolicy",
-    "ReloadOnSighup",
     "ReverseDnsPolicy",
     "recipient_list",
     "sender_list",

@@ -27,12 +27,10 @@ with a mistake is reported in the log and the previous rules stay in force.
 from __future__ import annotations
 
 import re
-import signal
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import Service
 from twisted.logger import Logger
 
 from slimta_tx.address import split_address
@@ -46,7 +44,6 @@ __all__ = [
     "AddressList",
     "ListError",
     "ListPolicy",
-    "ReloadOnSighup",
     "Rule",
     "recipient_list",
     "sender_list",
@@ -263,41 +260,3 @@ def sender_list(*paths: str, text: str = "") -> ListPolicy:
 def recipient_list(*paths: str, text: str = "") -> ListPolicy:
     """A recipient list from files (and/or ``text``) for ``RCPT TO``."""
     return ListPolicy(AddressList(paths, text), "RCPT")
-
-
-class ReloadOnSighup(Service):
-    """While running, SIGHUP reloads ``lists`` (on the reactor thread, between events).
-
-    The handler is installed once the reactor runs and chains to the handler it replaces
-    (the TLS options reload certificates on SIGHUP too).
-    """
-
-    def __init__(self, lists: Iterable[AddressList], reactor: Any) -> None:
-        self.lists = list(lists)
-        self.reactor = reactor
-        self._previous: list[Any] = []
-
-    def reload(self) -> None:
-        for addresses in self.lists:
-            addresses.reload()
-
-    def startService(self) -> None:
-        super().startService()
-        self.reactor.callWhenRunning(self._install)
-
-    def _install(self) -> None:
-        if not self.running:
-            return
-        previous = signal.getsignal(signal.SIGHUP)
-
-        def on_sighup(signum: int, frame: Any) -> None:
-            self.reactor.callFromThread(self.reload)
-            if callable(previous):
-                previous(signum, frame)
-
-        self._previous.append(signal.signal(signal.SIGHUP, on_sighup))
-
-    def stopService(self) -> Any:
-        while self._previous:
-            signal.signal(signal.SIGHUP, self._previous.pop())
-        return super().stopService()
