@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from slimta_tx import chunking
 from slimta_tx.address import ArgumentError, MailArgument, parse_mail_argument, parse_rcpt_argument
 from slimta_tx.envelope import Envelope
 from slimta_tx.reply import Reply
@@ -194,6 +195,7 @@ def help_(proto: ESMTPServerProtocol, argument: str) -> None:
             "QUIT",
             "VRFY",
             "HELP",
+            *(["BDAT"] if proto.policy.chunking else []),
             *proto.edge.extra_commands,
         }
     )
@@ -202,6 +204,7 @@ def help_(proto: ESMTPServerProtocol, argument: str) -> None:
 
 
 HANDLERS: dict[str, Handler] = {
+    "BDAT": chunking.bdat,
     "EHLO": ehlo,
     "HELO": helo,
     "MAIL": mail,

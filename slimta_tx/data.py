@@ -76,6 +76,8 @@ class DataDecoder:
     :param max_line_length: longest acceptable line in bytes, CRLF included (RFC 5321
         4.5.3.1.6 says 1000); 0 for no limit.
     :param bare_newline: a :class:`BareNewlinePolicy`.
+    :param unstuff: remove the leading dot of each line (DATA); False for BDAT chunks, which
+        carry the message as it is (RFC 3030) and are fed with :meth:`feed_chunk`.
     """
 
     def __init__(
@@ -84,8 +86,10 @@ class DataDecoder:
         max_size: int = 0,
         max_line_length: int = 1000,
         bare_newline: BareNewlinePolicy | str = BareNewlinePolicy.REJECT,
+        unstuff: bool = True,
     ) -> None:
         self._sink = sink
+        self.unstuff = unstuff
         self.max_size = max_size
         self.max_line_length = max_line_length
         self.policy = BareNewlinePolicy(bare_newline)
@@ -142,6 +146,36 @@ class DataDecoder:
             self._flush_partial_line()
         return None
 
+    def feed_chunk(self, data: bytes) -> None:
+        """BDAT: ``data`` is message content as it is: no end marker, no dot-unstuffing.
+
+        The same bare CR/LF, line length and size rules apply as for DATA, so that a message
+        taken by BDAT cannot carry a fake end of data to a next hop that speaks DATA.
+        """
+        if self.done:
+            raise RuntimeError("feed_chunk() after the end of the message")
+        self.raw_size += len(data)
+        head = self._head
+        work = head + self._pending + data
+        cut = work.rfind(b"\n") + 1
+        if cut > len(head):
+            region = work[:cut]
+            self._emit(region, len(head), dots=False)
+            self._head = b"\r\n" if region.endswith(b"\r\n") else b"\n"
+            self._pending = work[cut:]
+        else:
+            self._pending = work[len(head) :]
+        if len(self._pending) >= self._flush_at:
+            self._flush_partial_line()
+
+    def finish(self) -> None:
+        """BDAT LAST: the message ends here. A last line without CRLF is kept as it is (a
+        final bare CR counts as one)."""
+        if self._pending:
+            self._emit(self._head + self._pending, len(self._head), complete_lines=False)
+            self._pending = b""
+        self.done = True
+
     def _flush_partial_line(self) -> None:
         """A partial line too long to keep: account for it and keep only its last byte.
 
@@ -186,7 +220,8 @@ class DataDecoder:
         if complete_lines and self.max_line_length and _has_long_line(body, self.max_line_length):
             self.line_too_long = True
         # split + join unstuffs about twice as fast as bytes.replace when there is a dot line.
-        out = (b"\r\n".join(region.split(b"\r\n.")) if dots else region)[head_len:]
+        unstuff = dots and self.unstuff
+        out = (b"\r\n".join(region.split(b"\r\n.")) if unstuff else region)[head_len:]
         # Count the same bytes whether or not the message is refused already, so that the
         # verdict (TOO_BIG first) does not depend on how the stream was chunked.
         self.size += len(out)

@@ -19,4 +19,6 @@ def ehlo_keywords(policy: Policy) -> list[str]:
     ]
     if policy.smtputf8:
         keywords.append("SMTPUTF8")
+    if policy.chunking:
+        keywords.append("CHUNKING")
     return keywords

@@ -41,6 +41,7 @@ class Policy:
     :ivar bare_newline: ``"reject"`` (550 5.5.2 after the end of data) or ``"normalize"``.
     :ivar trusted_networks: clients here may relay to any domain.
     :ivar accepted_domains: recipient domains accepted from anyone (exact or ``.suffix``).
+    :ivar chunking: offer CHUNKING (RFC 3030 BDAT).
     :ivar shutdown_grace: seconds a session may finish its transaction when the edge closes.
     """
 
@@ -56,6 +57,7 @@ class Policy:
     trusted_networks: tuple[Network, ...] = DEFAULT_TRUSTED_NETWORKS
     accepted_domains: tuple[str, ...] = ()
     smtputf8: bool = True
+    chunking: bool = True
     spool_directory: str | None = None
     spool_memory_limit: int = 256 * 1024
     shutdown_grace: float = 30.0

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from slimta_tx import commands, starttls
+from slimta_tx import chunking, commands, starttls
 from slimta_tx.data import DataDecoder, DataResult
 from slimta_tx.envelope import Session
 from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
@@ -35,6 +35,10 @@ __all__ = ["ESMTPServerProtocol"]
 # (RFC 1870 SIZE 26, RFC 4954 AUTH= 500, RFC 6531 SMTPUTF8 10, RFC 6152 BODY 16).
 _EXTENSION_ALLOWANCE = 26 + 500 + 10 + 16
 _LONG_LINE_VERBS = frozenset({"MAIL", "RCPT", "AUTH"})
+# States in which what arrives is message octets, not commands.
+_BODY_STATES = frozenset({State.DATA, State.BDAT})
+# States in which a message is being spooled (and a lost connection discards it).
+_SPOOLING_STATES = frozenset({State.DATA, State.BDAT, State.CHUNKING})
 
 _DATA_REFUSALS = {
     DataResult.TOO_BIG: Reply("552", "Message too big for system", "5.3.4"),
@@ -63,7 +67,7 @@ class ESMTPServerProtocol(Protocol):
         self.reader = LineReader(self.policy.max_command_length - 2 + _EXTENSION_ALLOWANCE)
         self.line_handler: LineHandler = self._command_line
         self.bad_commands = 0
-        self._decoder: DataDecoder | None = None
+        self.decoder: DataDecoder | None = None
         self._spool: Spool | None = None
         self._out: list[bytes] = []
         self._waiting = False
@@ -73,6 +77,7 @@ class ESMTPServerProtocol(Protocol):
         self._shutdown_requested = False
         self._banner_pending = False
         self._timer: IDelayedCall | None = None
+        self.chunk: chunking.Chunk | None = None
         self.tls_started = False  # STARTTLS accepted, or TLS from the first byte
 
     # -- transport events -----------------------------------------------------------------
@@ -121,14 +126,14 @@ class ESMTPServerProtocol(Protocol):
             self.session.early_talker = True
             self.pause_input()
         self.reader.feed(data)
-        if self.state is State.DATA and not self._waiting:
+        if self.state in _BODY_STATES and not self._waiting:
             self.restart_timer(self.policy.data_timeout)
         self.process()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.cancel_timer()
         previous, self.state = self.state, State.CLOSED
-        if previous is State.DATA and not self._waiting:
+        if previous in _SPOOLING_STATES and not self._waiting:
             self._discard_spool()
         starttls.connection_lost(self, reason)
         self.edge.connection_lost(self)
@@ -147,11 +152,14 @@ class ESMTPServerProtocol(Protocol):
         self._processing = True
         try:
             while not self._waiting and not self._closing and self.state is not State.CLOSED:
-                if self.state is State.DATA:
+                if self.state in _BODY_STATES:
                     data = self.reader.take_rest()
                     if not data:
                         break
-                    self._data_bytes(data)
+                    if self.state is State.DATA:
+                        self._data_bytes(data)
+                    else:
+                        chunking.consume(self, data)
                 elif self.state is State.GREETING:
                     break
                 else:
@@ -260,7 +268,7 @@ class ESMTPServerProtocol(Protocol):
             self._paused = False
             cast(Any, self.transport).resumeProducing()
         timeout = (
-            self.policy.data_timeout if self.state is State.DATA else self.policy.command_timeout
+            self.policy.data_timeout if self.state in _BODY_STATES else self.policy.command_timeout
         )
         self.restart_timer(timeout)
 
@@ -282,7 +290,7 @@ class ESMTPServerProtocol(Protocol):
         self.log.info(
             "{peer} timed out in state {state}", peer=self.session.address, state=self.state.value
         )
-        if self.state is State.DATA:
+        if self.state in _SPOOLING_STATES:
             self._discard_spool()
         self.send(
             Reply("421", f"{self.policy.hostname} Timeout exceeded, closing connection", "4.4.2")
@@ -353,29 +361,32 @@ class ESMTPServerProtocol(Protocol):
 
     # -- the message body ---------------------------------------------------------------------
 
-    def start_data(self) -> None:
+    def start_data(self, unstuff: bool = True) -> None:
+        """Spool a message body: DATA (``unstuff``) or BDAT chunks (as they are)."""
         self._spool = self.edge.spool_factory()
-        self._decoder = DataDecoder(
+        self.decoder = DataDecoder(
             self._spool.write,
             max_size=self.policy.max_message_size,
             max_line_length=self.policy.max_line_length,
             bare_newline=self.policy.bare_newline,
+            unstuff=unstuff,
         )
         self.restart_timer(self.policy.data_timeout)
 
     def _data_bytes(self, data: bytes) -> None:
-        assert self._decoder is not None
-        rest = self._decoder.feed(data)
+        assert self.decoder is not None
+        rest = self.decoder.feed(data)
         if rest is None:
             return
         if rest:
             self.reader.feed(rest)
-        self._end_of_data()
+        self.finish_message()
 
-    def _end_of_data(self) -> None:
-        decoder, spool, envelope = self._decoder, self._spool, self.session.envelope
+    def finish_message(self) -> None:
+        """The body is complete (final dot, BDAT LAST) or refused: check it, then the bus."""
+        decoder, spool, envelope = self.decoder, self._spool, self.session.envelope
         assert decoder is not None and spool is not None and envelope is not None
-        self._decoder = None
+        self.decoder = None
         refusal = _DATA_REFUSALS.get(decoder.result)
         if refusal is not None:
             self.log.info(
@@ -409,7 +420,7 @@ class ESMTPServerProtocol(Protocol):
         self.send(reply)
 
     def _discard_spool(self) -> None:
-        self._decoder = None
+        self.decoder = None
         if self._spool is not None:
             self._spool.close()
             self._spool = None
@@ -425,7 +436,7 @@ class ESMTPServerProtocol(Protocol):
     def force_close(self) -> None:
         if self.state is State.CLOSED or self._closing:
             return
-        if self.state is State.DATA and not self._waiting:  # not while the bus reads it
+        if self.state in _SPOOLING_STATES and not self._waiting:  # not while the bus reads it
             self._discard_spool()
         self.send(Reply("421", f"{self.policy.hostname} Service shutting down", "4.3.2"))
         self.flush()

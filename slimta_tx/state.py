@@ -21,11 +21,13 @@ class State(str, Enum):
     MAIL = "mail"  # MAIL accepted, no recipient yet
     RCPT = "rcpt"  # at least one recipient accepted
     DATA = "data"  # message body arriving
+    CHUNKING = "chunking"  # BDAT chunks accepted, the LAST one not yet (RFC 3030)
+    BDAT = "bdat"  # the octets of one BDAT chunk arriving
     CLOSED = "closed"
 
 
-_ANY = frozenset({State.CONNECTED, State.READY, State.MAIL, State.RCPT})
-_GREETED = frozenset({State.READY, State.MAIL, State.RCPT})
+_ANY = frozenset({State.CONNECTED, State.READY, State.MAIL, State.RCPT, State.CHUNKING})
+_IN_TRANSACTION = frozenset({State.MAIL, State.RCPT, State.CHUNKING})
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ COMMANDS: dict[str, CommandSpec] = {
         frozenset({State.READY}),
         (
             (frozenset({State.CONNECTED}), _NEED_HELO),
-            (frozenset({State.MAIL, State.RCPT}), "Nested MAIL command"),
+            (_IN_TRANSACTION, "Nested MAIL command"),
         ),
     ),
     "RCPT": CommandSpec(
@@ -52,6 +54,7 @@ COMMANDS: dict[str, CommandSpec] = {
         (
             (frozenset({State.CONNECTED}), _NEED_HELO),
             (frozenset({State.READY}), "Need MAIL before RCPT"),
+            (frozenset({State.CHUNKING}), "RCPT not allowed after BDAT"),
         ),
     ),
     "DATA": CommandSpec(
@@ -60,8 +63,12 @@ COMMANDS: dict[str, CommandSpec] = {
             (frozenset({State.CONNECTED}), _NEED_HELO),
             (frozenset({State.READY}), "Need MAIL before DATA"),
             (frozenset({State.MAIL}), "Need RCPT before DATA (no valid recipients)"),
+            (frozenset({State.CHUNKING}), "DATA not allowed after BDAT"),  # RFC 3030 MUST
         ),
     ),
+    # BDAT is allowed everywhere by the table: its octets follow whatever the reply, so the
+    # handler always reads them and only then refuses (see slimta_tx/chunking.py).
+    "BDAT": CommandSpec(_ANY),
     "RSET": CommandSpec(_ANY),
     "NOOP": CommandSpec(_ANY),
     "QUIT": CommandSpec(_ANY),
@@ -71,14 +78,14 @@ COMMANDS: dict[str, CommandSpec] = {
         frozenset({State.READY}),
         (
             (frozenset({State.CONNECTED}), _NEED_HELO),
-            (frozenset({State.MAIL, State.RCPT}), "STARTTLS not allowed during a transaction"),
+            (_IN_TRANSACTION, "STARTTLS not allowed during a transaction"),
         ),
     ),
     "AUTH": CommandSpec(
         frozenset({State.READY}),
         (
             (frozenset({State.CONNECTED}), _NEED_HELO),
-            (frozenset({State.MAIL, State.RCPT}), "AUTH not allowed during a transaction"),
+            (_IN_TRANSACTION, "AUTH not allowed during a transaction"),
         ),
     ),
 }
@@ -95,7 +102,6 @@ UNIMPLEMENTED = frozenset(
         "SAML",
         "VERB",
         "ONEX",
-        "BDAT",
         "XCLIENT",
         "STARTTLS",
         "AUTH",

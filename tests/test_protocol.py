@@ -26,7 +26,7 @@ def test_custom_banner() -> None:
 
 
 def test_ehlo_advertises_extensions_without_enhanced_codes() -> None:
-    """EHLO lists PIPELINING, SIZE n, 8BITMIME, ENHANCEDSTATUSCODES and SMTPUTF8."""
+    """EHLO lists PIPELINING, SIZE n, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, CHUNKING."""
     d = Driver()
     code, text = d.cmd("EHLO client.test")
     lines = text.split("\n")
@@ -38,6 +38,7 @@ def test_ehlo_advertises_extensions_without_enhanced_codes() -> None:
         "8BITMIME",
         "ENHANCEDSTATUSCODES",
         "SMTPUTF8",
+        "CHUNKING",
     ]
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from slimta_tx.reply import Reply
 from slimta_tx.state import COMMANDS, UNIMPLEMENTED, State, after, check
 
-OPEN = {State.CONNECTED, State.READY, State.MAIL, State.RCPT}
+OPEN = {State.CONNECTED, State.READY, State.MAIL, State.RCPT, State.CHUNKING}
 
 ALLOWED: dict[str, set[State]] = {
     "EHLO": OPEN,
@@ -24,6 +24,9 @@ ALLOWED: dict[str, set[State]] = {
     "DATA": {State.RCPT},
     "STARTTLS": {State.READY},
     "AUTH": {State.READY},
+    # Its octets follow whatever the answer, so the table lets it through and the handler
+    # reads them before refusing (tests/test_chunking.py).
+    "BDAT": OPEN,
 }
 
 NEED_HELO = "Send EHLO or HELO first"
@@ -42,6 +45,11 @@ REFUSALS: dict[tuple[str, State], str] = {
     ("AUTH", State.CONNECTED): NEED_HELO,
     ("AUTH", State.MAIL): "AUTH not allowed during a transaction",
     ("AUTH", State.RCPT): "AUTH not allowed during a transaction",
+    ("MAIL", State.CHUNKING): "Nested MAIL command",
+    ("RCPT", State.CHUNKING): "RCPT not allowed after BDAT",
+    ("DATA", State.CHUNKING): "DATA not allowed after BDAT",
+    ("STARTTLS", State.CHUNKING): "STARTTLS not allowed during a transaction",
+    ("AUTH", State.CHUNKING): "AUTH not allowed during a transaction",
 }
 
 OK = Reply("250", "ok")
@@ -70,7 +78,7 @@ def test_every_command_in_every_state(verb: str, state: State) -> None:
     assert refusal.render() == f"503 5.5.1 {refusal.message}\r\n".encode()
 
 
-@pytest.mark.parametrize("state", [State.GREETING, State.DATA, State.CLOSED])
+@pytest.mark.parametrize("state", [State.GREETING, State.DATA, State.BDAT, State.CLOSED])
 def test_no_command_runs_before_the_banner_during_data_or_after_close(state: State) -> None:
     """Before the banner, inside a message body and after close, every command is refused."""
     for verb in COMMANDS:
@@ -90,8 +98,9 @@ def test_refusals_are_fresh_replies() -> None:
 
 
 def test_unimplemented_commands_are_known_but_not_in_the_table() -> None:
-    """EXPN, TURN, BDAT ... get 502 (known, not offered) rather than 500 (unknown)."""
-    assert {"EXPN", "TURN", "ETRN", "BDAT", "VERB"} <= UNIMPLEMENTED
+    """EXPN, TURN ... get 502 (known, not offered) rather than 500 (unknown)."""
+    assert {"EXPN", "TURN", "ETRN", "VERB"} <= UNIMPLEMENTED
+    assert "BDAT" not in UNIMPLEMENTED  # CHUNKING is offered
     assert "MAIL" not in UNIMPLEMENTED
     assert "RSET" not in UNIMPLEMENTED
 
