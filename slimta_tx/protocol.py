@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["ESMTPServerProtocol"]
 
-# Reply lines longer than this are not needed; a command line may grow by these allowances
-# (RFC 1870 SIZE 26, RFC 4954 AUTH= 500, RFC 6531 SMTPUTF8 10, RFC 6152 BODY 16).
+# MAIL and RCPT lines may exceed 512 octets by these allowances (RFC 1870 SIZE 26, RFC 4954
+# AUTH= 500, RFC 6531 SMTPUTF8 10, RFC 6152 BODY 16); the reader's limit is the sum.
 _EXTENSION_ALLOWANCE = 26 + 500 + 10 + 16
 _LONG_LINE_VERBS = frozenset({"MAIL", "RCPT", "AUTH"})
 # States in which what arrives is message octets, not commands.
