@@ -17,6 +17,8 @@ and give the class (one instance per session) or an instance to ``SmtpEdge.set_v
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +68,7 @@ class Validators:
         if func is None:
             self._hooks.pop(name, None)
         else:
-            self._hooks[name] = func
+            self._hooks[name] = _fitted(func)
 
     def get(self, command: str) -> Validator | None:
         return self._hooks.get(command)
@@ -152,6 +154,33 @@ class Validators:
         if isinstance(result, Reply) and result is not reply:
             reply.set(result.code, result.message, result.enhanced_status_code)
         return reply
+
+
+def _fitted(func: Validator) -> Validator:
+    """``func``, or a wrapper passing it only the extras its signature takes.
+
+    The extras after ``(session, reply)`` grew over time (BANNER gets the client address, AUTH
+    the identity and mechanism); a validator written as ``func(session, reply)`` keeps working
+    instead of raising (which would fail closed on every connection).
+    """
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # some builtins and C callables
+        return func
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters):
+        return func
+    positional = sum(
+        p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        for p in parameters
+    )
+    if positional < 2:
+        return func  # let the call fail loudly: not a validator
+
+    @functools.wraps(func)
+    def fitted(session: Session, reply: Reply, *extra: Any) -> Any:
+        return func(session, reply, *extra[: positional - 2])
+
+    return fitted
 
 
 def _hook_name(command: str) -> str:

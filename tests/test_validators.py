@@ -440,3 +440,34 @@ def test_policy_checks_run_before_the_validator_which_sees_their_verdict() -> No
     assert d.cmd("MAIL FROM:<a@sender.test>") == ("550", "5.7.1 Refused by policy")
     assert d.cmd("MAIL FROM:<vip@sender.test>") == ("250", "2.1.0 Welcome back")
     assert order == ["first", "refuse", "validator saw 550"] * 2
+
+
+def test_a_validator_may_take_fewer_extras_than_the_hook_offers() -> None:
+    """`def banner(session, reply)` works at BANNER (which also offers the client address),
+    and `def rcpt(session, reply, address)` at RCPT (which also offers the parameters)."""
+    from smtp_driver import Driver
+    from twisted.internet.task import Clock
+
+    from slimta_tx import Policy, SmtpEdge
+    from slimta_tx.testing import RecordingBus
+
+    edge = SmtpEdge(
+        RecordingBus(), Policy(hostname="mx.test", accepted_domains=("example.com",)), Clock()
+    )
+
+    def banner(session: object, reply: Reply) -> None:
+        reply.message = "mx.test ESMTP short validators welcome"
+
+    seen: list[str] = []
+
+    def rcpt(session: object, reply: Reply, address: str) -> None:
+        seen.append(address)
+
+    edge.set_validator("BANNER", banner)
+    edge.set_validator("RCPT", rcpt)
+    d = Driver(edge=edge)
+    assert d.banner == [("220", "mx.test ESMTP short validators welcome")]
+    d.greet()
+    d.cmd("MAIL FROM:<a@b.test>")
+    assert d.cmd("RCPT TO:<u@example.com>")[0] == "250"
+    assert seen == ["u@example.com"]
