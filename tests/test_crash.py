@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from slimta_tx.bus.maildir import MaildirBus
 from tests.support.faults import DELIVERY_STEPS
 from tests.support.mailbox import stored_messages
 from tests.support.process import Twistd, running_twistd, twistd_argv
-from tests.support.wire import WireClient
+from tests.support.wire import WireClient, refuses
 
 pytestmark = pytest.mark.slow
 
@@ -149,11 +148,3 @@ def test_sigterm_during_data_lets_the_transaction_finish(tmp_path: Path) -> None
     assert after[0] == "421"
     [stored] = stored_messages(maildir)
     assert stored.body == BODY
-
-
-def refuses(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except ConnectionRefusedError:
-        return True
-    return False

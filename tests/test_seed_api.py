@@ -27,7 +27,7 @@ from slimta_tx.service import EdgeService
 from slimta_tx.testing import PendingBus, RecordingBus
 from tests.support.mailbox import stored_messages
 from tests.support.process import TWISTD
-from tests.support.wire import WireClient
+from tests.support.wire import WireClient, refuses
 
 POLICY = Policy(hostname="mx.test", accepted_domains=("example.com",))
 BODY = b"From: a@sender.test\r\nSubject: seed\r\n\r\nhello\r\n"
@@ -44,17 +44,6 @@ def send_one(port: int, rcpt: str = "u@example.com") -> Any:
     """A whole transaction with smtplib (blocking: run it in a thread)."""
     with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
         return client.sendmail("a@sender.test", [rcpt], BODY)
-
-
-def refuses(port: int) -> bool:
-    """True once nothing listens on ``port`` (a reset means it is closing right now)."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    except ConnectionRefusedError:
-        return True
-    except ConnectionResetError:
-        return False
-    return False
 
 
 # -- new(socket, bus) ---------------------------------------------------------------------

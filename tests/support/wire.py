@@ -73,3 +73,18 @@ def _reply_end(buffer: bytes) -> int | None:
         if (len(line) >= 4 and line[3:4] == b" ") or len(line) == 3:
             return newline + 2
         start = newline + 2
+
+
+def refuses(port: int) -> bool:
+    """True once nothing listens on 127.0.0.1:``port``.
+
+    A reset means the port is closing right now (the connection sat in the backlog of a
+    listener being closed): not yet, ask again.
+    """
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:
+        return False
+    return False
