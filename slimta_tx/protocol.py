@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from slimta_tx import chunking, commands, starttls
+from slimta_tx import chunking, commands, fastwrite, starttls
 from slimta_tx.data import DataDecoder, DataResult
 from slimta_tx.envelope import Session
 from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
@@ -231,7 +231,7 @@ class ESMTPServerProtocol(Protocol):
     def flush(self) -> None:
         if self._out and self.transport is not None and self.state is not State.CLOSED:
             out, self._out = b"".join(self._out), []
-            self.transport.write(out)
+            fastwrite.write(self.transport, out)
         if self._closing and self.state is not State.CLOSED and self.transport is not None:
             self.transport.loseConnection()
             # A client that never reads cannot hold the connection open.
