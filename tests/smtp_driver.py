@@ -12,7 +12,28 @@ from slimta_tx.protocol import ESMTPServerProtocol
 from slimta_tx.testing import RecordingBus, connect, parse_replies
 
 
-class Driver:
+class ReplyReader:
+    """Feeds bytes to ``self.proto`` and parses what ``self.transport`` received."""
+
+    proto: ESMTPServerProtocol
+    transport: StringTransport
+
+    def read(self) -> list[tuple[str, str]]:
+        data = self.transport.value()
+        self.transport.clear()
+        return parse_replies(data)
+
+    def send(self, data: bytes) -> list[tuple[str, str]]:
+        self.proto.dataReceived(data)
+        return self.read()
+
+    def cmd(self, line: str) -> tuple[str, str]:
+        replies = self.send(line.encode("utf-8") + b"\r\n")
+        assert len(replies) == 1, replies
+        return replies[0]
+
+
+class Driver(ReplyReader):
     """Feeds bytes to one session and returns the replies each feed produced."""
 
     def __init__(
@@ -46,20 +67,6 @@ class Driver:
             original(data)
 
         self.transport.write = write  # type: ignore[method-assign]
-
-    def read(self) -> list[tuple[str, str]]:
-        data = self.transport.value()
-        self.transport.clear()
-        return parse_replies(data)
-
-    def send(self, data: bytes) -> list[tuple[str, str]]:
-        self.proto.dataReceived(data)
-        return self.read()
-
-    def cmd(self, line: str) -> tuple[str, str]:
-        replies = self.send(line.encode("utf-8") + b"\r\n")
-        assert len(replies) == 1, replies
-        return replies[0]
 
     def codes(self, data: bytes) -> list[str]:
         return [code for code, _ in self.send(data)]

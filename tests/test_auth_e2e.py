@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from test_auth_helpers import CHEAP
-from test_tls_helpers import Certs, make_certs
-from twisted.internet import defer, reactor, threads
+from test_tls_helpers import Certs, in_thread, make_certs
+from twisted.internet import defer, reactor
 from twisted.internet.interfaces import IListeningPort
 
 from slimta_tx import Policy, ServerTLS, SmtpEdge
@@ -73,10 +73,6 @@ def server(certs: Certs, tmp_path: Path) -> Iterator[Server]:
     yield server
     for port in ports:
         port.stopListening()
-
-
-def in_thread(f: Any, *args: Any) -> defer.Deferred[Any]:
-    return threads.deferToThread(f, *args).addTimeout(TIMEOUT, reactor)
 
 
 def client_context(certs: Certs) -> ssl.SSLContext:

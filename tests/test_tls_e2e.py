@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from cryptography import x509
-from test_tls_helpers import Certs, make_certs
+from test_tls_helpers import Certs, in_thread, make_certs
 from twisted.internet import defer, reactor, threads
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import globalLogPublisher
@@ -92,10 +92,6 @@ def _serve(context: ServerTLS, tmp_path: Path, **tls: Any) -> Iterator[Server]:
     yield server
     for port in ports:
         port.stopListening()
-
-
-def in_thread(f: Any, *args: Any) -> defer.Deferred[Any]:
-    return threads.deferToThread(f, *args).addTimeout(TIMEOUT, reactor)
 
 
 def send_starttls(port: int, ctx: ssl.SSLContext, host: str = "127.0.0.1") -> dict[str, Any]:

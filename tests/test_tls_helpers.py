@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import trustme
+from smtp_driver import ReplyReader
+from twisted.internet import defer, reactor, threads
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
@@ -108,7 +110,7 @@ class FakeTLSConnection:
         return self.server_name
 
 
-class TLSDriver:
+class TLSDriver(ReplyReader):
     """One session over a :class:`TLSStringTransport`; feeds bytes, returns replies."""
 
     def __init__(self, edge: SmtpEdge, peer: tuple[str, int] = ("192.0.2.7", 41000)) -> None:
@@ -122,20 +124,6 @@ class TLSDriver:
         )
         proto.makeConnection(self.transport)
         self.banner = self.read()
-
-    def read(self) -> list[tuple[str, str]]:
-        data = self.transport.value()
-        self.transport.clear()
-        return parse_replies(data)
-
-    def send(self, data: bytes) -> list[tuple[str, str]]:
-        self.proto.dataReceived(data)
-        return self.read()
-
-    def cmd(self, line: str) -> tuple[str, str]:
-        replies = self.send(line.encode("utf-8") + b"\r\n")
-        assert len(replies) == 1, replies
-        return replies[0]
 
     def starttls(self) -> list[tuple[str, str]]:
         """Send STARTTLS; the replies written in plaintext (before TLS started, if it did)."""
@@ -169,3 +157,11 @@ def make_edge(
     if context is not None:
         edge.enable_tls(context, **tls)
     return edge
+
+
+E2E_TIMEOUT = 15.0
+
+
+def in_thread(f: Any, *args: Any) -> defer.Deferred[Any]:
+    """Run a blocking client (smtplib, swaks) in a thread, bounded by E2E_TIMEOUT seconds."""
+    return threads.deferToThread(f, *args).addTimeout(E2E_TIMEOUT, reactor)
