@@ -77,6 +77,7 @@ class ESMTPServerProtocol(Protocol):
         self._shutdown_requested = False
         self._banner_pending = False
         self._timer: IDelayedCall | None = None
+        self._abort_timer: IDelayedCall | None = None
         self.chunk: chunking.Chunk | None = None
         self.tls_started = False  # STARTTLS accepted, or TLS from the first byte
 
@@ -132,6 +133,8 @@ class ESMTPServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.cancel_timer()
+        if self._abort_timer is not None and self._abort_timer.active():
+            self._abort_timer.cancel()
         previous, self.state = self.state, State.CLOSED
         if previous in _SPOOLING_STATES and not self._waiting:
             self._discard_spool()
@@ -232,10 +235,15 @@ class ESMTPServerProtocol(Protocol):
         if self._out and self.transport is not None and self.state is not State.CLOSED:
             out, self._out = b"".join(self._out), []
             fastwrite.write(self.transport, out)
-        if self._closing and self.state is not State.CLOSED and self.transport is not None:
+        if (
+            self._closing
+            and self._abort_timer is None
+            and self.state is not State.CLOSED
+            and self.transport is not None
+        ):
             self.transport.loseConnection()
             # A client that never reads cannot hold the connection open.
-            self.clock.callLater(30, self._abort_if_open)
+            self._abort_timer = self.clock.callLater(30, self._abort_if_open)
 
     def close_after_flush(self) -> None:
         self._closing = True

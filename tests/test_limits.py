@@ -163,3 +163,12 @@ def test_mail_gets_the_extension_allowance() -> None:
     assert d.cmd(line)[0] == "250"
     d.cmd("RSET")
     assert d.cmd("MAIL FROM:<a@b.test> " + "X-PAD=" + "y" * 700)[0] == "555"
+
+
+def test_one_abort_timer_per_close_and_none_after_the_close() -> None:
+    """Closing schedules a single abort deadline, and a normal close cancels it."""
+    d = Driver()
+    d.send(b"QUIT\r\nNOOP\r\n")
+    assert len(d.clock.getDelayedCalls()) == 1
+    d.proto.connectionLost(None)
+    assert d.clock.getDelayedCalls() == []
