@@ -104,8 +104,7 @@ class ESMTPServerProtocol(Protocol):
         reply = self.edge.banner_reply()
         # Input stays unpaused until the banner is out, so early talkers are noticed.
         self._banner_pending = True
-        hook = self.edge.validators.run("BANNER", self.session, reply, self.session.address)
-        self.run_step(hook, self._banner_done)
+        self.run_step(self.call_hook("BANNER", reply, self.session.address), self._banner_done)
 
     def _banner_done(self, reply: Reply) -> None:
         self._banner_pending = False
