@@ -1,0 +1,141 @@
+"""The protocol alone: Python cost per message of slimta_tx and of twisted.mail, no sockets.
+
+Both servers are driven in-process through ``StringTransport`` as a lockstep client would
+drive them (MAIL, RCPT, DATA, a 2 KiB body, each a separate ``dataReceived``), on one
+connection, with a bus (or delivery) that discards. Kernel and reactor costs are the same for
+both servers over real sockets, so this isolates what our own Python costs per message.
+
+    .venv/bin/python bench/proto.py                 # both servers, 3 interleaved rounds
+    .venv/bin/python bench/proto.py --only slimta --profile   # cProfile of one run
+
+Prints microseconds per message (best of the rounds, lower is better) and the ratio of
+twisted.mail's cost to ours (the msgs/s ratio a CPU-bound server would show).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import (
+    FilteringLogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+    textFileLogObserver,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+MAIL = b"MAIL FROM:<bench@client.example>\r\n"
+RCPT = b"RCPT TO:<sink@server.example>\r\n"
+DATA = b"DATA\r\n"
+PEER = IPv4Address("TCP", "127.0.0.1", 5555)
+
+
+def body(size: int = 2048) -> bytes:
+    """About ``size`` octets of 78-character lines, one in 50 dot-stuffed, then the end."""
+    lines: list[bytes] = []
+    total, n = 0, 0
+    while total < size - 200:
+        text = (f"..dot line {n} " if n % 50 == 7 else f"line {n} ").ljust(76, "x")
+        lines.append(text.encode("ascii") + b"\r\n")
+        total += 78
+        n += 1
+    return b"".join(lines) + b".\r\n"
+
+
+Driver = tuple[Any, StringTransport]
+
+
+def slimta() -> Driver:
+    from slimta_tx.bus.simple import DiscardBus
+    from slimta_tx.factory import SmtpEdge
+    from slimta_tx.policy import Policy
+
+    edge = SmtpEdge(DiscardBus(), Policy(max_message_size=256 << 20), reactor=Clock())
+    return edge.buildProtocol(PEER), StringTransport(peerAddress=PEER)
+
+
+def twisted_mail() -> Driver:
+    from twisted_peer import DiscardESMTPFactory
+
+    return DiscardESMTPFactory().buildProtocol(PEER), StringTransport(peerAddress=PEER)
+
+
+SERVERS: dict[str, Callable[[], Driver]] = {"slimta": slimta, "twisted": twisted_mail}
+
+
+def run(build: Callable[[], Driver], messages: int, message: bytes) -> float:
+    """Microseconds per message for one fresh session."""
+    proto, transport = build()
+    proto.makeConnection(transport)
+    proto.dataReceived(b"EHLO client.example\r\n")
+    if b"\r\n250 " not in transport.value():
+        raise SystemExit(f"unexpected greeting: {transport.value()!r}")
+    transport.clear()
+    received = proto.dataReceived
+    start = time.perf_counter()
+    for _ in range(messages):
+        received(MAIL)
+        received(RCPT)
+        received(DATA)
+        received(message)
+        transport.clear()
+    elapsed = time.perf_counter() - start
+    # One last message, checked: the bench must measure accepted mail, not refusals.
+    for chunk in (MAIL, RCPT, DATA, message):
+        received(chunk)
+    replies = transport.value().split(b"\r\n")[:-1]
+    if len(replies) != 4 or not all(r[:1] in (b"2", b"3") for r in replies):
+        raise SystemExit(f"a message was not accepted: {replies!r}")
+    return elapsed / messages * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--messages", type=int, default=20000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only", choices=sorted(SERVERS))
+    parser.add_argument("--profile", action="store_true", help="cProfile one run, top 40")
+    args = parser.parse_args()
+    globalLogBeginner.beginLoggingTo(
+        [
+            FilteringLogObserver(
+                textFileLogObserver(sys.stderr),
+                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
+            )
+        ],
+        redirectStandardIO=False,
+    )
+    message = body()
+    names = [args.only] if args.only else ["slimta", "twisted"]
+    if args.profile:
+        profile = cProfile.Profile()
+        profile.runcall(run, SERVERS[names[0]], args.messages, message)
+        pstats.Stats(profile).sort_stats("tottime").print_stats(40)
+        return
+    best: dict[str, float] = {}
+    for round_ in range(args.rounds):
+        for name in names:  # interleaved, so drift in machine load hits both alike
+            cost = run(SERVERS[name], args.messages, message)
+            best[name] = min(cost, best.get(name, cost))
+            print(f"round {round_ + 1} {name:8} {cost:7.1f} us/msg", flush=True)
+    for name in names:
+        print(f"{name:8} best {best[name]:7.1f} us/msg")
+    if len(best) == 2:
+        print(f"ratio twisted/slimta {best['twisted'] / best['slimta']:.2f}x msgs/s")
+
+
+if __name__ == "__main__":
+    main()
