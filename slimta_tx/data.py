@@ -19,12 +19,16 @@ The rules, each of which some SMTP server has got wrong:
   stays in step with the client.
 - Memory is bounded: at most one partial line (capped) is kept between calls.
 
-The hot path works on whole chunks with C-speed ``bytes`` operations (find, replace, count,
-one regular expression), not on one Python call per line.
+The hot path works on whole chunks, never one Python call per line. When the optional C
+accelerator (:mod:`slimta_tx._speedups`, built with the wheel) is present, clean input (every CR
+and LF in a CRLF pair) is checked, unstuffed and searched for the end in one pass over the bytes;
+it hands anything else back to the pure-Python code below, which owns every rule and runs alone
+where the accelerator is missing (or with ``SLIMTA_TX_PURE_PYTHON=1`` in the environment).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from enum import Enum
@@ -36,6 +40,22 @@ _END = b"\r\n.\r\n"
 _FLUSH_UNLIMITED = 64 * 1024
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _NOT_CR_OR_LF = bytes(b for b in range(256) if b not in (10, 13))
+
+Scan = Callable[[bytes, int, bool, bool, int], "tuple[bytes, int, bool, bool] | None"]
+
+
+def _load_accelerator() -> Scan | None:
+    if os.environ.get("SLIMTA_TX_PURE_PYTHON"):
+        return None
+    try:
+        from slimta_tx._speedups import scan
+    except ImportError:
+        return None
+    return scan
+
+
+#: The C scanner in use, or None when the pure-Python decoder runs alone.
+ACCELERATOR: Scan | None = _load_accelerator()
 
 
 def _has_long_line(body: bytes, limit: int) -> bool:
@@ -87,8 +107,11 @@ class DataDecoder:
         max_line_length: int = 1000,
         bare_newline: BareNewlinePolicy | str = BareNewlinePolicy.REJECT,
         unstuff: bool = True,
+        accelerator: Scan | bool | None = True,
     ) -> None:
         self._sink = sink
+        # True: the module's accelerator if it is built; False or None: pure Python.
+        self._scan: Scan | None = ACCELERATOR if accelerator is True else (accelerator or None)
         self.unstuff = unstuff
         self.max_size = max_size
         self.max_line_length = max_line_length
@@ -124,6 +147,10 @@ class DataDecoder:
         self.raw_size += len(data)
         head = self._head
         work = head + self._pending + data
+        if self._scan is not None and head != b"\n":
+            scanned = self._scan(work, len(head), True, self.unstuff, self.max_line_length)
+            if scanned is not None:
+                return self._take_scanned(work, len(head), *scanned)
         # Every end marker and every line to unstuff starts with CRLF "."; most chunks hold
         # none, and then one search answers both questions.
         dot = work.find(b"\r\n.")
@@ -157,6 +184,11 @@ class DataDecoder:
         self.raw_size += len(data)
         head = self._head
         work = head + self._pending + data
+        if self._scan is not None and head != b"\n":
+            scanned = self._scan(work, len(head), False, False, self.max_line_length)
+            if scanned is not None:
+                self._take_scanned(work, len(head), *scanned)
+                return
         cut = work.rfind(b"\n") + 1
         if cut > len(head):
             region = work[:cut]
@@ -167,6 +199,25 @@ class DataDecoder:
             self._pending = work[len(head) :]
         if len(self._pending) >= self._flush_at:
             self._flush_partial_line()
+
+    def _take_scanned(
+        self, work: bytes, head_len: int, out: bytes, stop: int, ended: bool, long_line: bool
+    ) -> bytes | None:
+        """Apply what the accelerator decoded from clean lines (see :mod:`slimta_tx._speedups`)."""
+        if out:  # empty exactly when no complete line followed the head
+            self._account(out, long_line)
+        if ended:
+            self.done = True
+            self._pending = b""
+            return work[stop:]
+        if stop > head_len:
+            self._head = b"\r\n"  # clean lines end with CRLF
+            self._pending = work[stop:]
+        else:
+            self._pending = work[head_len:]
+        if len(self._pending) >= self._flush_at:
+            self._flush_partial_line()
+        return None
 
     def finish(self) -> None:
         """BDAT LAST: the message ends here. A last line without CRLF is kept as it is (a
@@ -217,11 +268,18 @@ class DataDecoder:
                 # Bare CR stays content under "normalize", as in Postfix; bare LF becomes CRLF.
                 region = _BARE_LF.sub(b"\r\n", region)
                 dots = True  # a bare LF "." is now CRLF "."
-        if complete_lines and self.max_line_length and _has_long_line(body, self.max_line_length):
-            self.line_too_long = True
+        long_line = bool(
+            complete_lines and self.max_line_length and _has_long_line(body, self.max_line_length)
+        )
         # split + join unstuffs about twice as fast as bytes.replace when there is a dot line.
         unstuff = dots and self.unstuff
         out = (b"\r\n".join(region.split(b"\r\n.")) if unstuff else region)[head_len:]
+        self._account(out, long_line)
+
+    def _account(self, out: bytes, long_line: bool) -> None:
+        """Count ``out`` (decoded bytes) and store it unless the message is refused."""
+        if long_line:
+            self.line_too_long = True
         # Count the same bytes whether or not the message is refused already, so that the
         # verdict (TOO_BIG first) does not depend on how the stream was chunked.
         self.size += len(out)

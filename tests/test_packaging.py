@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -14,8 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(argv: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run(
+    argv: list[str], cwd: Path, env_overrides: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(env_overrides or {})
     result = subprocess.run(
         argv,
         cwd=cwd,
@@ -47,6 +51,13 @@ def test_wheel_installs_into_a_fresh_venv_and_twistd_finds_the_plugin(tmp_path: 
     ]
     assert not [n for n in names if "dropin.cache" in n or n.endswith(".pyc")]
     assert "slimta_tx/__init__.py" in names
+    # The DATA decoder's C accelerator is compiled in (a platform wheel), its source is not.
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    assert sorted(n for n in names if n.startswith("slimta_tx/_speedups")) == [
+        f"slimta_tx/_speedups{suffix}",
+        "slimta_tx/_speedups.pyi",
+    ]
+    assert not wheel.name.endswith("-none-any.whl")
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)], tmp_path)
@@ -66,3 +77,26 @@ def test_wheel_installs_into_a_fresh_venv_and_twistd_finds_the_plugin(tmp_path: 
         [str(python), "-c", "import slimta_tx; print(slimta_tx.__file__)"], elsewhere, timeout=60
     )
     assert where.stdout.strip().startswith(str(venv))
+    accelerated = run(
+        [str(python), "-c", "import slimta_tx.data as d; print(d.ACCELERATOR is not None)"],
+        elsewhere,
+        timeout=60,
+    )
+    assert accelerated.stdout.strip() == "True"
+
+
+@pytest.mark.slow
+def test_without_a_compiler_the_wheel_is_pure_python_and_decodes(tmp_path: Path) -> None:
+    """No working C compiler: the build says so and falls back to a pure-Python wheel, which
+    still decodes messages (the accelerator is optional)."""
+    dist = tmp_path / "dist"
+    env_overrides = {"CC": "/nonexistent/cc", "SLIMTA_TX_REQUIRE_SPEEDUPS": "0"}
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)],
+        ROOT,
+        env_overrides,
+    )
+    [wheel] = list(dist.glob("slimta_tx-*.whl"))
+    assert wheel.name.endswith("-py3-none-any.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert not [n for n in archive.namelist() if n.endswith((".so", ".pyd", ".c"))]

@@ -1,0 +1,236 @@
+"""The C accelerator of the DATA decoder decodes exactly as the pure-Python decoder does.
+
+``slimta_tx._speedups.scan`` only ever claims clean lines and hands everything else back to
+Python, so every test here runs the same input through a decoder with the accelerator and one
+without and compares all that a user could notice: the stored bytes (and how the sink saw
+them is free to differ), the verdict, the sizes, the end of data and what followed it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slimta_tx import data as data_module
+from slimta_tx.data import BareNewlinePolicy, DataDecoder
+
+ROOT = Path(__file__).resolve().parent.parent
+
+speedups = pytest.importorskip("slimta_tx._speedups") if not os.environ.get("CI") else None
+if speedups is None:  # under CI a missing accelerator is a failure, never a skip
+    import slimta_tx._speedups as speedups
+
+scan = speedups.scan
+
+
+@dataclass(frozen=True)
+class Outcome:
+    stored: bytes
+    result: str
+    size: int
+    raw_size: int
+    done: bool
+    rest: bytes | None
+
+
+def decode(
+    chunks: list[bytes], accelerated: bool, bdat: bool = False, **options: object
+) -> Outcome:
+    writes: list[bytes] = []
+    decoder = DataDecoder(
+        writes.append,
+        accelerator=scan if accelerated else None,
+        unstuff=not bdat,
+        **options,  # type: ignore[arg-type]
+    )
+    rest: bytes | None = None
+    for i, chunk in enumerate(chunks):
+        if bdat:
+            decoder.feed_chunk(chunk)
+            continue
+        got = decoder.feed(chunk)
+        if got is not None:
+            rest = got + b"".join(chunks[i + 1 :])
+            break
+    if bdat:
+        decoder.finish()
+    return Outcome(
+        b"".join(writes),
+        decoder.result.value,
+        decoder.size,
+        decoder.raw_size,
+        decoder.done,
+        rest,
+    )
+
+
+def assert_same(chunks: list[bytes], bdat: bool = False, **options: object) -> Outcome:
+    fast = decode(chunks, True, bdat, **options)
+    slow = decode(chunks, False, bdat, **options)
+    assert fast == slow, (chunks, options)
+    return fast
+
+
+# An alphabet where every dangerous sequence is likely: CR, LF, dots, and a little text.
+hostile = st.lists(
+    st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"a", b"xyz", b".."]),
+    max_size=60,
+).map(b"".join)
+options = st.fixed_dictionaries(
+    {
+        "bare_newline": st.sampled_from([BareNewlinePolicy.REJECT, BareNewlinePolicy.NORMALIZE]),
+        "max_line_length": st.sampled_from([0, 3, 4, 5, 8, 1000]),
+        "max_size": st.sampled_from([0, 1, 7, 40, 10_000]),
+    }
+)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    edges = [0, *points, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(edges) if b > a] or [b""]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(hostile, st.lists(st.integers(min_value=0, max_value=500), max_size=8), options)
+def test_data_decodes_alike(data: bytes, cuts: list[int], opts: dict[str, object]) -> None:
+    """DATA: any input, chunked anyhow, gives the same message, verdict and leftover."""
+    assert_same(split(data, cuts), **opts)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(hostile, st.lists(st.integers(min_value=0, max_value=500), max_size=8), options)
+def test_bdat_decodes_alike(data: bytes, cuts: list[int], opts: dict[str, object]) -> None:
+    """BDAT chunks: no end marker, no unstuffing, the same checks, the same result."""
+    assert_same(split(data, cuts), bdat=True, **opts)
+
+
+def test_random_stress_alike() -> None:
+    """20,000 seeded random messages over the hostile alphabet, chunked at random."""
+    rng = random.Random(20261124)
+    pieces = [b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"a", b"x" * 7, b".."]
+    for _ in range(20_000):
+        body = b"".join(rng.choice(pieces) for _ in range(rng.randrange(80)))
+        cuts = [rng.randrange(len(body) + 1) for _ in range(rng.randrange(5))]
+        opts = {
+            "bare_newline": rng.choice(list(BareNewlinePolicy)),
+            "max_line_length": rng.choice([0, 3, 5, 9, 1000]),
+            "max_size": rng.choice([0, 5, 30, 1000]),
+        }
+        assert_same(split(body, cuts), bdat=rng.random() < 0.3, **opts)
+
+
+def test_real_messages_alike_and_accelerated() -> None:
+    """A normal message in 64 KiB reads: the same bytes, and the C path did the work."""
+    lines = [
+        (b"." if n % 50 == 0 else b"") + b"line %d " % n + b"x" * 60 + b"\r\n"
+        for n in range(20000)
+    ]
+    body = b"".join(lines)
+    stuffed = b"".join(b"." + line if line.startswith(b".") else line for line in lines)
+    wire = stuffed + b".\r\nQUIT\r\n"
+    chunks = [wire[i : i + 65536] for i in range(0, len(wire), 65536)]
+    outcome = assert_same(chunks, max_size=0, max_line_length=1000)
+    assert outcome.stored == body
+    assert outcome.rest == b"QUIT\r\n"
+    assert outcome.result == "ok"
+
+
+@pytest.mark.parametrize("length", [997, 998, 999, 1000, 1001])
+@pytest.mark.parametrize("chunk", [1, 7, 1000, 65536])
+def test_line_length_boundary_alike(length: int, chunk: int) -> None:
+    """A line of 998 octets plus CRLF is the longest allowed (RFC 5321 4.5.3.1.6)."""
+    wire = b"a\r\n" + b"b" * length + b"\r\nc\r\n.\r\n"
+    chunks = [wire[i : i + chunk] for i in range(0, len(wire), chunk)]
+    outcome = assert_same(chunks, max_line_length=1000)
+    assert outcome.result == ("ok" if length <= 998 else "line-too-long")
+
+
+# -- the C function itself -------------------------------------------------------------------
+
+
+def test_scan_clean_lines() -> None:
+    assert scan(b"\r\nab\r\n..c\r\nrest", 2, True, True, 0) == (b"ab\r\n.c\r\n", 11, False, False)
+
+
+def test_scan_finds_the_end_after_a_real_crlf_only() -> None:
+    assert scan(b"\r\n.\r\nMAIL", 2, True, True, 0) == (b"", 5, True, False)
+    assert scan(b"\r\na\r\n.\r\nX", 2, True, True, 0) == (b"a\r\n", 8, True, False)
+    # No end search for BDAT: the "." line is content.
+    assert scan(b"\r\na\r\n.\r\n", 2, False, False, 0) == (b"a\r\n.\r\n", 8, False, False)
+
+
+@pytest.mark.parametrize(
+    "work",
+    [b"\r\na\nb\r\n", b"\r\na\rb\r\n", b"\r\n\n", b"\r\n.\n", b"\r\nab\r\r\n", b"\r\n\r\r\n"],
+)
+def test_scan_hands_bare_cr_or_lf_back(work: bytes) -> None:
+    assert scan(work, 2, True, True, 1000) is None
+
+
+def test_scan_leaves_a_partial_line() -> None:
+    assert scan(b"\r\nabc", 2, True, True, 0) == (b"", 2, False, False)
+    assert scan(b"abc", 0, True, True, 0) == (b"", 0, False, False)
+    assert scan(b"\r\n", 2, True, True, 0) == (b"", 2, False, False)
+    # A bare CR in the partial line is not looked at until its line is complete.
+    assert scan(b"\r\nab\r\nc\rd", 2, True, True, 0) == (b"ab\r\n", 6, False, False)
+
+
+def test_scan_reports_long_lines() -> None:
+    assert scan(b"\r\n" + b"a" * 9 + b"\r\n", 2, True, True, 10) == (
+        b"a" * 9 + b"\r\n",
+        13,
+        False,
+        True,
+    )
+    assert scan(b"\r\n" + b"a" * 8 + b"\r\n", 2, True, True, 10)[3] is False  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "args, error",
+    [
+        ((bytearray(b"\r\na\r\n"), 2, True, True, 0), TypeError),
+        (("\r\na\r\n", 2, True, True, 0), TypeError),
+        ((b"\r\na\r\n", 1, True, True, 0), ValueError),
+        ((b"ab", 2, True, True, 0), ValueError),
+        ((b"", 2, True, True, 0), ValueError),
+        ((b"\r\n", 2, True, True, -1), ValueError),
+        ((b"\r\n", 2, True, True), TypeError),
+    ],
+)
+def test_scan_rejects_bad_arguments(args: tuple[object, ...], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        scan(*args)
+
+
+def test_scan_does_not_leak_references() -> None:
+    """Returned and refused calls leave the input's reference count as it was."""
+    work = b"\r\n" + b"line\r\n" * 100 + b".\r\n"
+    dirty = b"\r\n" + b"line\n" * 100
+    before = sys.getrefcount(work), sys.getrefcount(dirty)
+    for _ in range(1000):
+        scan(work, 2, True, True, 1000)
+        scan(dirty, 2, True, True, 1000)
+    assert (sys.getrefcount(work), sys.getrefcount(dirty)) == before
+
+
+def test_the_accelerator_is_used_by_default() -> None:
+    assert data_module.ACCELERATOR is scan
+    assert DataDecoder(lambda b: None)._scan is scan
+
+
+def test_the_built_module_matches_its_source() -> None:
+    """A stale build (the C file changed, the module was not rebuilt) is caught here."""
+    source = (ROOT / "slimta_tx" / "_speedups.c").read_bytes()
+    assert speedups.SOURCE_HASH == hashlib.sha256(source).hexdigest(), (
+        "slimta_tx/_speedups.c changed: rebuild with `make` or `pip install -e .`"
+    )
