@@ -5,12 +5,15 @@ Usage::
     .venv/bin/python bench/run.py            # the full run, about 4 minutes
     .venv/bin/python bench/run.py --quick    # a smoke run, about 30 seconds
     .venv/bin/python bench/run.py --profile  # also cProfile the slimta_tx servers
+    .venv/bin/python bench/run.py --client smtp-source --scenarios 50x2k  # Postfix's C client
 
 Every (scenario, server) pair gets a fresh server process (``bench/servers.py``) on 127.0.0.1
 and a fresh load generator process (``bench/load.py``). The load generator first warms the
 server up with a few small messages; then the server's peak-RSS counter is reset (``5`` to
 ``/proc/<pid>/clear_refs``) and VmRSS sampled; after the run VmHWM and VmRSS are read again.
-"peak +MiB" is VmHWM after minus VmRSS before. Server CPU comes from ``/proc/<pid>/stat``.
+"peak +MiB" is VmHWM after minus VmRSS before. Server CPU comes from ``/proc/<pid>/stat``,
+the load generator's own CPU from ``getrusage`` (``cliCPU``: if it nears 100 %, the client, not
+the server, sets the pace).
 
 Every run is bounded by a message count, a soft time limit (no new transaction after it) and a
 hard time limit (the load generator gives up; this script kills what is left). The printed
@@ -46,6 +49,9 @@ SERVERS: dict[str, str] = {
     "aiosmtpd": "aiosmtpd",
 }
 SLIMTA = ("slimta-discard", "slimta-maildir")
+SMTP_SOURCE = "/usr/sbin/smtp-source"  # Postfix's test client: C, lockstep, HELO
+# smtp-source's headers (From, To, Date, Message-Id) are about this long; its -l is the payload.
+SMTP_SOURCE_HEADERS = 160
 PEERS = ("twisted", "aiosmtpd")
 
 
@@ -150,10 +156,84 @@ def tail(path: str, lines: int = 5) -> str:
         return ""
 
 
+def run_smtp_source(
+    port: int, scenario: Scenario, errlog: str, server_pid: int
+) -> tuple[dict[str, Any], float]:
+    """Postfix's ``smtp-source`` against ``port``: the same number of parallel lockstep
+    sessions and messages as ``scenario`` (HELO, not EHLO; no latency figures). Bounded by the
+    scenario's hard limit (then killed). Returns load.py-shaped figures and the server's CPU
+    seconds over the run."""
+    command = [
+        SMTP_SOURCE,
+        "-d",  # keep each session open for its next message
+        f"-s{scenario.connections}",
+        f"-m{scenario.messages}",
+        f"-l{max(scenario.size - SMTP_SOURCE_HEADERS, 1)}",
+        "-Mclient.example",
+        "-fbench@client.example",
+        "-tsink@server.example",
+        f"127.0.0.1:{port}",
+    ]
+    cpu_before = proc_cpu(server_pid)
+    started = time.perf_counter()
+    with open(errlog, "w") as err:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+    # wait4 with a deadline: a pidfd says when it exited, wait4 gives its CPU time.
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        ready, _, _ = select.select([pidfd], [], [], scenario.hard_limit)
+    finally:
+        os.close(pidfd)
+    if not ready:
+        proc.kill()
+        proc.wait()
+        raise RunFailed(f"smtp-source overran the hard limit of {scenario.hard_limit:g}s; killed")
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    server_cpu = proc_cpu(server_pid) - cpu_before
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    errors = (
+        [] if proc.returncode == 0 else [f"smtp-source exit {proc.returncode}: {tail(errlog, 1)}"]
+    )
+    done = scenario.messages if not errors else 0
+    client_cpu = usage.ru_utime + usage.ru_stime
+    return {
+        "client": "smtp-source",
+        "connections": scenario.connections,
+        "size": scenario.size,
+        "pipelining_requested": False,
+        "pipelined_connections": 0,
+        "messages_requested": scenario.messages,
+        "messages": done,
+        "elapsed": elapsed,
+        "msgs_per_s": done / elapsed,
+        "mib_per_s": done * scenario.size / elapsed / MiB,
+        "p50": None,
+        "p99": None,
+        "max": None,
+        "errors": errors,
+        "error_count": len(errors),
+        "timed_out": False,
+        "hit_time_limit": False,
+        "client_cpu": client_cpu,
+        "client_cpu_per_msg": client_cpu / done if done else None,
+        "client_user": usage.ru_utime,
+        "client_sys": usage.ru_stime,
+    }, server_cpu
+
+
 def run_one(
-    kind: str, scenario: Scenario, warmup: int, scratch: str, profile: str | None
+    kind: str,
+    scenario: Scenario,
+    warmup: int,
+    scratch: str,
+    profile: str | None,
+    client: str = "load",
 ) -> dict[str, Any]:
-    """One fresh server, one load run; returns the measurements (or an ``error``)."""
+    """One fresh server, one load run; returns the measurements (or an ``error``).
+
+    ``client`` is ``load`` (bench/load.py) or ``smtp-source`` (load.py still does the warm-up).
+    """
     result: dict[str, Any] = {"server": kind, "scenario": scenario.key}
     command = [PYTHON, os.path.join(HERE, "servers.py"), kind]
     maildir = None
@@ -175,14 +255,16 @@ def run_one(
         if not ready.startswith("READY "):
             raise RunFailed(f"server said {ready!r}")
         port = int(ready.split()[1])
+        source = client == "smtp-source"
         load = subprocess.Popen(
             [
                 PYTHON,
                 os.path.join(HERE, "load.py"),
                 f"--port={port}",
-                f"--connections={scenario.connections}",
+                # With smtp-source, load.py only warms the server up.
+                f"--connections={0 if source else scenario.connections}",
                 f"--size={scenario.size}",
-                f"--messages={scenario.messages}",
+                f"--messages={0 if source else scenario.messages}",
                 f"--time-limit={scenario.time_limit}",
                 f"--hard-limit={scenario.hard_limit}",
                 f"--warmup={warmup}",
@@ -197,27 +279,46 @@ def run_one(
         line = read_line(load.stdout, 60, "end of warm-up")
         if line != "warm":
             raise RunFailed(f"load generator said {line!r}")
+        if source:
+            load.communicate("go\n", timeout=30)
         result["peak_reset"] = reset_peak(server.pid)
         before = proc_status(server.pid)
-        cpu_before = proc_cpu(server.pid)
-        load.stdin.write("go\n")
-        load.stdin.flush()
-        try:
-            out, errors = load.communicate(timeout=scenario.hard_limit + 15)
-        except subprocess.TimeoutExpired as e:
-            raise RunFailed("the load generator overran its hard limit; killed") from e
-        if server.poll() is not None:
-            raise RunFailed(f"the server died: {tail(errlog)}")
-        after = proc_status(server.pid)
-        server_cpu = proc_cpu(server.pid) - cpu_before
-        if load.returncode != 0:
-            raise RunFailed(f"load generator failed: {errors.strip().splitlines()[-1:]}")
-        result.update(json.loads(out.strip().splitlines()[-1]))
+        if source:
+            figures, server_cpu = run_smtp_source(
+                port,
+                scenario,
+                os.path.join(scratch, f"smtp-source-{scenario.key}.log"),
+                server.pid,
+            )
+            if server.poll() is not None:
+                raise RunFailed(f"the server died: {tail(errlog)}")
+            after = proc_status(server.pid)
+        else:
+            cpu_before = proc_cpu(server.pid)
+            load.stdin.write("go\n")
+            load.stdin.flush()
+            try:
+                out, errors = load.communicate(timeout=scenario.hard_limit + 15)
+            except subprocess.TimeoutExpired as e:
+                raise RunFailed("the load generator overran its hard limit; killed") from e
+            if server.poll() is not None:
+                raise RunFailed(f"the server died: {tail(errlog)}")
+            after = proc_status(server.pid)
+            server_cpu = proc_cpu(server.pid) - cpu_before
+            if load.returncode != 0:
+                raise RunFailed(f"load generator failed: {errors.strip().splitlines()[-1:]}")
+            figures = json.loads(out.strip().splitlines()[-1])
+            figures["client"] = "load.py"
+            if figures.get("client_cpu_per_msg") is None and figures["messages"]:
+                figures["client_cpu_per_msg"] = figures["client_cpu"] / figures["messages"]
+        result.update(figures)
         result["rss_before_kib"] = before["VmRSS"]
         result["rss_after_kib"] = after["VmRSS"]
         result["hwm_after_kib"] = after["VmHWM"]
         result["peak_increase_mib"] = (after["VmHWM"] - before["VmRSS"]) / 1024
         result["server_cpu"] = server_cpu
+        if result["messages"]:
+            result["server_cpu_per_msg"] = server_cpu / result["messages"]
         server_errors = tail(errlog)
         if server_errors:
             result["server_stderr"] = server_errors
@@ -254,18 +355,26 @@ def row(result: dict[str, Any]) -> str:
         notes.append("VmHWM not reset")
     cpu = result["server_cpu"] / result["elapsed"] * 100 if result["elapsed"] else 0
     per_msg = result["server_cpu"] / result["messages"] if result["messages"] else 0.0
-    per_msg_text = f"{per_msg * 1e6:.0f}us" if per_msg < 0.01 else f"{per_msg * 1e3:.0f}ms"
+    client_cpu = result.get("client_cpu") or 0.0
+    cli = client_cpu / result["elapsed"] * 100 if result["elapsed"] else 0
+    cli_per_msg = client_cpu / result["messages"] if result["messages"] else 0.0
     peak = f"{result['hwm_after_kib'] / 1024:.1f} (+{result['peak_increase_mib']:.1f})"
     return (
         f"  {name:<18} {result['msgs_per_s']:>9.1f} {result['mib_per_s']:>7.1f} "
         f"{fmt_ms(result['p50']):>9} {fmt_ms(result['p99']):>9} {peak:>15} {cpu:>6.0f}% "
-        f"{per_msg_text:>8} {result['messages']:>6}  {'; '.join(notes)}"
+        f"{per_msg_text(per_msg):>8} {cli:>6.0f}% {per_msg_text(cli_per_msg):>8} "
+        f"{result['messages']:>6}  {'; '.join(notes)}"
     )
+
+
+def per_msg_text(seconds: float) -> str:
+    return f"{seconds * 1e6:.0f}us" if seconds < 0.01 else f"{seconds * 1e3:.0f}ms"
 
 
 HEADER = (
     f"  {'server':<18} {'msgs/s':>9} {'MiB/s':>7} {'p50 ms':>9} {'p99 ms':>9} "
-    f"{'peak RSS MiB':>15} {'srvCPU':>7} {'CPU/msg':>8} {'msgs':>6}  notes"
+    f"{'peak RSS MiB':>15} {'srvCPU':>7} {'CPU/msg':>8} {'cliCPU':>7} {'cli/msg':>8} "
+    f"{'msgs':>6}  notes"
 )
 
 
@@ -281,7 +390,17 @@ def pick(runs: list[dict[str, Any]]) -> dict[str, Any]:
         chosen["peak_increase_mib"] = worst["peak_increase_mib"]
         chosen["hwm_after_kib"] = worst["hwm_after_kib"]
     chosen["rounds"] = [
-        {k: r.get(k) for k in ("msgs_per_s", "p50", "p99", "peak_increase_mib", "error")}
+        {
+            k: r.get(k)
+            for k in (
+                "msgs_per_s",
+                "p50",
+                "p99",
+                "peak_increase_mib",
+                "client_cpu_per_msg",
+                "error",
+            )
+        }
         for r in runs
     ]
     return chosen
@@ -395,6 +514,13 @@ def main() -> int:
         help="run each (scenario, server) this many times, interleaved; report the fastest",
     )
     parser.add_argument("--profile", action="store_true", help="cProfile the slimta_tx servers")
+    parser.add_argument(
+        "--client",
+        choices=("load", "smtp-source"),
+        default="load",
+        help="the load generator: bench/load.py, or Postfix's smtp-source (C, lockstep "
+        "scenarios only; a cross-check of load.py's figures)",
+    )
     parser.add_argument("--output", default=None, help="JSON file (default: bench/results/)")
     args = parser.parse_args()
 
@@ -408,6 +534,15 @@ def main() -> int:
         chosen = [s for s in chosen if s.key in keys]
         if not chosen:
             parser.error("no such scenario")
+    if args.client == "smtp-source":
+        if not os.access(SMTP_SOURCE, os.X_OK):
+            parser.error(f"--client smtp-source: {SMTP_SOURCE} not found (Postfix's test tools)")
+        skipped = [s.key for s in chosen if s.pipelining]
+        chosen = [s for s in chosen if not s.pipelining]
+        if skipped:
+            print(f"smtp-source does not pipeline: skipping {', '.join(skipped)}")
+        if not chosen:
+            parser.error("--client smtp-source: no lockstep scenario chosen")
     os.makedirs(RESULTS, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     info = meta(args.quick)
@@ -417,7 +552,7 @@ def main() -> int:
     print(
         f"slimta_tx bench {'(quick) ' if args.quick else ''}{info['started']}  "
         f"python {info['python']}  Twisted {info['versions']['Twisted']}  "
-        f"aiosmtpd {info['versions']['aiosmtpd']}  {info['cpus']} CPUs  "
+        f"aiosmtpd {info['versions']['aiosmtpd']}  {info['cpus']} CPUs  client {args.client}  "
         f"load average {' '.join(f'{x:.2f}' for x in info['loadavg_start'])}",
         flush=True,
     )
@@ -448,7 +583,9 @@ def main() -> int:
                         profile = os.path.join(
                             RESULTS, f"profile-{stamp}-{kind}-{scenario.key}-{round_}.prof"
                         )
-                    runs[kind].append(run_one(kind, scenario, warmup, scratch, profile))
+                    runs[kind].append(
+                        run_one(kind, scenario, warmup, scratch, profile, args.client)
+                    )
                     if profile and os.path.exists(profile):
                         profile_summary(profile, profile[: -len(".prof")] + ".txt")
             by_server = {kind: pick(runs[kind]) for kind in servers}
