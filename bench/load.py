@@ -37,6 +37,7 @@ import argparse
 import errno
 import gc
 import json
+import os
 import resource
 import select
 import socket
@@ -148,6 +149,11 @@ EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR | select.EPOLLHUP
 
 
+def connect_error(err: int) -> OSError:
+    # OSError(errno, ...) is the matching subclass: ConnectionRefusedError for ECONNREFUSED.
+    return OSError(err, f"connect: {os.strerror(err)}")
+
+
 class Conn:
     """One SMTP session: a state machine fed by :meth:`readable` and :meth:`writable`.
 
@@ -197,7 +203,7 @@ class Conn:
         err = sock.connect_ex(address)
         loop.add(self)
         if err not in (0, errno.EINPROGRESS):
-            self.fail(OSError(err, f"connect: {errno.errorcode.get(err, err)}"))
+            self.fail(connect_error(err))
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -205,7 +211,7 @@ class Conn:
         if self.state == CONNECTING:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                self.fail(ConnectionRefusedError(err, f"connect: {errno.errorcode.get(err, err)}"))
+                self.fail(connect_error(err))
                 return
             self.state = BANNER
             self.loop.watch(self, False)
@@ -403,6 +409,9 @@ class Loop:
         self.epoll = select.epoll()
         self.conns: dict[int, Conn] = {}
         self.writing: set[int] = set()
+        self.finished = False
+        self.polls = 0  # epoll_wait calls
+        self.events = 0  # (fd, events) pairs they returned
         message = shared.message
         self.size = message.size
         # A body up to 4 MiB is one bytes object built once, with its dot (and once more with
@@ -449,7 +458,10 @@ class Loop:
                     conn.close()
                 self.epoll.close()
                 return False
-            for fd, events in poll(min(timeout, 1.0)):
+            ready = poll(min(timeout, 1.0))
+            self.polls += 1
+            self.events += len(ready)
+            for fd, events in ready:
                 conn = conns.get(fd)
                 if conn is None:
                     continue
@@ -470,20 +482,23 @@ def address_of(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
 
 def session_run(
     host: str, port: int, shared: Shared, connections: int, hard_deadline: float
-) -> bool:
+) -> Loop:
+    """Open ``connections`` sessions and run them to the end; ``loop.finished`` is False when
+    the hard deadline stopped them."""
     family, address = address_of(host, port)
     loop = Loop(shared)
     for _ in range(connections):
         Conn(loop, shared, address, family)
-    return loop.run(hard_deadline)
+    loop.finished = loop.run(hard_deadline)
+    return loop
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     message = Message.of_size(args.size)
     if args.warmup:
         warm = Shared(args.warmup, time.monotonic() + 30, Message.of_size(2048), False)
-        finished = session_run(args.host, args.port, warm, 1, time.monotonic() + 60)
-        if warm.errors or not finished:
+        warm_loop = session_run(args.host, args.port, warm, 1, time.monotonic() + 60)
+        if warm.errors or not warm_loop.finished:
             raise ProtocolError(f"warm-up failed: {warm.errors or 'timed out'}")
         print("warm", flush=True)
         sys.stdin.readline()
@@ -496,8 +511,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     hard_deadline = time.monotonic() + args.hard_limit
     timed_out = False
+    polls = events = 0
     try:
-        timed_out = not session_run(args.host, args.port, shared, args.connections, hard_deadline)
+        loop = session_run(args.host, args.port, shared, args.connections, hard_deadline)
+        timed_out = not loop.finished
+        polls, events = loop.polls, loop.events
     except OSError as e:
         shared.errors.append(f"{type(e).__name__}: {e}")
     if timed_out:
@@ -535,6 +553,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "client_cpu_per_msg": client_cpu / done if done else None,
         "client_user": cpu1.ru_utime - cpu0.ru_utime,
         "client_sys": cpu1.ru_stime - cpu0.ru_stime,
+        # How much each epoll_wait returned: few events a call means the client mostly waits.
+        "client_polls": polls,
+        "client_events": events,
     }
 
 
