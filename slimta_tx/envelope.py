@@ -8,8 +8,8 @@ The names follow python-slimta's session so validators written for it read the s
 from __future__ import annotations
 
 import email.policy
+import os
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -23,9 +23,20 @@ from slimta_tx.spool import Spool
 __all__ = ["Envelope", "Session", "TLSInfo", "new_queue_id"]
 
 
+# Ids drawn ahead from os.urandom (what secrets.token_hex reads): one getrandom call per
+# _BATCH ids instead of one per message. A forked child drops the batch its parent drew, so
+# two processes never hand out the same ids.
+_BATCH = 64
+_ids: list[str] = []
+os.register_at_fork(after_in_child=_ids.clear)
+
+
 def new_queue_id() -> str:
     """A 16-character random id (64 bits, upper-case hex), unique across processes."""
-    return secrets.token_hex(8).upper()
+    if not _ids:
+        block = os.urandom(8 * _BATCH).hex().upper()
+        _ids.extend([block[i : i + 16] for i in range(0, 16 * _BATCH, 16)])
+    return _ids.pop()
 
 
 @dataclass(frozen=True)
@@ -125,13 +136,16 @@ class Envelope:
 
     def refresh_from(self, session: Session) -> Envelope:
         """Copy the session's facts (called at MAIL and again when the data is complete)."""
-        self.client_ip, self.client_port = session.address[0], int(session.address[1])
+        address, tls = session.address, session.tls
+        self.client_ip, self.client_port = address[0], int(address[1])
         self.client_name = session.reverse_name
         self.ehlo_as = session.ehlo_as
         self.protocol = session.protocol
         self.security = session.security
-        self.tls_version = session.tls.version if session.tls else None
-        self.tls_cipher = session.tls.cipher if session.tls else None
+        if tls is None:
+            self.tls_version = self.tls_cipher = None
+        else:
+            self.tls_version, self.tls_cipher = tls.version, tls.cipher
         self.authed = session.authed
         self.receiver = session.hostname
         return self
