@@ -16,7 +16,7 @@ _ESC = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
 _CODE = re.compile(r"^[2-5][0-9][0-9]$")
 
 
-@dataclass
+@dataclass(init=False)
 class Reply:
     """One SMTP reply.
 
@@ -31,8 +31,13 @@ class Reply:
     message: str = ""
     enhanced_status_code: str | None = None
 
-    def __post_init__(self) -> None:
-        self.code = str(self.code)
+    def __init__(
+        self, code: str = "250", message: str = "", enhanced_status_code: str | None = None
+    ) -> None:
+        # Written out (not generated with a __post_init__): a few replies are made per message.
+        self.code = code if type(code) is str else str(code)
+        self.message = message
+        self.enhanced_status_code = enhanced_status_code
 
     # -- classification ---------------------------------------------------------------------
 
@@ -67,6 +72,14 @@ class Reply:
         """The x.y.z that goes on the wire for this reply, or None."""
         if not with_enhanced:
             return None
+        code = self.code
+        if code in _VALID_CODES:  # the usual case, without regular expressions
+            if code[0] == "3":
+                return None
+            esc = self.enhanced_status_code
+            if esc is not None and esc[:1] == code[0] and (esc in _FAST_ESC or _ESC.match(esc)):
+                return esc
+            return f"{code[0]}.0.0"
         if not _CODE.match(self.code):
             return "4.0.0"  # an invalid code is rendered as 451
         if self.code[:1] not in ("2", "4", "5"):
@@ -92,9 +105,13 @@ class Reply:
             # The common case (one clean line, a usual code): no regular expressions.
             esc = self.enhanced_status_code if with_enhanced else None
             if esc is not None and esc[0] == self.code[0]:
-                return f"{self.code} {esc} {message}".rstrip(" ").encode("utf-8") + b"\r\n"
+                if message:  # no trailing space to strip (message == message.strip())
+                    return f"{self.code} {esc} {message}\r\n".encode()
+                return f"{self.code} {esc}\r\n".encode()
             if not with_enhanced or self.code[0] == "3":
-                return f"{self.code} {message}".rstrip(" ").encode("utf-8") + b"\r\n"
+                if message:
+                    return f"{self.code} {message}\r\n".encode()
+                return f"{self.code}\r\n".encode()
         code = self.code if _CODE.match(self.code) else "451"
         esc = self.effective_enhanced_code(with_enhanced)
         lines = [_clean(line) for line in (self.message or "").split("\n")] or [""]
