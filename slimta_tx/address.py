@@ -72,6 +72,14 @@ _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _VALUE_ASCII = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
 _VALUE_UTF8 = re.compile(r"(?:[\x21-\x3c\x3e-\x7e]|[^\x00-\x7f])+\Z")
 
+# The common case in one match: an ASCII dot-atom local part and a domain name whose labels
+# are 1 to 63 characters. Every path these match, the full parser accepts and returns the same
+# way (the local part holds no "@", quote or ">"); anything else takes the full parser.
+_SHORT_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_COMMON_PATH = rf" *<(([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@{_SHORT_LABEL}(?:\.{_SHORT_LABEL})*)>"
+_COMMON_FROM = re.compile(rf"[Ff][Rr][Oo][Mm]:{_COMMON_PATH}")
+_COMMON_TO = re.compile(rf"[Tt][Oo]:{_COMMON_PATH}")
+
 
 def _utf8_len(text: str) -> int:
     # isascii() is O(1) on str; almost every address is ASCII.
@@ -207,11 +215,36 @@ def _split_argument(argument: str, prefix: str) -> tuple[str, list[str]]:
     return path, [word for word in tail.split(" ") if word]
 
 
+def _common(pattern: re.Pattern[str], argument: str) -> tuple[str, list[str]] | None:
+    """The mailbox and parameter words of a common-case argument; None: use the full parser."""
+    match = pattern.match(argument)
+    if match is None:
+        return None
+    mailbox = match[1]
+    if len(mailbox) > MAX_PATH - 2 or len(match[2]) > MAX_LOCAL_PART:
+        return None  # the full parser says which limit
+    end = match.end()
+    if end == len(argument):
+        return mailbox, []
+    if argument[end] != " ":
+        return None  # "Syntax error after address"
+    return mailbox, [word for word in argument[end:].split(" ") if word]
+
+
 def parse_mail_argument(argument: str) -> MailArgument:
     """Parse the argument of ``MAIL``: ``FROM:<path> [params]``.
 
     Non-ASCII is accepted in the path only with the ``SMTPUTF8`` parameter (RFC 6531 3.4).
     """
+    common = _common(_COMMON_FROM, argument)
+    if common is not None:
+        mailbox, words = common
+        if not words:
+            return MailArgument(mailbox, {})
+        params = _parse_params(words, utf8=True)
+        if "SMTPUTF8" not in params and not all(w.isascii() for w in words):
+            raise ArgumentError("553", "5.6.7", "Non-ASCII address requires SMTPUTF8")
+        return MailArgument(mailbox, params)
     path, words = _split_argument(argument, "FROM:")
     params = _parse_params(words, utf8=True)
     utf8 = "SMTPUTF8" in params
@@ -225,6 +258,14 @@ def parse_rcpt_argument(argument: str, utf8: bool = False) -> MailArgument:
 
     ``utf8`` says whether the transaction's MAIL carried ``SMTPUTF8``.
     """
+    common = _common(_COMMON_TO, argument)
+    if common is not None:
+        mailbox, words = common
+        if not words:
+            return MailArgument(mailbox, {})
+        if not utf8 and not all(w.isascii() for w in words):
+            raise ArgumentError("553", "5.6.7", "Non-ASCII address requires SMTPUTF8")
+        return MailArgument(mailbox, _parse_params(words, utf8))
     path, words = _split_argument(argument, "TO:")
     if not utf8 and not (path.isascii() and all(w.isascii() for w in words)):
         raise ArgumentError("553", "5.6.7", "Non-ASCII address requires SMTPUTF8")
