@@ -25,6 +25,7 @@ __all__ = ["HANDLERS"]
 Handler = Callable[["ESMTPServerProtocol", str], None]
 
 _BODY_VALUES = ("7BIT", "8BITMIME")
+_DATA = State.DATA  # a module global: State.DATA goes through EnumType.__getattr__
 
 
 def _greeting(proto: ESMTPServerProtocol, argument: str, verb: str) -> None:
@@ -64,7 +65,9 @@ def helo(proto: ESMTPServerProtocol, argument: str) -> None:
 
 def _check_mail_params(proto: ESMTPServerProtocol, parsed: MailArgument) -> Reply | None:
     params = parsed.params
-    if params and not proto.session.extended_smtp:
+    if not params:
+        return None
+    if not proto.session.extended_smtp:
         return Reply("555", "MAIL parameters are not allowed after HELO", "5.5.4")
     allowed = {"SIZE", "BODY", "SMTPUTF8", *proto.edge.extra_mail_params}
     if not proto.policy.smtputf8:
@@ -124,7 +127,9 @@ def rcpt(proto: ESMTPServerProtocol, argument: str) -> None:
         proto.finish_command("RCPT", Reply("452", "Too many recipients", "4.5.3"))
         return
     reply = Reply("250", f"Recipient <{parsed.address}> ok", "2.1.5")
-    if not relay_allowed(proto.policy, proto.session, parsed.address):
+    if not relay_allowed(
+        proto.policy, proto.session, parsed.address, trusted=proto.client_trusted()
+    ):
         reply.set("554", f"<{parsed.address}>: Relay access denied", "5.7.1")
 
     def done(reply: Reply) -> None:
@@ -143,7 +148,7 @@ def data(proto: ESMTPServerProtocol, argument: str) -> None:
 
     def done(reply: Reply) -> None:
         proto.finish_command("DATA", reply)
-        if proto.state is State.DATA:
+        if proto.state is _DATA:
             proto.start_data()
 
     proto.run_step(proto.call_hook("DATA", reply), done)

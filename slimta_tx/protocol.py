@@ -24,7 +24,7 @@ from slimta_tx.envelope import Session
 from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
 from slimta_tx.reply import Reply
 from slimta_tx.spool import Spool
-from slimta_tx.state import UNIMPLEMENTED, State, after, check
+from slimta_tx.state import COMMANDS, UNIMPLEMENTED, State, after, check
 
 if TYPE_CHECKING:  # pragma: no cover
     from slimta_tx.factory import SmtpEdge
@@ -39,6 +39,9 @@ _LONG_LINE_VERBS = frozenset({"MAIL", "RCPT", "AUTH"})
 _BODY_STATES = frozenset({State.DATA, State.BDAT})
 # States in which a message is being spooled (and a lost connection discards it).
 _SPOOLING_STATES = frozenset({State.DATA, State.BDAT, State.CHUNKING})
+# Module globals for the hot paths: ``State.X`` goes through EnumType.__getattr__ (~70 ns).
+_GREETING, _CONNECTED, _READY = State.GREETING, State.CONNECTED, State.READY
+_DATA, _BDAT, _CLOSED = State.DATA, State.BDAT, State.CLOSED
 
 _DATA_REFUSALS = {
     DataResult.TOO_BIG: Reply("552", "Message too big for system", "5.3.4"),
@@ -47,6 +50,9 @@ _DATA_REFUSALS = {
         "550", "Message contains bare CR or LF; lines must end with CRLF", "5.5.2"
     ),
 }
+# Replies that count as the client's errors (see refuse()).
+_REFUSAL_CODES = frozenset({"500", "501", "502", "503", "504", "555"})
+_DATA_OK = DataResult.OK
 TEMPFAIL = Reply("451", "Temporary local problem, try again later", "4.3.0")
 
 LineHandler = Callable[[bytes], None]
@@ -63,7 +69,7 @@ class ESMTPServerProtocol(Protocol):
         self.policy = edge.policy
         self.clock = edge.reactor
         self.session = Session(hostname=self.policy.hostname)
-        self.state = State.GREETING
+        self.state = _GREETING
         self.reader = LineReader(self.policy.max_command_length - 2 + _EXTENSION_ALLOWANCE)
         self.line_handler: LineHandler = self._command_line
         self.bad_commands = 0
@@ -80,6 +86,8 @@ class ESMTPServerProtocol(Protocol):
         self._abort_timer: IDelayedCall | None = None
         self.chunk: chunking.Chunk | None = None
         self.tls_started = False  # STARTTLS accepted, or TLS from the first byte
+        # policy.is_trusted(client address), remembered with the policy and address it is for.
+        self._trusted: tuple[object, object, bool] = (None, None, False)
 
     # -- transport events -----------------------------------------------------------------
 
@@ -99,7 +107,7 @@ class ESMTPServerProtocol(Protocol):
         self.greet()
 
     def greet(self) -> None:
-        if self._closing or self.state is State.CLOSED:
+        if self._closing or self.state is _CLOSED:
             return  # turned away already (the edge is closing): 421 instead of a banner
         reply = self.edge.banner_reply()
         # Input stays unpaused until the banner is out, so early talkers are noticed.
@@ -110,10 +118,10 @@ class ESMTPServerProtocol(Protocol):
         self._banner_pending = False
         self.send(reply, enhanced=reply.is_error)
         if not reply.closes_connection and reply.code.startswith("2"):
-            self.state = State.CONNECTED
+            self.state = _CONNECTED
         elif not reply.closes_connection:
             # A 554 greeting: RFC 5321 3.1 says answer 503 to all but QUIT.
-            self.state = State.CONNECTED
+            self.state = _CONNECTED
             self.line_handler = self._refused_session_line
             if self.session.early_talker:
                 # What it sent before the greeting is not answered: refused, then closed.
@@ -126,7 +134,8 @@ class ESMTPServerProtocol(Protocol):
             self.session.early_talker = True
             self.pause_input()
         self.reader.feed(data)
-        if self.state in _BODY_STATES and not self._waiting:
+        state = self.state
+        if (state is _DATA or state is _BDAT) and not self._waiting:
             self.restart_timer(self.policy.data_timeout)
         self.process()
 
@@ -134,7 +143,7 @@ class ESMTPServerProtocol(Protocol):
         self.cancel_timer()
         if self._abort_timer is not None and self._abort_timer.active():
             self._abort_timer.cancel()
-        previous, self.state = self.state, State.CLOSED
+        previous, self.state = self.state, _CLOSED
         if previous in _SPOOLING_STATES and not self._waiting:
             self._discard_spool()
         starttls.connection_lost(self, reason)
@@ -152,40 +161,56 @@ class ESMTPServerProtocol(Protocol):
         if self._processing:
             return
         self._processing = True
+        reader = self.reader
         try:
-            while not self._waiting and not self._closing and self.state is not State.CLOSED:
-                if self.state in _BODY_STATES:
-                    data = self.reader.take_rest()
+            while not self._waiting and not self._closing:
+                state = self.state
+                if state is _DATA or state is _BDAT:
+                    data = reader.take_rest()
                     if not data:
                         break
-                    if self.state is State.DATA:
+                    if state is _DATA:
                         self._data_bytes(data)
                     else:
                         chunking.consume(self, data)
-                elif self.state is State.GREETING:
+                elif state is _CLOSED or state is _GREETING:
                     break
                 else:
-                    line = self.reader.next_line()
+                    line = reader.next_line()
                     if line is None:
                         break
                     self.line_handler(line)  # type: ignore[arg-type]
         finally:
             self._processing = False
-        if not (self._waiting and self.reader.buffered):
+        if not (self._waiting and reader.buffered):
             # Waiting with commands still buffered: the rest of the group is answered in the
             # same write (RFC 2920 only requires a flush before waiting for input).
             self.flush()
 
-    def run_step(self, d: Deferred[Reply] | Reply, then: Callable[[Reply], None]) -> None:
+    def run_step(
+        self,
+        d: Deferred[Reply] | Reply,
+        then: Callable[[Reply], None],
+        check: Callable[[Any], Reply] | None = None,
+    ) -> None:
         """Wait for ``d`` (a hook or the bus) with input paused, then call ``then`` in order.
 
-        ``d`` may also be a ready :class:`Reply` (nothing to wait for).
+        ``d`` may also be a ready :class:`Reply` (nothing to wait for). ``check`` turns what
+        ``d`` fires with into a Reply, or raises (then, as when ``d`` fails, the failure is
+        logged and the client gets 451 4.3.0).
         """
+        if isinstance(d, Reply):
+            # Answered at once: input was never paused and the command's timer still runs.
+            if self.state is not _CLOSED:
+                then(d)
+                if not self._processing:
+                    self.process()  # flushes (and closes, after a 421/221)
+            return
         self._waiting = True
 
-        def done(reply: Reply) -> None:
+        def finish(reply: Reply) -> None:
             self._waiting = False
-            if self.state is not State.CLOSED:
+            if self.state is not _CLOSED:
                 then(reply)
                 if not self._closing:
                     self.resume_input()
@@ -195,17 +220,18 @@ class ESMTPServerProtocol(Protocol):
 
         def failed(failure: Failure) -> None:
             self.log.failure("{peer}: step failed", failure, peer=self.session.address)
-            done(TEMPFAIL.copy())
+            finish(TEMPFAIL.copy())
 
-        if isinstance(d, Reply):
-            # Answered at once: input was never paused and the command's timer still runs.
-            self._waiting = False
-            if self.state is not State.CLOSED:
-                then(d)
-                if not self._processing:
-                    self.process()  # flushes (and closes, after a 421/221)
-            return
-        d.addCallbacks(done, failed)
+        def checked(result: Any) -> None:
+            assert check is not None
+            try:
+                reply = check(result)
+            except Exception:
+                failed(Failure())
+            else:
+                finish(reply)
+
+        d.addCallbacks(finish if check is None else checked, failed)
         if self._waiting:
             # Not answered yet: no command timeout meanwhile, and no reading. (A step answered
             # at once needs neither: nothing can arrive in between; this saves two epoll calls.)
@@ -215,29 +241,44 @@ class ESMTPServerProtocol(Protocol):
 
     def call_hook(self, name: str, reply: Reply, *extra: Any) -> Deferred[Reply] | Reply:
         """Run the checks and validator of hook ``name``; a plain Reply if there are none."""
-        return self.edge.validators.run_quick(name, self.session, reply, *extra)
+        validators = self.edge.validators
+        if name not in validators.active:
+            return reply  # most hooks on a busy edge: no Deferred, no further call
+        return validators.run(name, self.session, reply, *extra)
+
+    def client_trusted(self) -> bool:
+        """``policy.is_trusted(client address)``, asked once per session (not per RCPT)."""
+        policy, address = self.policy, self.session.address
+        known_policy, known_address, trusted = self._trusted
+        if known_policy is policy and known_address is address:
+            return trusted
+        trusted = policy.is_trusted(address[0])
+        self._trusted = (policy, address, trusted)
+        return trusted
 
     # -- output ------------------------------------------------------------------------------
 
     def send(self, reply: Reply, enhanced: bool = True) -> None:
         """Queue ``reply``; a 421/221 also ends the session after it is written."""
-        self._out.append(reply.render(with_enhanced=enhanced))
-        if reply.closes_connection:
+        self._out.append(reply.render(enhanced))
+        code = reply.code
+        if code == "421" or code == "221":  # reply.closes_connection
             self.close_after_flush()
-        elif self._shutdown_requested and self.state in (State.CONNECTED, State.READY):
+        elif self._shutdown_requested and self.state in (_CONNECTED, _READY):
             self._out.append(
                 Reply("421", f"{self.policy.hostname} Service shutting down", "4.3.2").render()
             )
             self.close_after_flush()
 
     def flush(self) -> None:
-        if self._out and self.transport is not None and self.state is not State.CLOSED:
-            out, self._out = b"".join(self._out), []
-            fastwrite.write(self.transport, out)
+        out = self._out
+        if out and self.transport is not None and self.state is not _CLOSED:
+            self._out = []
+            fastwrite.write(self.transport, out[0] if len(out) == 1 else b"".join(out))
         if (
             self._closing
             and self._abort_timer is None
-            and self.state is not State.CLOSED
+            and self.state is not _CLOSED
             and self.transport is not None
         ):
             self.transport.loseConnection()
@@ -249,7 +290,7 @@ class ESMTPServerProtocol(Protocol):
         self.cancel_timer()
 
     def _abort_if_open(self) -> None:
-        if self.state is not State.CLOSED and self.transport is not None:
+        if self.state is not _CLOSED and self.transport is not None:
             cast(Any, self.transport).abortConnection()
 
     def refuse(self, reply: Reply) -> None:
@@ -280,9 +321,10 @@ class ESMTPServerProtocol(Protocol):
         self.restart_timer(timeout)
 
     def restart_timer(self, seconds: float) -> None:
-        if self.state is State.CLOSED or self._closing:
+        # self._timer is None or active: _timed_out and cancel_timer clear it.
+        if self.state is _CLOSED or self._closing:
             self.cancel_timer()
-        elif self._timer is not None and self._timer.active():
+        elif self._timer is not None:
             self._timer.reset(seconds)  # cheaper than cancel + callLater, several times a message
         else:
             self._timer = self.clock.callLater(seconds, self._timed_out)
@@ -332,10 +374,12 @@ class ESMTPServerProtocol(Protocol):
         if handler is None:
             self._unknown(verb, text)
             return
-        refusal = check(self.state, verb)
-        if refusal is not None:
-            self.refuse(refusal)
-            return
+        spec = COMMANDS.get(verb)
+        if spec is None or self.state not in spec.allowed:  # (check() is a call more)
+            refusal = check(self.state, verb)
+            if refusal is not None:
+                self.refuse(refusal)
+                return
         handler(self, argument)
 
     def _unknown(self, verb: str, text: str) -> None:
@@ -357,7 +401,7 @@ class ESMTPServerProtocol(Protocol):
     def finish_command(self, verb: str, reply: Reply, enhanced: bool = True) -> None:
         """Send the reply to ``verb`` and move the state machine on."""
         self.state = after(self.state, verb, reply)
-        if reply.code[:1] == "5" and reply.code in ("500", "501", "502", "503", "504", "555"):
+        if reply.code in _REFUSAL_CODES:
             self.refuse(reply)
         else:
             self.send(reply, enhanced=enhanced)
@@ -394,7 +438,8 @@ class ESMTPServerProtocol(Protocol):
         decoder, spool, envelope = self.decoder, self._spool, self.session.envelope
         assert decoder is not None and spool is not None and envelope is not None
         self.decoder = None
-        refusal = _DATA_REFUSALS.get(decoder.result)
+        result = decoder.result
+        refusal = None if result is _DATA_OK else _DATA_REFUSALS.get(result)
         if refusal is not None:
             self.log.info(
                 "{peer} message refused: {why} ({size} bytes)",
@@ -406,6 +451,12 @@ class ESMTPServerProtocol(Protocol):
             return
         envelope.refresh_from(self.session)
         envelope.message = spool
+        if "HAVE_DATA" not in self.edge.validators.active:
+            # Nothing could change the proposed 250: straight to the bus, whose Deferred gets
+            # one pair of callbacks (which also check its reply).
+            sent = maybeDeferred(self.edge.bus.send, envelope)
+            self.run_step(sent, self._complete_transaction, _check_bus_reply)
+            return
         queued = Reply("250", f"Message queued as {envelope.queue_id}", "2.6.0")
 
         def deliver(reply: Reply) -> Deferred[Reply] | Reply:
@@ -423,7 +474,7 @@ class ESMTPServerProtocol(Protocol):
         if envelope is not None:
             self.edge.log_transaction(self.session, envelope, reply)
         self.reset_transaction()
-        self.state = State.READY
+        self.state = _READY
         self.send(reply)
 
     def _discard_spool(self) -> None:
@@ -437,11 +488,11 @@ class ESMTPServerProtocol(Protocol):
     def shutdown(self) -> None:
         """Close at the next point between transactions (the edge is closing)."""
         self._shutdown_requested = True
-        if self.state in (State.CONNECTED, State.READY, State.GREETING) and not self._waiting:
+        if self.state in (_CONNECTED, _READY, _GREETING) and not self._waiting:
             self.force_close()
 
     def force_close(self) -> None:
-        if self.state is State.CLOSED or self._closing:
+        if self.state is _CLOSED or self._closing:
             return
         if self.state in _SPOOLING_STATES and not self._waiting:  # not while the bus reads it
             self._discard_spool()

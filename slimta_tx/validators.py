@@ -62,6 +62,13 @@ class Validators:
     def __init__(self) -> None:
         self._hooks: dict[str, Validator] = {}
         self._checks: dict[str, list[Validator]] = {}
+        #: The hooks with a validator or checks; the protocol skips the others without a call.
+        self.active: frozenset[str] = frozenset()
+
+    def _changed(self) -> None:
+        self.active = frozenset(
+            [*self._hooks, *(name for name, checks in self._checks.items() if checks)]
+        )
 
     def set(self, command: str, func: Validator | None) -> None:
         name = _hook_name(command)
@@ -69,6 +76,7 @@ class Validators:
             self._hooks.pop(name, None)
         else:
             self._hooks[name] = _fitted(func)
+        self._changed()
 
     def get(self, command: str) -> Validator | None:
         return self._hooks.get(command)
@@ -83,11 +91,13 @@ class Validators:
             checks.insert(0, func)
         else:
             checks.append(func)
+        self._changed()
 
     def remove_check(self, command: str, func: Validator) -> None:
         checks = self._checks.get(_hook_name(command), [])
         if func in checks:
             checks.remove(func)
+        self._changed()
 
     def checks(self, command: str) -> list[Validator]:
         return list(self._checks.get(_hook_name(command), ()))
@@ -282,9 +292,17 @@ def install_validators(
         validators.set(hook, bind(hook))
 
 
-def relay_allowed(policy: Policy, session: Session, recipient: str) -> bool:
-    """No open relay: trusted network, authenticated client, or an accepted domain."""
-    if session.authed or policy.is_trusted(session.address[0]):
+def relay_allowed(
+    policy: Policy, session: Session, recipient: str, trusted: bool | None = None
+) -> bool:
+    """No open relay: trusted network, authenticated client, or an accepted domain.
+
+    ``trusted``: ``policy.is_trusted(session.address[0])`` when the caller knows it already
+    (the protocol asks once per session).
+    """
+    if trusted is None:
+        trusted = policy.is_trusted(session.address[0])
+    if session.authed or trusted:
         return True
     if recipient.lower() == "postmaster":  # RFC 5321 4.5.1: always accepted.
         return True

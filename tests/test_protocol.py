@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import pytest
 from smtp_driver import Driver
+from twisted.logger import globalLogPublisher
 
 from slimta_tx import Policy, Reply
 from slimta_tx.testing import FailingBus, RecordingBus
 
 MESSAGE = b"Subject: test\r\n\r\nHello\r\n"
+
+
+@contextmanager
+def captured_events() -> Iterator[list[dict[str, Any]]]:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
 
 
 def test_banner_has_no_enhanced_code() -> None:
@@ -393,6 +408,60 @@ class TestData:
         d = Driver(bus=Broken())
         d.start_data()
         assert d.codes(MESSAGE + b".\r\n") == ["451"]
+
+    def test_bus_failures_are_logged(self) -> None:
+        """An exception, a failed Deferred and a non-Reply each log a failure and give 451."""
+
+        class Raising:
+            def send(self, envelope: object) -> None:
+                raise RuntimeError("raised at once")
+
+        class Nonsense:
+            def send(self, envelope: object) -> int:
+                return 42
+
+        for bus in (Raising(), FailingBus(), Nonsense()):
+            with captured_events() as events:
+                d = Driver(bus=bus)
+                d.start_data()
+                assert d.codes(MESSAGE + b".\r\n") == ["451"]
+                assert d.cmd("NOOP")[0] == "250"
+            failures = [e for e in events if "log_failure" in e]
+            assert [e["log_format"] for e in failures] == ["{peer}: step failed"], bus
+
+    def test_bus_answering_later(self) -> None:
+        """A bus Deferred that fires later: reading waits, then the reply and what follows."""
+        from slimta_tx.testing import PendingBus
+
+        bus = PendingBus()
+        d = Driver(bus=bus)
+        d.start_data()
+        assert d.send(MESSAGE + b".\r\nNOOP\r\n") == []
+        (_, _, deferred) = bus.pending[0]
+        deferred.callback(Reply("250", "Later", "2.6.0"))
+        assert d.read() == [("250", "2.6.0 Later"), ("250", "2.0.0 Ok")]
+
+    def test_transaction_log_line(self) -> None:
+        """One info event per transaction, as Logger.info would emit it, with its fields."""
+        from twisted.logger import LogLevel, formatEvent
+
+        with captured_events() as events:
+            d = Driver()
+            d.start_data()
+            (_reply,) = d.send(MESSAGE + b".\r\n")
+        (event,) = [e for e in events if "queue_id" in e]
+        queue_id = d.bus.messages[0].envelope.queue_id
+        assert event["log_level"] is LogLevel.info
+        assert event["log_namespace"] == "slimta_tx.factory.SmtpEdge"
+        assert event["log_source"] is d.edge
+        assert event["log_logger"].source is d.edge
+        assert isinstance(event["log_time"], float)
+        text = formatEvent(event)
+        assert text.startswith(
+            f"192.0.2.1 helo=client.test from=<a@sender.test> rcpts=1 size={len(MESSAGE)} "
+            f"id={queue_id} result=250 2.6.0 "
+        ), text
+        assert text.endswith("s")
 
     def test_several_messages_per_connection(self) -> None:
         d = Driver()
