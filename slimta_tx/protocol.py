@@ -83,6 +83,8 @@ class ESMTPServerProtocol(Protocol):
         self._shutdown_requested = False
         self._banner_pending = False
         self._timer: IDelayedCall | None = None
+        # A restart asked for while processing input, applied once when processing stops.
+        self._timer_due: float | None = None
         self._abort_timer: IDelayedCall | None = None
         self.chunk: chunking.Chunk | None = None
         self.tls_started = False  # STARTTLS accepted, or TLS from the first byte
@@ -136,7 +138,7 @@ class ESMTPServerProtocol(Protocol):
         self.reader.feed(data)
         state = self.state
         if (state is _DATA or state is _BDAT) and not self._waiting:
-            self.restart_timer(self.policy.data_timeout)
+            self._timer_due = self.policy.data_timeout  # restarted when process() stops
         self.process()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
@@ -182,6 +184,10 @@ class ESMTPServerProtocol(Protocol):
                     self.line_handler(line)  # type: ignore[arg-type]
         finally:
             self._processing = False
+            due = self._timer_due
+            if due is not None:
+                self._timer_due = None
+                self._set_timer(due)
         if not (self._waiting and reader.buffered):
             # Waiting with commands still buffered: the rest of the group is answered in the
             # same write (RFC 2920 only requires a flush before waiting for input).
@@ -321,6 +327,19 @@ class ESMTPServerProtocol(Protocol):
         self.restart_timer(timeout)
 
     def restart_timer(self, seconds: float) -> None:
+        """Restart the idle timer (``seconds`` from now); cancelled while closing.
+
+        While input is being processed the restart is only noted, and applied once when
+        processing stops: the clock does not move in between, so only the last one counts
+        (a command line and the DATA that follows it, a body and the bus's reply, a pipelined
+        group each cost one timer reset, not one each).
+        """
+        if self._processing:
+            self._timer_due = seconds
+        else:
+            self._set_timer(seconds)
+
+    def _set_timer(self, seconds: float) -> None:
         # self._timer is None or active: _timed_out and cancel_timer clear it.
         if self.state is _CLOSED or self._closing:
             self.cancel_timer()
@@ -330,6 +349,7 @@ class ESMTPServerProtocol(Protocol):
             self._timer = self.clock.callLater(seconds, self._timed_out)
 
     def cancel_timer(self) -> None:
+        self._timer_due = None
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
