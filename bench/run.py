@@ -357,6 +357,10 @@ def row(result: dict[str, Any]) -> str:
     per_msg = result["server_cpu"] / result["messages"] if result["messages"] else 0.0
     client_cpu = result.get("client_cpu") or 0.0
     cli = client_cpu / result["elapsed"] * 100 if result["elapsed"] else 0
+    if cpu < 90 and 85 <= cpu + cli <= 110:
+        # Neither side busy, together about one core: they ran by turns (other work on the
+        # machine held the other core), so this row measures the machine more than the server.
+        notes.append("server+client ~ one core")
     cli_per_msg = client_cpu / result["messages"] if result["messages"] else 0.0
     peak = f"{result['hwm_after_kib'] / 1024:.1f} (+{result['peak_increase_mib']:.1f})"
     return (
