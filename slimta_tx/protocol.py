@@ -88,6 +88,7 @@ class ESMTPServerProtocol(Protocol):
         self._abort_timer: IDelayedCall | None = None
         self.chunk: chunking.Chunk | None = None
         self.tls_started = False  # STARTTLS accepted, or TLS from the first byte
+        self._flush_pending = False  # a flush_now is due at the end of this reactor pass
         # policy.is_trusted(client address), remembered with the policy and address it is for.
         self._trusted: tuple[object, object, bool] = (None, None, False)
 
@@ -277,6 +278,19 @@ class ESMTPServerProtocol(Protocol):
             self.close_after_flush()
 
     def flush(self) -> None:
+        """Send the queued replies: at the end of this reactor pass on plain TCP (see
+        :func:`fastwrite.flush_later`), at once otherwise and whenever the session closes."""
+        if self._out and not self._closing:
+            if self._flush_pending:
+                return
+            if fastwrite.flush_later(self.transport, self.flush_now):
+                self._flush_pending = True
+                return
+        self.flush_now()
+
+    def flush_now(self) -> None:
+        """Send the queued replies now (and close, if the session is closing)."""
+        self._flush_pending = False
         out = self._out
         if out and self.transport is not None and self.state is not _CLOSED:
             self._out = []

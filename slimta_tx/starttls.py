@@ -119,7 +119,7 @@ def proto_start_tls(proto: ESMTPServerProtocol) -> Any:
             proto.finish_command("STARTTLS", reply)
             return
         proto.send(reply)
-        proto.flush()
+        proto.flush_now()  # the 220 must be on the wire, in plaintext, before the handshake
         # Nothing the client sent after STARTTLS in plaintext may be acted upon.
         proto.reader.clear()
         if proto.state is State.CLOSED or getattr(proto, "_closing", False):

@@ -6,9 +6,16 @@ from typing import Any
 
 import pytest
 from twisted.internet import tcp
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
+from twisted.python.failure import Failure
 
 from slimta_tx import fastwrite
+from slimta_tx.bus.simple import DiscardBus
+from slimta_tx.factory import SmtpEdge
+from slimta_tx.policy import Policy
 
 
 class FakeSocket:
@@ -88,3 +95,91 @@ def test_other_transports_use_their_own_write() -> None:
     transport = StringTransport()
     fastwrite.write(transport, b"data")
     assert transport.value() == b"data"
+
+
+# -- replies coalesced per reactor pass ---------------------------------------------------------
+
+
+def test_flushes_asked_for_in_one_pass_run_together_at_its_end() -> None:
+    """One callLater(0) per pass, whatever the number of connections; each flush runs once."""
+    clock = Clock()
+    ran: list[str] = []
+    conns = [connection(FakeSocket(), reactor=clock) for _ in range(3)]
+    for i, conn in enumerate(conns):
+        assert fastwrite.flush_later(conn, lambda i=i: ran.append(f"c{i}"))
+    assert ran == [] and len(clock.getDelayedCalls()) == 1
+    clock.advance(0)
+    assert ran == ["c0", "c1", "c2"] and clock.getDelayedCalls() == []
+    # The next pass gets a new batch.
+    assert fastwrite.flush_later(conns[0], lambda: ran.append("again"))
+    clock.advance(0)
+    assert ran[-1] == "again"
+
+
+@pytest.mark.parametrize(
+    "transport",
+    [
+        StringTransport(),
+        connection(FakeSocket(), TLS=True, reactor=Clock()),
+        connection(FakeSocket()),  # no reactor
+    ],
+    ids=["test-transport", "tls", "no-reactor"],
+)
+def test_other_transports_are_flushed_by_the_caller(transport: Any) -> None:
+    assert not fastwrite.flush_later(transport, lambda: pytest.fail("must not be called"))
+
+
+def test_a_failing_flush_is_logged_and_the_others_still_run() -> None:
+    clock = Clock()
+    ran: list[int] = []
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    fastwrite.flush_later(connection(FakeSocket(), reactor=clock), broken)
+    fastwrite.flush_later(connection(FakeSocket(), reactor=clock), lambda: ran.append(1))
+    with capturedLogs() as events:
+        clock.advance(0)
+    assert ran == [1]
+    assert any(isinstance(e.get("log_failure"), Failure) for e in events)
+
+
+def smtp_over_fake_tcp() -> tuple[Any, FakeSocket, Clock, list[str]]:
+    """An ESMTPServerProtocol on a tcp.Server whose socket is a FakeSocket."""
+    clock = Clock()
+    sock = FakeSocket()
+    closed: list[str] = []
+    conn = connection(sock, reactor=clock)
+    conn.getPeer = lambda: IPv4Address("TCP", "127.0.0.1", 40000)
+    conn.getHost = lambda: IPv4Address("TCP", "127.0.0.1", 25)
+    conn.setTcpNoDelay = lambda on: None
+    conn.pauseProducing = conn.resumeProducing = lambda: None
+    conn.loseConnection = lambda: closed.append("lose")
+    edge = SmtpEdge(DiscardBus(), Policy(hostname="mx.example"), reactor=clock)
+    proto = edge.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+    proto.makeConnection(conn)
+    clock.advance(0)
+    return proto, sock, clock, closed
+
+
+def test_replies_of_one_pass_go_out_at_its_end_in_one_send() -> None:
+    proto, sock, clock, _ = smtp_over_fake_tcp()
+    assert [s[:3] for s in sock.sent] == [b"220"]
+    proto.dataReceived(b"EHLO client.example\r\n")
+    proto.dataReceived(b"NOOP\r\n")  # a second read in the same pass
+    assert len(sock.sent) == 1  # nothing yet: the pass is not over
+    clock.advance(0)
+    assert len(sock.sent) == 2
+    text = sock.sent[1]
+    assert text.startswith(b"250-mx.example") and text.endswith(b"250 2.0.0 Ok\r\n")
+
+
+def test_a_closing_reply_is_sent_at_once_after_what_was_waiting() -> None:
+    """QUIT: the 221 follows the earlier replies in order and the close is not put off."""
+    proto, sock, clock, closed = smtp_over_fake_tcp()
+    proto.dataReceived(b"NOOP\r\n")
+    proto.dataReceived(b"QUIT\r\n")
+    assert sock.sent[1:] == [b"250 2.0.0 Ok\r\n221 2.0.0 mx.example Bye\r\n"]
+    assert closed == ["lose"]
+    clock.advance(0)  # the pending flush finds nothing left to send
+    assert len(sock.sent) == 2 and closed == ["lose"]
