@@ -283,7 +283,10 @@ class ESMTPServerProtocol(Protocol):
         if self._out and not self._closing:
             if self._flush_pending:
                 return
-            if fastwrite.flush_later(self.transport, self.flush_now):
+            # Alone on the edge, nothing could share the pass: send now (saves a callLater).
+            if len(self.edge.connections) > 1 and fastwrite.flush_later(
+                self.transport, self.flush_now
+            ):
                 self._flush_pending = True
                 return
         self.flush_now()

@@ -144,9 +144,8 @@ def test_a_failing_flush_is_logged_and_the_others_still_run() -> None:
     assert any(isinstance(e.get("log_failure"), Failure) for e in events)
 
 
-def smtp_over_fake_tcp() -> tuple[Any, FakeSocket, Clock, list[str]]:
-    """An ESMTPServerProtocol on a tcp.Server whose socket is a FakeSocket."""
-    clock = Clock()
+def fake_tcp_session(edge: SmtpEdge, clock: Clock) -> tuple[Any, FakeSocket, list[str]]:
+    """An ESMTPServerProtocol of ``edge`` on a tcp.Server whose socket is a FakeSocket."""
     sock = FakeSocket()
     closed: list[str] = []
     conn = connection(sock, reactor=clock)
@@ -155,11 +154,28 @@ def smtp_over_fake_tcp() -> tuple[Any, FakeSocket, Clock, list[str]]:
     conn.setTcpNoDelay = lambda on: None
     conn.pauseProducing = conn.resumeProducing = lambda: None
     conn.loseConnection = lambda: closed.append("lose")
-    edge = SmtpEdge(DiscardBus(), Policy(hostname="mx.example"), reactor=clock)
     proto = edge.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     proto.makeConnection(conn)
     clock.advance(0)
+    return proto, sock, closed
+
+
+def smtp_over_fake_tcp(sessions: int = 2) -> tuple[Any, FakeSocket, Clock, list[str]]:
+    """The first of ``sessions`` connections to one edge (coalescing needs company)."""
+    clock = Clock()
+    edge = SmtpEdge(DiscardBus(), Policy(hostname="mx.example"), reactor=clock)
+    proto, sock, closed = fake_tcp_session(edge, clock)
+    for _ in range(sessions - 1):
+        fake_tcp_session(edge, clock)
     return proto, sock, clock, closed
+
+
+def test_alone_on_the_edge_replies_go_out_at_once() -> None:
+    """No other connection could share the pass: no callLater, no wait."""
+    proto, sock, clock, _ = smtp_over_fake_tcp(sessions=1)
+    proto.dataReceived(b"NOOP\r\n")
+    assert sock.sent[1:] == [b"250 2.0.0 Ok\r\n"]
+    assert all(call.getTime() > clock.seconds() for call in clock.getDelayedCalls())
 
 
 def test_replies_of_one_pass_go_out_at_its_end_in_one_send() -> None:
