@@ -144,34 +144,7 @@ class DataDecoder:
         """Decode ``data``; return None while the body goes on, else the bytes after its end."""
         if self.done:
             raise RuntimeError("feed() after the end of data")
-        self.raw_size += len(data)
-        head = self._head
-        work = head + self._pending + data
-        if self._scan is not None and head != b"\n":
-            scanned = self._scan(work, len(head), True, self.unstuff, self.max_line_length)
-            if scanned is not None:
-                return self._take_scanned(work, len(head), *scanned)
-        # Every end marker and every line to unstuff starts with CRLF "."; most chunks hold
-        # none, and then one search answers both questions.
-        dot = work.find(b"\r\n.")
-        if dot >= 0:
-            end = work.find(_END, dot)
-            if end >= 0:
-                self._emit(work[: end + 2], len(head))
-                self.done = True
-                self._pending = b""
-                return work[end + 5 :]
-        cut = work.rfind(b"\n") + 1
-        if cut > len(head):
-            region = work[:cut]
-            self._emit(region, len(head), dots=0 <= dot < cut)
-            self._head = b"\r\n" if region.endswith(b"\r\n") else b"\n"
-            self._pending = work[cut:]
-        else:
-            self._pending = work[len(head) :]
-        if len(self._pending) >= self._flush_at:
-            self._flush_partial_line()
-        return None
+        return self._decode(data, data_mode=True)
 
     def feed_chunk(self, data: bytes) -> None:
         """BDAT: ``data`` is message content as it is: no end marker, no dot-unstuffing.
@@ -181,43 +154,65 @@ class DataDecoder:
         """
         if self.done:
             raise RuntimeError("feed_chunk() after the end of the message")
+        self._decode(data, data_mode=False)
+
+    def _decode(self, data: bytes, data_mode: bool) -> bytes | None:
+        """Decode the complete lines of what has arrived; keep the partial last line.
+
+        ``data_mode``: DATA (look for the end marker; unstuff if ``self.unstuff``); else BDAT
+        content (neither). Returns the bytes after the end marker once it is found.
+        """
         self.raw_size += len(data)
         head = self._head
+        head_len = len(head)
         work = head + self._pending + data
         if self._scan is not None and head != b"\n":
-            scanned = self._scan(work, len(head), False, False, self.max_line_length)
+            scanned = self._scan(
+                work, head_len, data_mode, data_mode and self.unstuff, self.max_line_length
+            )
             if scanned is not None:
-                self._take_scanned(work, len(head), *scanned)
-                return
+                # Clean lines (see slimta_tx._speedups): decoded already, and they end in CRLF.
+                out, stop, ended, long_line = scanned
+                if out:  # empty exactly when no complete line followed the head
+                    self._account(out, long_line)
+                if ended:
+                    return self._end(work, stop)
+                self._keep(work, stop, head_len, b"\r\n")
+                return None
+        dot = -1
+        if data_mode:
+            # Every end marker and every line to unstuff starts with CRLF "."; most chunks hold
+            # none, and then one search answers both questions.
+            dot = work.find(b"\r\n.")
+            if dot >= 0:
+                end = work.find(_END, dot)
+                if end >= 0:
+                    self._emit(work[: end + 2], head_len)
+                    return self._end(work, end + 5)
         cut = work.rfind(b"\n") + 1
-        if cut > len(head):
+        if cut > head_len:
             region = work[:cut]
-            self._emit(region, len(head), dots=False)
-            self._head = b"\r\n" if region.endswith(b"\r\n") else b"\n"
-            self._pending = work[cut:]
+            self._emit(region, head_len, dots=0 <= dot < cut)
+            self._keep(work, cut, head_len, b"\r\n" if region.endswith(b"\r\n") else b"\n")
         else:
-            self._pending = work[len(head) :]
-        if len(self._pending) >= self._flush_at:
-            self._flush_partial_line()
+            self._keep(work, cut, head_len, head)
+        return None
 
-    def _take_scanned(
-        self, work: bytes, head_len: int, out: bytes, stop: int, ended: bool, long_line: bool
-    ) -> bytes | None:
-        """Apply what the accelerator decoded from clean lines (see :mod:`slimta_tx._speedups`)."""
-        if out:  # empty exactly when no complete line followed the head
-            self._account(out, long_line)
-        if ended:
-            self.done = True
-            self._pending = b""
-            return work[stop:]
-        if stop > head_len:
-            self._head = b"\r\n"  # clean lines end with CRLF
-            self._pending = work[stop:]
+    def _end(self, work: bytes, after: int) -> bytes:
+        """The end marker was seen; ``work[after:]`` follows it (pipelined commands)."""
+        self.done = True
+        self._pending = b""
+        return work[after:]
+
+    def _keep(self, work: bytes, cut: int, head_len: int, head: bytes) -> None:
+        """Keep what follows the decoded lines (``work[:cut]``, ending with ``head``)."""
+        if cut > head_len:
+            self._head = head
+            self._pending = work[cut:]
         else:
             self._pending = work[head_len:]
         if len(self._pending) >= self._flush_at:
             self._flush_partial_line()
-        return None
 
     def finish(self) -> None:
         """BDAT LAST: the message ends here. A last line without CRLF is kept as it is (a

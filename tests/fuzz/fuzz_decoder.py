@@ -22,11 +22,8 @@ import atheris
 
 from slimta_tx.data import BareNewlinePolicy, DataDecoder
 
-atheris.instrument_func(DataDecoder.feed)
-atheris.instrument_func(DataDecoder.feed_chunk)
-atheris.instrument_func(DataDecoder._emit)
-atheris.instrument_func(DataDecoder._take_scanned)
-atheris.instrument_func(DataDecoder._flush_partial_line)
+for method in ("_decode", "_emit", "_account", "_keep", "_end", "_flush_partial_line", "finish"):
+    atheris.instrument_func(getattr(DataDecoder, method))
 
 
 def load_scan():  # type: ignore[no-untyped-def]
