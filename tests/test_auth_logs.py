@@ -15,11 +15,12 @@ from test_auth_helpers import CHEAP, Driver, ScramClient, b64
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.internet.defer import Deferred, fail
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 from zope.interface import implementer
 
 from slimta_tx.auth import Auth, AuthLimits, MechanismSpec, PasswordFileChecker, from_strcred
 from slimta_tx.auth.passwd import set_password
+from tests.support.logs import captured_events
 
 PASSWORD = "Tr0ub4dor&3-secret"
 WRONG = "wrong-Tr0ub4dor"
@@ -41,12 +42,8 @@ def forbidden() -> list[str]:
 
 @pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
-    captured: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(captured.append)
-    try:
+    with captured_events() as captured:
         yield captured
-    finally:
-        globalLogPublisher.removeObserver(captured.append)
 
 
 def rendered(event: dict[str, Any]) -> str:

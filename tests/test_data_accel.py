@@ -13,7 +13,6 @@ import itertools
 import os
 import random
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from hypothesis import strategies as st
 
 from slimta_tx import data as data_module
 from slimta_tx.data import BareNewlinePolicy, DataDecoder
+from tests.support.decoding import Outcome, decode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,50 +32,9 @@ if speedups is None:  # under CI a missing accelerator is a failure, never a ski
 scan = speedups.scan
 
 
-@dataclass(frozen=True)
-class Outcome:
-    stored: bytes
-    result: str
-    size: int
-    raw_size: int
-    done: bool
-    rest: bytes | None
-
-
-def decode(
-    chunks: list[bytes], accelerated: bool, bdat: bool = False, **options: object
-) -> Outcome:
-    writes: list[bytes] = []
-    decoder = DataDecoder(
-        writes.append,
-        accelerator=scan if accelerated else None,
-        unstuff=not bdat,
-        **options,  # type: ignore[arg-type]
-    )
-    rest: bytes | None = None
-    for i, chunk in enumerate(chunks):
-        if bdat:
-            decoder.feed_chunk(chunk)
-            continue
-        got = decoder.feed(chunk)
-        if got is not None:
-            rest = got + b"".join(chunks[i + 1 :])
-            break
-    if bdat:
-        decoder.finish()
-    return Outcome(
-        b"".join(writes),
-        decoder.result.value,
-        decoder.size,
-        decoder.raw_size,
-        decoder.done,
-        rest,
-    )
-
-
 def assert_same(chunks: list[bytes], bdat: bool = False, **options: object) -> Outcome:
-    fast = decode(chunks, True, bdat, **options)
-    slow = decode(chunks, False, bdat, **options)
+    fast = decode(chunks, scan, bdat, **options)
+    slow = decode(chunks, None, bdat, **options)
     assert fast == slow, (chunks, options)
     return fast
 

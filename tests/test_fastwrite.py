@@ -9,13 +9,13 @@ from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import capturedLogs
 from twisted.python.failure import Failure
 
 from slimta_tx import fastwrite
 from slimta_tx.bus.simple import DiscardBus
 from slimta_tx.factory import SmtpEdge
 from slimta_tx.policy import Policy
+from tests.support.logs import captured_events
 
 
 class FakeSocket:
@@ -138,7 +138,7 @@ def test_a_failing_flush_is_logged_and_the_others_still_run() -> None:
 
     fastwrite.flush_later(connection(FakeSocket(), reactor=clock), broken)
     fastwrite.flush_later(connection(FakeSocket(), reactor=clock), lambda: ran.append(1))
-    with capturedLogs() as events:
+    with captured_events() as events:
         clock.advance(0)
     assert ran == [1]
     assert any(isinstance(e.get("log_failure"), Failure) for e in events)

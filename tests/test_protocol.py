@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
 import pytest
 from smtp_driver import Driver
-from twisted.logger import globalLogPublisher
 
 from slimta_tx import Policy, Reply
 from slimta_tx.testing import FailingBus, RecordingBus
+from tests.support.logs import captured_events
 
 MESSAGE = b"Subject: test\r\n\r\nHello\r\n"
-
-
-@contextmanager
-def captured_events() -> Iterator[list[dict[str, Any]]]:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(events.append)
 
 
 def test_banner_has_no_enhanced_code() -> None:

@@ -20,7 +20,10 @@ import sys
 
 import atheris
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
 from slimta_tx.data import BareNewlinePolicy, DataDecoder
+from tests.support.decoding import decode
 
 for method in ("_decode", "_emit", "_account", "_keep", "_end", "_flush_partial_line", "finish"):
     atheris.instrument_func(getattr(DataDecoder, method))
@@ -43,23 +46,6 @@ SCAN = load_scan()
 POLICIES = list(BareNewlinePolicy)
 LINE_LIMITS = [0, 1, 2, 3, 4, 5, 9, 1000]
 SIZE_LIMITS = [0, 1, 5, 30, 1000]
-
-
-def decode(chunks: list[bytes], accelerator, bdat: bool, **options):  # type: ignore[no-untyped-def]
-    writes: list[bytes] = []
-    decoder = DataDecoder(writes.append, accelerator=accelerator, unstuff=not bdat, **options)
-    rest = None
-    for i, chunk in enumerate(chunks):
-        if bdat:
-            decoder.feed_chunk(chunk)
-            continue
-        got = decoder.feed(chunk)
-        if got is not None:
-            rest = got + b"".join(chunks[i + 1 :])
-            break
-    if bdat:
-        decoder.finish()
-    return b"".join(writes), decoder.result, decoder.size, decoder.raw_size, decoder.done, rest
 
 
 def one_input(raw: bytes) -> None:

@@ -1,0 +1,20 @@
+"""Capture the events of the global log publisher (and always stop capturing)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from twisted.logger import globalLogPublisher
+
+
+@contextmanager
+def captured_events() -> Iterator[list[dict[str, Any]]]:
+    """Like ``twisted.logger.capturedLogs``, but the observer goes even if the block raises."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
