@@ -98,6 +98,7 @@ class DataDecoder:
     :param bare_newline: a :class:`BareNewlinePolicy`.
     :param unstuff: remove the leading dot of each line (DATA); False for BDAT chunks, which
         carry the message as it is (RFC 3030) and are fed with :meth:`feed_chunk`.
+    :param accelerator: the C scanner (the built one by default); None for pure Python.
     """
 
     def __init__(
@@ -107,11 +108,10 @@ class DataDecoder:
         max_line_length: int = 1000,
         bare_newline: BareNewlinePolicy | str = BareNewlinePolicy.REJECT,
         unstuff: bool = True,
-        accelerator: Scan | bool | None = True,
+        accelerator: Scan | None = ACCELERATOR,
     ) -> None:
         self._sink = sink
-        # True: the module's accelerator if it is built; False or None: pure Python.
-        self._scan: Scan | None = ACCELERATOR if accelerator is True else (accelerator or None)
+        self._scan = accelerator
         self.unstuff = unstuff
         self.max_size = max_size
         self.max_line_length = max_line_length
