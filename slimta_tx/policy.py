@@ -43,6 +43,9 @@ class Policy:
     :ivar accepted_domains: recipient domains accepted from anyone (exact or ``.suffix``).
     :ivar chunking: offer CHUNKING (RFC 3030 BDAT).
     :ivar shutdown_grace: seconds a session may finish its transaction when the edge closes.
+    :ivar trusted_proxies: peers whose PROXY protocol headers are believed, on listeners that
+        expect one (:mod:`slimta_tx.proxy`); connections from anywhere else are closed.
+    :ivar proxy_timeout: seconds a connection may take to send its PROXY header.
     """
 
     hostname: str = "localhost"
@@ -61,6 +64,8 @@ class Policy:
     spool_directory: str | None = None
     spool_memory_limit: int = 256 * 1024
     shutdown_grace: float = 30.0
+    trusted_proxies: tuple[Network, ...] = DEFAULT_TRUSTED_NETWORKS
+    proxy_timeout: float = 10.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -74,7 +79,7 @@ class Policy:
             raise ValueError("max_command_length must be at least 512 (RFC 5321 4.5.3.1.4)")
         if self.max_line_length and self.max_line_length < 1000:
             raise ValueError("max_line_length must be 0 or at least 1000 (RFC 5321 4.5.3.1.6)")
-        for name in ("command_timeout", "data_timeout", "shutdown_grace"):
+        for name in ("command_timeout", "data_timeout", "shutdown_grace", "proxy_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be more than 0 seconds")
         object.__setattr__(self, "bare_newline", BareNewlinePolicy(self.bare_newline))
@@ -84,6 +89,11 @@ class Policy:
             tuple(
                 n if not isinstance(n, str) else parse_network(n) for n in self.trusted_networks
             ),
+        )
+        object.__setattr__(
+            self,
+            "trusted_proxies",
+            tuple(n if not isinstance(n, str) else parse_network(n) for n in self.trusted_proxies),
         )
         object.__setattr__(
             self,
@@ -97,6 +107,10 @@ class Policy:
 
     def is_trusted(self, host: str) -> bool:
         return _is_trusted(self.trusted_networks, host)
+
+    def is_trusted_proxy(self, host: str) -> bool:
+        """May ``host`` send PROXY protocol headers (name the client it relays)?"""
+        return _is_trusted(self.trusted_proxies, host)
 
     def is_accepted_domain(self, domain: str) -> bool:
         """Exact match, or a ``.example.com`` entry matching any subdomain."""
