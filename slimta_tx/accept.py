@@ -42,11 +42,12 @@ class EdgeClosed(Exception):
     """``accept()`` after (or during) ``close()``: there will be no more connections."""
 
 
-def adopt_socket(edge: SmtpEdge, sock: socket.socket) -> IListeningPort:
+def adopt_socket(edge: SmtpEdge, sock: socket.socket, factory: Any = None) -> IListeningPort:
     """Serve ``sock`` (bound and listening) with ``edge``; the reactor gets its own copy.
 
     ``sock`` is set non-blocking; the caller may close it afterwards (the reactor holds a
-    duplicate of the descriptor, closed by ``edge.close()``).
+    duplicate of the descriptor, closed by ``edge.close()``). ``factory``: one in front of the
+    edge (a PROXY protocol layer) instead of the edge itself.
     """
     if sock.type & socket.SOCK_STREAM != socket.SOCK_STREAM:
         raise ValueError(f"not a stream socket: {sock!r}")
@@ -54,7 +55,8 @@ def adopt_socket(edge: SmtpEdge, sock: socket.socket) -> IListeningPort:
         raise ValueError(f"socket is not listening (call listen() first): {sock!r}")
     sock.setblocking(False)
     reactor = cast(IReactorSocket, edge.reactor)
-    port = reactor.adoptStreamPort(sock.fileno(), socket.AddressFamily(sock.family), edge)
+    family = socket.AddressFamily(sock.family)
+    port = reactor.adoptStreamPort(sock.fileno(), family, factory if factory is not None else edge)
     edge.ports.append(port)
     return port
 

@@ -107,9 +107,13 @@ class SmtpEdge(ServerFactory):
         subclass (one instance per session) or instance as validators."""
         install_validators(self.validators, validators)
 
-    def adopt(self, sock: socket.socket) -> IListeningPort:
-        """Serve an already-listening socket (the seed's ``new(socket, bus)``)."""
-        return adopt_socket(self, sock)
+    def adopt(self, sock: socket.socket, proxy_protocol: bool = False) -> IListeningPort:
+        """Serve an already-listening socket (the seed's ``new(socket, bus)``).
+
+        ``proxy_protocol``: each connection starts with a PROXY header from a trusted proxy
+        (see :mod:`slimta_tx.proxy`).
+        """
+        return adopt_socket(self, sock, self._proxied() if proxy_protocol else None)
 
     def accept(self) -> Deferred[HeldConnection]:
         """Fire with the next connection, as a callable that runs the whole session and
@@ -146,9 +150,18 @@ class SmtpEdge(ServerFactory):
         self.auth = auth
         install(self, auth)
 
-    def listen(self, endpoint: IStreamServerEndpoint) -> Deferred[IListeningPort]:
-        """Start listening on ``endpoint``; :meth:`close` stops it."""
-        d: Deferred[IListeningPort] = endpoint.listen(self)
+    def listen(
+        self, endpoint: IStreamServerEndpoint, proxy_protocol: bool = False
+    ) -> Deferred[IListeningPort]:
+        """Start listening on ``endpoint``; :meth:`close` stops it.
+
+        ``proxy_protocol``: each connection starts with a PROXY header from a trusted proxy
+        (see :mod:`slimta_tx.proxy`; Twisted's ``haproxy:`` endpoints are made safe too).
+        """
+        from slimta_tx import proxy
+
+        proxy.check_endpoint(endpoint, proxy_protocol)
+        d: Deferred[IListeningPort] = endpoint.listen(self._proxied() if proxy_protocol else self)
 
         def record(port: IListeningPort) -> IListeningPort:
             self.ports.append(port)
@@ -179,6 +192,11 @@ class SmtpEdge(ServerFactory):
         closing: Deferred[Any] = DeferredList([*stops, drained], consumeErrors=True)
         self._closing = closing.addCallback(cancel_grace)
         return self._closing
+
+    def _proxied(self) -> Any:
+        from slimta_tx.proxy import ProxyFactory
+
+        return ProxyFactory(self)
 
     # -- used by the protocol ----------------------------------------------------------------
 

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from slimta_tx import chunking, commands, fastwrite, starttls
+from slimta_tx import chunking, commands, fastwrite, proxy, starttls
 from slimta_tx.data import DataDecoder, DataResult
 from slimta_tx.envelope import Session
 from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
@@ -88,6 +88,7 @@ class ESMTPServerProtocol(Protocol):
         self._abort_timer: IDelayedCall | None = None
         self.chunk: chunking.Chunk | None = None
         self.tls_started = False  # STARTTLS accepted, or TLS from the first byte
+        self.started = False  # start_session() ran (not before a PROXY header is in)
         self._flush_pending = False  # a flush_now is due at the end of this reactor pass
         # policy.is_trusted(client address), remembered with the policy and address it is for.
         self._trusted: tuple[object, object, bool] = (None, None, False)
@@ -95,6 +96,13 @@ class ESMTPServerProtocol(Protocol):
     # -- transport events -----------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        if proxy.hold_for_header(self, self.start_session):
+            return  # a PROXY header is still to come: the session starts once it is in
+        self.start_session()
+
+    def start_session(self) -> None:
+        """The client is known (its address is final): greet it, or start TLS first."""
+        self.started = True
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         transport = cast(Any, self.transport)
@@ -147,6 +155,8 @@ class ESMTPServerProtocol(Protocol):
         if self._abort_timer is not None and self._abort_timer.active():
             self._abort_timer.cancel()
         previous, self.state = self.state, _CLOSED
+        if not self.started:
+            return  # closed before its PROXY header: there never was a session
         if previous in _SPOOLING_STATES and not self._waiting:
             self._discard_spool()
         starttls.connection_lost(self, reason)

@@ -10,7 +10,6 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import pytest
 import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.internet.endpoints import serverFromString
@@ -39,7 +38,6 @@ async def twisted_haproxy_edge() -> AsyncIterator[Listening]:
     await edge.close()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: the session reads the peer before the header")
 @pytest_twisted.ensureDeferred
 async def test_client_behind_proxy_cannot_relay(twisted_haproxy_edge: Listening) -> None:
     """The client named by the PROXY header (203.0.113.9, not trusted) gets 554 5.7.1 for a
@@ -61,7 +59,6 @@ async def test_client_behind_proxy_cannot_relay(twisted_haproxy_edge: Listening)
     assert replies[3][1].startswith("5.7.1")
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: the session reads the peer before the header")
 @pytest_twisted.ensureDeferred
 async def test_connection_without_header_gets_no_banner(twisted_haproxy_edge: Listening) -> None:
     """A connection that speaks SMTP without a PROXY header is closed without a banner and
