@@ -6,13 +6,13 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from slimta_tx.factory import SmtpEdge
+from slimta_tx.proxy import listener_service
 
 __all__ = ["EdgeService", "SighupReload"]
 
@@ -83,7 +83,8 @@ class EdgeService(MultiService):
         self.reactor = reactor if reactor is not None else edge.reactor
         self.reloads: SighupReload | None = None
         for description in listen:
-            strports.service(description, edge, reactor=reactor).setServiceParent(self)
+            # haproxy:... gets slimta_tx's PROXY layer (slimta_tx/proxy.py), not Twisted's.
+            listener_service(description, edge, reactor).setServiceParent(self)
 
     def on_reload(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` on SIGHUP (certificates, lists, ...)."""

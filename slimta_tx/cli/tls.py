@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application import strports
 from twisted.logger import Logger
 from twisted.python import usage
 
+from slimta_tx.proxy import listener_service
 from slimta_tx.tls import MIN_VERSIONS, ServerTLS, TLSConfigError
 
 log = Logger(namespace="slimta_tx.cli.tls")
@@ -98,7 +98,8 @@ def configure(config: Any, edge: Any, service: Any, reactor: Any) -> None:
     edge.enable_tls(context, require_tls=bool(config["require-tls"]))
     for description in config["tls-listen"]:
         factory = wrap_implicit(edge, context)
-        strports.service(description, factory, reactor=reactor).setServiceParent(service)
+        # haproxy:...: the PROXY header in clear first, then TLS (slimta_tx/proxy.py).
+        listener_service(description, edge, reactor, factory).setServiceParent(service)
     service.on_reload(lambda: reload_certificates(context))
 
 
