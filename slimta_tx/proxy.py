@@ -299,7 +299,7 @@ def proxied_description(description: str) -> str | None:
     if kind in _TLS_ENDPOINTS:
         raise ProxyConfigError(
             f"{description}: the PROXY header comes in clear, before TLS; for TLS from the "
-            f"first byte use --tls-listen haproxy:tcp:PORT (or {PREFIX}tcp:... with TLS on top)"
+            "first byte use --tls-listen haproxy:tcp:PORT"
         )
     if kind == "haproxy":
         raise ProxyConfigError(f"{description}: 'haproxy:' twice")

@@ -281,3 +281,18 @@ def test_backend_killed_mid_load_is_taken_out_and_clients_retry(tmp_path: Path) 
     # Duplicates only where the dead backend stored a message but its 250 never arrived.
     duplicates = {s for s in in_b if in_b.count(s) > 1} | (set(in_a) & set(in_b))
     assert len(duplicates) <= load.threads
+
+
+def test_missing_haproxy_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CI=true a missing haproxy is a failure, never a skip."""
+    import os
+    import shutil
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(os.path, "exists", lambda path: False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="haproxy is not installed"):
+        require_haproxy()
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match=r"\.ci/services"):
+        require_haproxy()
