@@ -30,19 +30,28 @@ __all__ = ["flush_later", "write"]
 log = Logger()
 
 
+def _beneath(transport: Any) -> Any:
+    """The connection beneath a layer that passes writes straight down (the PROXY protocol
+    layer, ``passes_writes_through``), else ``transport`` itself."""
+    if getattr(type(transport), "passes_writes_through", False):
+        return transport.transport
+    return transport
+
+
 def write(transport: Any, data: bytes) -> None:
     """Write ``data`` to ``transport``, straight to its socket when that keeps the order."""
+    connection = _beneath(transport)
     if (
-        isinstance(transport, tcp.Connection)
-        and not transport.TLS
-        and transport.connected
-        and not transport.disconnecting
-        and transport.producer is None
-        and getattr(transport, "_tempDataLen", 1) == 0
-        and transport.offset == len(transport.dataBuffer)
+        isinstance(connection, tcp.Connection)
+        and not connection.TLS
+        and connection.connected
+        and not connection.disconnecting
+        and connection.producer is None
+        and getattr(connection, "_tempDataLen", 1) == 0
+        and connection.offset == len(connection.dataBuffer)
     ):
         try:
-            sent = transport.socket.send(data)
+            sent = connection.socket.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
@@ -86,6 +95,7 @@ def flush_later(transport: Any, flush: Callable[[], None]) -> bool:
     test transports (tests see replies at once), anything without a reactor. The caller then
     flushes at once. ``flush`` must be harmless to call when there is nothing left to send.
     """
+    transport = _beneath(transport)
     if not isinstance(transport, tcp.Connection) or transport.TLS:
         return False
     reactor = getattr(transport, "reactor", None)

@@ -173,6 +173,9 @@ class ProxyProtocol(ProtocolWrapper):
     """
 
     factory: ProxyFactory
+    #: ``write`` goes straight to the connection beneath: fastwrite may use that connection's
+    #: socket directly (write-through and coalescing, as without a proxy).
+    passes_writes_through = True
 
     def __init__(self, factory: ProxyFactory, wrappedProtocol: IProtocol) -> None:
         super().__init__(cast(Any, factory), wrappedProtocol)

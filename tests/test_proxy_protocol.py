@@ -404,3 +404,25 @@ def _text(event: dict[str, Any]) -> str:
     from twisted.logger import formatEvent
 
     return formatEvent(event)
+
+
+def test_replies_through_the_layer_go_straight_to_the_socket() -> None:
+    """fastwrite sees through the PROXY layer (it only passes writes down): a reply goes to
+    the TCP connection's socket at once, as without a proxy; after STARTTLS (TLS beneath the
+    layer) it goes through the layer's write again."""
+    from test_fastwrite import FakeSocket, connection
+
+    from slimta_tx import fastwrite
+
+    edge, _ = make_edge()
+    sock = FakeSocket()
+    tcp_connection = connection(sock)
+    layer = ProxyFactory(edge).buildProtocol(_address(PROXY_PEER))
+    layer.transport = tcp_connection
+    written: list[bytes] = []
+    layer.write = written.append  # type: ignore[method-assign]
+    fastwrite.write(layer, b"250 2.0.0 Ok\r\n")
+    assert sock.sent == [b"250 2.0.0 Ok\r\n"] and written == []
+    tcp_connection.TLS = True
+    fastwrite.write(layer, b"250 2.0.0 Ok\r\n")
+    assert written == [b"250 2.0.0 Ok\r\n"] and tcp_connection.queued == []
