@@ -47,6 +47,8 @@ SERVERS: dict[str, str] = {
     "slimta-maildir": "slimta_tx maildir",
     "twisted": "twisted.mail",
     "aiosmtpd": "aiosmtpd",
+    # The load-balancer hop: slimta_tx discard behind HAProxy (send-proxy-v2), same run.
+    "slimta-haproxy": "slimta_tx +HAProxy",
 }
 SLIMTA = ("slimta-discard", "slimta-maildir")
 SMTP_SOURCE = "/usr/sbin/smtp-source"  # Postfix's test client: C, lockstep, HELO
@@ -255,6 +257,7 @@ def run_one(
         if not ready.startswith("READY "):
             raise RunFailed(f"server said {ready!r}")
         port = int(ready.split()[1])
+        helpers = [int(pid) for pid in ready.split()[2:]]  # HAProxy in front, for one
         source = client == "smtp-source"
         load = subprocess.Popen(
             [
@@ -283,6 +286,7 @@ def run_one(
             load.communicate("go\n", timeout=30)
         result["peak_reset"] = reset_peak(server.pid)
         before = proc_status(server.pid)
+        helper_cpu = sum(proc_cpu(pid) for pid in helpers)
         if source:
             figures, server_cpu = run_smtp_source(
                 port,
@@ -317,6 +321,8 @@ def run_one(
         result["hwm_after_kib"] = after["VmHWM"]
         result["peak_increase_mib"] = (after["VmHWM"] - before["VmRSS"]) / 1024
         result["server_cpu"] = server_cpu
+        if helpers:
+            result["helper_cpu"] = sum(proc_cpu(pid) for pid in helpers) - helper_cpu
         if result["messages"]:
             result["server_cpu_per_msg"] = server_cpu / result["messages"]
         server_errors = tail(errlog)
@@ -362,6 +368,10 @@ def row(result: dict[str, Any]) -> str:
         # machine held the other core), so this row measures the machine more than the server.
         notes.append("server+client ~ one core")
     cli_per_msg = client_cpu / result["messages"] if result["messages"] else 0.0
+    if "helper_cpu" in result and result["messages"]:
+        hop = result["helper_cpu"] / result["messages"]
+        notes.append(f"HAProxy {result['helper_cpu'] / result['elapsed'] * 100:.0f}% CPU, ")
+        notes[-1] += f"{per_msg_text(hop)}/msg"
     peak = f"{result['hwm_after_kib'] / 1024:.1f} (+{result['peak_increase_mib']:.1f})"
     return (
         f"  {name:<18} {result['msgs_per_s']:>9.1f} {result['mib_per_s']:>7.1f} "
@@ -427,6 +437,14 @@ def ratio_lines(by_server: dict[str, dict[str, Any]]) -> list[str]:
             r = ratio(by_server, mine, peer)
             parts.append(f"/{SERVERS[peer]} {'-' if r is None else f'{r:.2f}x'}")
         lines.append(f"  ratio {SERVERS[mine]:<18} " + "   ".join(parts))
+    hop = ratio(by_server, "slimta-haproxy", "slimta-discard")
+    if hop is not None:
+        proxied, direct = by_server["slimta-haproxy"], by_server["slimta-discard"]
+        cpu = [r["server_cpu"] / r["messages"] * 1e6 for r in (proxied, direct)]
+        lines.append(
+            f"  HAProxy hop: {hop:.2f}x the direct msgs/s; slimta_tx CPU/msg "
+            f"{cpu[0]:.0f}us behind it vs {cpu[1]:.0f}us direct"
+        )
     return lines
 
 

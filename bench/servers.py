@@ -17,13 +17,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-KINDS = ("slimta-discard", "slimta-maildir", "twisted", "aiosmtpd")
+KINDS = ("slimta-discard", "slimta-maildir", "twisted", "aiosmtpd", "slimta-haproxy")
 # The same message size limit for every server that has one (the 100 MiB scenario fits).
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 
 
-def ready(port: int) -> None:
-    print(f"READY {port}", flush=True)
+def ready(port: int, *helpers: int) -> None:
+    """``READY <port> [helper pids]``: run.py adds the helpers' CPU (HAProxy) to the row."""
+    print(" ".join(["READY", str(port), *map(str, helpers)]), flush=True)
 
 
 def twisted_runner(reactor: Any) -> Callable[[], None]:
@@ -54,6 +55,51 @@ def quiet_twisted_logging() -> None:
         [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
+def serve_slimta_haproxy() -> Callable[[], None]:
+    """slimta_tx discard on a PROXY listener, HAProxy (send-proxy-v2) in front: the load goes
+    through HAProxy, as behind a load balancer."""
+    import tempfile
+
+    import haproxy_front
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import TCP4ServerEndpoint
+
+    from slimta_tx.bus.simple import DiscardBus
+    from slimta_tx.factory import SmtpEdge
+    from slimta_tx.policy import Policy
+
+    quiet_twisted_logging()
+    edge = SmtpEdge(DiscardBus(), Policy(max_message_size=MAX_MESSAGE_SIZE), reactor=reactor)
+    scratch = tempfile.mkdtemp(prefix="bench-haproxy-")
+    front: list[Any] = []
+
+    def started(port: Any) -> None:
+        proc, front_port = haproxy_front.start(port.getHost().port, scratch)
+        front.append(proc)
+        ready(front_port, proc.pid)
+
+    def failed(failure: Any) -> None:
+        print(f"FAILED {failure.getErrorMessage()}", flush=True)
+        reactor.stop()
+
+    d = edge.listen(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"), proxy_protocol=True)
+    d.addCallbacks(started, failed)
+    run = twisted_runner(reactor)
+
+    def run_then_stop_haproxy() -> None:
+        try:
+            run()
+        finally:
+            for proc in front:
+                proc.terminate()
+                proc.wait(10)
+            import shutil
+
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    return run_then_stop_haproxy
 
 
 def serve_slimta(bus_kind: str, maildir: str | None) -> Callable[[], None]:
@@ -133,6 +179,8 @@ def main() -> None:
         run = serve_slimta("discard", None)
     elif args.kind == "slimta-maildir":
         run = serve_slimta("maildir", args.maildir)
+    elif args.kind == "slimta-haproxy":
+        run = serve_slimta_haproxy()
     elif args.kind == "twisted":
         run = serve_twisted()
     else:
