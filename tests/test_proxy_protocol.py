@@ -369,6 +369,20 @@ def test_accept_gets_the_connection_after_its_header() -> None:
     assert held.session_protocol.session.address == CLIENT
 
 
+def test_accept_over_twisteds_wrapper_starts_the_session_after_the_header() -> None:
+    """Under Twisted's wrapper the held connection is handed out before its header (nothing is
+    read while it waits); the session it starts still waits for the header."""
+    edge, _ = make_edge()
+    accepted: list[Any] = []
+    edge.accept().addCallback(accepted.append)
+    conn = Connection(edge, twisteds)
+    [held] = accepted
+    held()
+    assert conn.read() == []
+    assert conn.send(v1_header(CLIENT, LISTENER))[0][0] == "220"
+    assert held.session_protocol.session.address == CLIENT
+
+
 def test_closing_edge_turns_away_a_header_that_comes_late() -> None:
     edge, _ = make_edge()
     conn = Connection(edge, ours)
