@@ -30,17 +30,17 @@ __all__ = ["flush_later", "write"]
 log = Logger()
 
 
-def _beneath(transport: Any) -> Any:
-    """The connection beneath a layer that passes writes straight down (the PROXY protocol
-    layer, ``passes_writes_through``), else ``transport`` itself."""
-    if getattr(type(transport), "passes_writes_through", False):
-        return transport.transport
-    return transport
-
-
 def write(transport: Any, data: bytes) -> None:
-    """Write ``data`` to ``transport``, straight to its socket when that keeps the order."""
-    connection = _beneath(transport)
+    """Write ``data`` to ``transport``, straight to its socket when that keeps the order.
+
+    A layer that passes writes straight down (the PROXY protocol layer, whose class says
+    ``passes_writes_through``) is seen through: its connection's socket is used.
+    """
+    connection = transport
+    if not isinstance(connection, tcp.Connection) and getattr(
+        type(connection), "passes_writes_through", False
+    ):
+        connection = connection.transport
     if (
         isinstance(connection, tcp.Connection)
         and not connection.TLS
@@ -95,7 +95,10 @@ def flush_later(transport: Any, flush: Callable[[], None]) -> bool:
     test transports (tests see replies at once), anything without a reactor. The caller then
     flushes at once. ``flush`` must be harmless to call when there is nothing left to send.
     """
-    transport = _beneath(transport)
+    if not isinstance(transport, tcp.Connection) and getattr(
+        type(transport), "passes_writes_through", False
+    ):
+        transport = transport.transport
     if not isinstance(transport, tcp.Connection) or transport.TLS:
         return False
     reactor = getattr(transport, "reactor", None)

@@ -210,8 +210,10 @@ class ProxyProtocol(ProtocolWrapper):
         if self.header is None:
             if self._wait is not None:
                 self._wait.feed(data)
-        else:
+        elif self._paused or self._held:
             self._deliver(data)
+        else:
+            self.wrappedProtocol.dataReceived(data)  # the usual case, one call less
 
     def _deliver(self, data: bytes) -> None:
         if self._paused or self._held:
