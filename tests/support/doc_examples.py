@@ -1,0 +1,690 @@
+"""The examples in the docs, found and run (tests/test_docs_examples.py; the rules are in
+docs/writing-docs.md).
+
+A page's code blocks are read with markdown-it (the parser MyST uses). The line just before a
+block may hold a marker that says what the test suite does with it::
+
+    <!-- example: run -->
+    <!-- example: server
+         "tcp:25" -> "tcp:{port}:interface=127.0.0.1"
+         "/var/spool/slimta" -> "{tmp}/spool" -->
+    <!-- example: skip: binds port 25, which needs root -->
+
+Python and shell blocks, and blocks in any language other than ``text`` and ``json``, must
+have one. The blocks of a page run in order, in one temporary directory, so a ``file`` block
+can write ``mybus.py`` that a later ``server`` block loads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from markdown_it import MarkdownIt
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+MODES = ("run", "server", "client", "file", "pytest", "trial", "check", "skip")
+PYTHON = frozenset({"python", "py", "python3"})
+SHELL = frozenset({"sh", "bash", "shell", "zsh"})
+CONSOLE = frozenset({"console", "shell-session"})
+#: Blocks in these languages are what something prints or reads, not examples to run.
+DATA = frozenset({"text", "json", "output", "none"})
+CHECKS = ("postfix-main", "postfix-master", "haproxy", "systemd")
+
+RUN_TIMEOUT = 120.0
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 20.0
+
+HOW_TO_MARK = """\
+Put a marker on the line before each block (docs/writing-docs.md has them all):
+  <!-- example: run -->             run it: a Python script, shell commands, a console session
+  <!-- example: server ... -->      start it on a free port, send it a message, stop it
+  <!-- example: check haproxy -->   check a configuration's syntax with its own tool
+  <!-- example: skip: REASON -->    not run; the built page shows REASON to the reader
+A block that only shows output or a file's layout: give it the language `text`."""
+
+_MARKER = re.compile(r"^\s*<!--\s*example:(.*?)-->\s*$", re.DOTALL)
+_SUBSTITUTION = re.compile(r'^"((?:[^"\\]|\\.)*)"\s*->\s*"((?:[^"\\]|\\.)*)"$')
+_PLACEHOLDER = re.compile(r"\{(port|tmp|cert|key|ca|repo|python)\}")
+
+
+class MarkerError(ValueError):
+    """A marker that cannot be understood; the message starts with ``page:line:``."""
+
+
+@dataclass(frozen=True)
+class Marker:
+    mode: str
+    argument: str = ""  # file: the path; check: the kind (and file name); skip: the reason
+    given: tuple[str, ...] = ()
+    substitutions: tuple[tuple[str, str], ...] = ()
+    expect: str = "250"
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int  # 1-based line of the opening fence
+    language: str
+    code: str
+    marker: Marker | None = None
+    output: str | None = None  # the "Output:" block that follows it, if any
+
+    @property
+    def where(self) -> str:
+        return f"{_relative(self.page)}:{self.line}"
+
+    @property
+    def is_example(self) -> bool:
+        """Whether the rules require a marker on this block."""
+        return self.language not in DATA
+
+
+def _relative(page: Path) -> str:
+    try:
+        return str(page.relative_to(ROOT))
+    except ValueError:
+        return str(page)
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    """README.md and every Markdown page under docs/ (not the build output)."""
+    found = [root / "README.md"]
+    found += sorted(path for path in (root / "docs").rglob("*.md") if "_build" not in path.parts)
+    return [path for path in found if path.is_file()]
+
+
+def parse_marker(text: str, where: str) -> Marker:
+    body = text.strip()
+    first, _, rest = body.partition("\n")
+    first = first.strip()
+    if first.startswith("skip:") or first == "skip":
+        reason = " ".join(body[len("skip") :].lstrip(":").split())
+        if not reason:
+            raise MarkerError(f"{where}: 'skip' needs a reason: <!-- example: skip: REASON -->")
+        return Marker("skip", reason)
+    words = first.split(None, 1)
+    if not words or words[0] not in MODES:
+        raise MarkerError(
+            f"{where}: unknown example mode {first!r}; expected one of {', '.join(MODES)}"
+        )
+    mode, argument = words[0], (words[1].strip() if len(words) > 1 else "")
+    if mode == "file" and (not argument or argument.startswith("/") or ".." in argument):
+        raise MarkerError(f"{where}: 'file' needs a relative path: <!-- example: file NAME -->")
+    if mode == "check" and (not argument or argument.split()[0] not in CHECKS):
+        raise MarkerError(f"{where}: 'check' needs one of {', '.join(CHECKS)}")
+    if mode in ("run", "server", "client", "pytest", "trial") and argument:
+        raise MarkerError(f"{where}: {mode!r} takes no argument on its line, got {argument!r}")
+    given: list[str] = []
+    substitutions: list[tuple[str, str]] = []
+    expect = "250"
+    for raw in rest.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("given "):
+            given += [name.strip() for name in line[len("given ") :].split(",") if name.strip()]
+            continue
+        if line.startswith("expect "):
+            expect = line[len("expect ") :].strip()
+            if not re.fullmatch(r"[2-5]\d\d", expect):
+                raise MarkerError(f"{where}: 'expect' takes a reply code, got {expect!r}")
+            continue
+        match = _SUBSTITUTION.match(line)
+        if match is None:
+            raise MarkerError(
+                f"{where}: cannot read {line!r} in the marker; expected "
+                '"OLD" -> "NEW", given NAME, ... or expect CODE'
+            )
+        old, new = (part.replace('\\"', '"') for part in match.groups())
+        substitutions.append((old, new))
+    if mode == "server" and not any("{port}" in new for _, new in substitutions):
+        raise MarkerError(
+            f'{where}: a server example needs a substitution giving it {{port}}, e.g. "tcp:25" '
+            '-> "tcp:{port}:interface=127.0.0.1"'
+        )
+    unknown = [name for name in given if name not in STANDINS]
+    if unknown:
+        raise MarkerError(
+            f"{where}: no stand-in for {', '.join(unknown)}; the stand-ins are "
+            f"{', '.join(sorted(STANDINS))} (tests/support/doc_examples.py)"
+        )
+    return Marker(mode, argument, tuple(given), tuple(substitutions), expect)
+
+
+def blocks(page: Path) -> list[Block]:
+    """The fenced code blocks of ``page`` with their markers; MarkerError if one is wrong."""
+    text = page.read_text(encoding="utf-8")
+    tokens = MarkdownIt("commonmark").parse(text)
+    found: list[Block] = []
+    pending: tuple[Marker, int] | None = None
+    for index, token in enumerate(tokens):
+        if token.type == "html_block" and _MARKER.match(token.content):
+            if pending is not None:
+                raise MarkerError(f"{_relative(page)}:{pending[1]}: marker without a block")
+            line = token.map[0] + 1 if token.map else 0
+            match = _MARKER.match(token.content)
+            assert match is not None
+            pending = (parse_marker(match.group(1), f"{_relative(page)}:{line}"), line)
+            continue
+        if token.type == "fence":
+            language = (token.info.split() or [""])[0]
+            block = Block(page, (token.map[0] + 1) if token.map else 0, language, token.content)
+            if pending is not None:
+                block.marker = pending[0]
+                pending = None
+            block.output = _output_after(tokens, index)
+            found.append(block)
+            continue
+        if pending is not None and token.nesting >= 0 and token.type != "html_block":
+            raise MarkerError(
+                f"{_relative(page)}:{pending[1]}: a marker must be on the line just before "
+                "its code block"
+            )
+    if pending is not None:
+        raise MarkerError(f"{_relative(page)}:{pending[1]}: marker without a block")
+    return found
+
+
+def _output_after(tokens: list, index: int) -> str | None:
+    """The text block after ``Output:`` that follows the block at ``index``, if any."""
+    following = tokens[index + 1 : index + 5]
+    if (
+        len(following) == 4
+        and following[0].type == "paragraph_open"
+        and following[1].content.strip() == "Output:"
+        and following[3].type == "fence"
+        and (following[3].info.split() or [""])[0] in DATA
+    ):
+        return str(following[3].content)
+    return None
+
+
+def unmarked(all_pages: list[Path]) -> tuple[list[Block], list[str]]:
+    """Example blocks with no marker, and the marker errors, over ``all_pages``."""
+    missing: list[Block] = []
+    errors: list[str] = []
+    for page in all_pages:
+        try:
+            page_blocks = blocks(page)
+        except MarkerError as e:
+            errors.append(str(e))
+            continue
+        outputs = {block.output for block in page_blocks if block.output is not None}
+        for block in page_blocks:
+            if block.marker is None and block.is_example and block.code not in outputs:
+                missing.append(block)
+    return missing, errors
+
+
+# -- stand-ins for names a fragment uses but does not define ------------------------------
+
+STANDINS: dict[str, tuple[tuple[str, ...], str]] = {
+    "reactor": ((), "from twisted.internet import reactor"),
+    "bus": ((), "from slimta_tx.testing import RecordingBus\nbus = RecordingBus()"),
+    "relay_bus": ((), "from slimta_tx.testing import RecordingBus\nrelay_bus = RecordingBus()"),
+    "amqp_bus": ((), "from slimta_tx.testing import RecordingBus\namqp_bus = RecordingBus()"),
+    "archive_bus": (
+        (),
+        "from slimta_tx.testing import RecordingBus\narchive_bus = RecordingBus()",
+    ),
+    "policy": (
+        (),
+        "from slimta_tx import Policy\n"
+        "policy = Policy(hostname='mx.example.com', accepted_domains=('example.com',))",
+    ),
+    "edge": (
+        ("bus", "policy", "reactor"),
+        "from slimta_tx import SmtpEdge\nedge = SmtpEdge(bus, policy, reactor=reactor)",
+    ),
+    "auth": ((), "from slimta_tx import Auth\nauth = Auth(secret_func=lambda user: None)"),
+    "SECRETS": ((), "SECRETS = {'alice': 'correct horse'}"),
+    "suspended_users": ((), "suspended_users = {'mallory'}"),
+    "db": (
+        (),
+        "class _Database:\n"
+        "    async def verify(self, username, password):\n"
+        "        return True\n"
+        "db = _Database()",
+    ),
+    "directory": (
+        (),
+        "class _Directory:\n"
+        "    async def exists(self, address):\n"
+        "        return True\n"
+        "directory = _Directory()",
+    ),
+    "scanner": (
+        (),
+        "class _Verdict:\n"
+        "    is_spam = False\n"
+        "class _Scanner:\n"
+        "    async def check(self, chunks):\n"
+        "        for _ in chunks:\n"
+        "            pass\n"
+        "        return _Verdict()\n"
+        "scanner = _Scanner()",
+    ),
+}
+
+
+def prelude(names: tuple[str, ...]) -> str:
+    """Python that defines ``names`` (and what they need) before an example runs."""
+    done: list[str] = []
+
+    def add(name: str) -> None:
+        if name in done:
+            return
+        needs, _ = STANDINS[name]
+        for need in needs:
+            add(need)
+        done.append(name)
+
+    for name in names:
+        add(name)
+    if not done:
+        return ""
+    parts = ["# Stand-ins from tests/support/doc_examples.py (the page defines them elsewhere)"]
+    parts += [STANDINS[name][1] for name in done]
+    return "\n".join(parts) + "\n\n"
+
+
+# -- running a page -----------------------------------------------------------------------
+
+
+class Skipped(Exception):
+    """A tool this block needs is missing (outside CI only)."""
+
+
+class ExampleFailed(AssertionError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def example_environment() -> dict[str, str]:
+    """The environment of an example: as after ``source .venv/bin/activate``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    env["VIRTUAL_ENV"] = str(Path(sys.executable).parent.parent)
+    return env
+
+
+@dataclass
+class Server:
+    block: Block
+    proc: subprocess.Popen[bytes]
+    log: Path
+    port: int
+
+
+@dataclass
+class PageRun:
+    """The blocks of one page, run in order in ``workdir``."""
+
+    page: Path
+    workdir: Path
+    port: int = 0
+    server: Server | None = None
+    _certs: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=example_environment)
+
+    # -- placeholders ----------------------------------------------------------------
+
+    def _certificates(self) -> dict[str, str]:
+        if not self._certs:
+            import trustme
+
+            ca = trustme.CA()
+            leaf = ca.issue_cert(
+                "mx.example.com",
+                "mail.example.com",
+                "smtp.example.com",
+                "localhost",
+                "127.0.0.1",
+            )
+            paths = {name: str(self.workdir / f"{name}.pem") for name in ("cert", "key", "ca")}
+            leaf.cert_chain_pems[0].write_to_path(paths["cert"])
+            leaf.private_key_pem.write_to_path(paths["key"])
+            ca.cert_pem.write_to_path(paths["ca"])
+            os.chmod(paths["key"], 0o600)
+            self._certs = paths
+        return self._certs
+
+    def _fill(self, text: str) -> str:
+        def value(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name == "port":
+                if not self.port:
+                    raise ExampleFailed("{port} is used before any server example started")
+                return str(self.port)
+            if name == "tmp":
+                return str(self.workdir)
+            if name == "repo":
+                return str(ROOT)
+            if name == "python":
+                return sys.executable
+            return self._certificates()[name]
+
+        return _PLACEHOLDER.sub(value, text)
+
+    def source(self, block: Block) -> str:
+        """The block's code as the test runs it: substitutions applied."""
+        assert block.marker is not None
+        code = block.code
+        for old, new in block.marker.substitutions:
+            if old not in code:
+                raise ExampleFailed(f"{block.where}: the marker replaces {old!r}, not in it")
+            code = code.replace(old, self._fill(new))
+        return code
+
+    # -- the modes ---------------------------------------------------------------------
+
+    def run(self, block: Block) -> None:
+        marker = block.marker
+        assert marker is not None
+        if marker.mode == "skip":
+            return
+        if marker.mode == "server":
+            self.stop_server()
+            self.port = free_port()
+            self.start_server(block)
+            return
+        if marker.mode == "client" and self.server is None:
+            raise ExampleFailed(f"{block.where}: a client example needs a server example first")
+        if marker.mode in ("run", "client"):
+            self.execute(block)
+        elif marker.mode == "file":
+            target = self.workdir / marker.argument
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(self.source(block))
+        elif marker.mode == "pytest":
+            name = f"test_example_{block.line}.py"
+            (self.workdir / name).write_text(prelude(marker.given) + self.source(block))
+            self._call(
+                block, [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", name]
+            )
+        elif marker.mode == "trial":
+            name = f"test_example_{block.line}"
+            (self.workdir / f"{name}.py").write_text(prelude(marker.given) + self.source(block))
+            temp = str(self.workdir / "_trial_temp")
+            trial = [sys.executable, "-m", "twisted.trial", "--temp-directory", temp, name]
+            self._call(block, trial)
+        elif marker.mode == "check":
+            self.check(block)
+
+    def _program(self, block: Block, code: str) -> list[str]:
+        """The command line that runs ``code`` (written to a file in ``workdir``)."""
+        assert block.marker is not None
+        if block.language in PYTHON:
+            script = self.workdir / f"example_{block.line}.py"
+            script.write_text(prelude(block.marker.given) + code)
+            return [sys.executable, str(script)]
+        if block.language in SHELL:
+            script = self.workdir / f"example_{block.line}.sh"
+            script.write_text(code)
+            return ["bash", "-e", "-o", "pipefail", str(script)]
+        raise ExampleFailed(
+            f"{block.where}: cannot run a block in {block.language!r}: use python, sh or console"
+        )
+
+    def _call(self, block: Block, argv: list[str], stdin: str | None = None) -> str:
+        try:
+            done = subprocess.run(
+                argv,
+                cwd=self.workdir,
+                env=self.env,
+                input=stdin,
+                capture_output=True,
+                text=True,
+                timeout=RUN_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            raise ExampleFailed(f"{block.where}: still running after {RUN_TIMEOUT:.0f}s") from None
+        if done.returncode != 0:
+            raise ExampleFailed(
+                f"{block.where}: exit status {done.returncode}\n"
+                f"--- stdout\n{done.stdout}--- stderr\n{done.stderr}"
+            )
+        return done.stdout
+
+    def execute(self, block: Block) -> None:
+        if block.language in CONSOLE:
+            self.console(block)
+            return
+        stdout = self._call(block, self._program(block, self.source(block)))
+        if block.output is not None and stdout != block.output:
+            raise ExampleFailed(
+                f"{block.where}: printed something else than its Output block\n"
+                f"--- the page says\n{block.output}--- it printed\n{stdout}"
+            )
+
+    def console(self, block: Block) -> None:
+        """A ``$ command`` transcript: each command's output (stdout and stderr) must be the
+        lines after it; ``...`` in an expected line matches any text."""
+        commands: list[tuple[str, list[str]]] = []
+        for line in self.source(block).splitlines():
+            if line.startswith("$ "):
+                commands.append((line[2:], []))
+            elif commands:
+                commands[-1][1].append(line)
+            elif line.strip():
+                raise ExampleFailed(f"{block.where}: a console block starts with '$ command'")
+        script = ["exec 2>&1", "__status=0"]
+        for number, (command, _) in enumerate(commands):
+            script += [
+                f"printf '\\n@@example-command {number}@@\\n'",
+                "(exit $__status)",
+                command,
+                "__status=$?",
+            ]
+        argv = ["bash", "-c", "\n".join(script)]
+        done = subprocess.run(
+            argv,
+            cwd=self.workdir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+        )
+        outputs = re.split(r"\n?@@example-command \d+@@\n", done.stdout)[1:]
+        for (command, expected), got in zip(commands, outputs, strict=True):
+            got_lines = got.rstrip("\n").splitlines() if got.strip() else []
+            want = [line.rstrip() for line in expected]
+            while want and not want[-1]:
+                want.pop()
+            if len(got_lines) != len(want) or not all(
+                _matches(w, g.rstrip()) for w, g in zip(want, got_lines, strict=True)
+            ):
+                raise ExampleFailed(
+                    f"{block.where}: `{command}` printed something else\n"
+                    f"--- the page says\n" + "\n".join(want) + "\n--- it printed\n" + got
+                )
+
+    def start_server(self, block: Block) -> None:
+        log = self.workdir / f"server_{block.line}.log"
+        argv = self._program(block, self.source(block))
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                argv,
+                cwd=self.workdir,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: stopped as a whole
+            )
+        self.server = Server(block, proc, log, self.port)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                self.server = None
+                raise ExampleFailed(
+                    f"{block.where}: the server exited ({proc.returncode}) before listening\n"
+                    + log.read_text(errors="replace")
+                )
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop_server()
+                    raise ExampleFailed(
+                        f"{block.where}: nothing listens on {{port}} after {START_TIMEOUT:.0f}s\n"
+                        + log.read_text(errors="replace")
+                    ) from None
+                time.sleep(0.05)  # bounded poll of another process
+        assert block.marker is not None
+        code = send_test_message(self.port)
+        if code != block.marker.expect:
+            self.stop_server()
+            raise ExampleFailed(
+                f"{block.where}: the test message got {code}, expected {block.marker.expect}\n"
+                + log.read_text(errors="replace")
+            )
+
+    def stop_server(self) -> None:
+        server, self.server = self.server, None
+        if server is None:
+            return
+        proc = server.proc
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(STOP_TIMEOUT)
+                raise ExampleFailed(
+                    f"{server.block.where}: the server did not stop on SIGTERM\n"
+                    + server.log.read_text(errors="replace")
+                ) from None
+        try:  # whatever it started in its group (make run -> twistd) goes too
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        output = server.log.read_text(errors="replace")
+        if "Traceback" in output:
+            raise ExampleFailed(f"{server.block.where}: the server logged a traceback\n{output}")
+
+    def check(self, block: Block) -> None:
+        assert block.marker is not None
+        kind, _, name = block.marker.argument.partition(" ")
+        code = self.source(block)
+        directory = self.workdir / f"check_{block.line}"
+        directory.mkdir()
+        if kind in ("postfix-main", "postfix-master"):
+            postconf = _tool("postconf")
+            (directory / "main.cf").write_text(code if kind == "postfix-main" else "")
+            (directory / "master.cf").write_text(code if kind == "postfix-master" else "")
+            option = "-n" if kind == "postfix-main" else "-M"
+            argv = [postconf, "-c", str(directory), option]
+            if kind == "postfix-master":
+                argv = [postconf, "-c", str(directory), "-M", "-P"]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+            if done.returncode != 0 or done.stderr.strip():
+                raise ExampleFailed(f"{block.where}: postconf says:\n{done.stderr}")
+        elif kind == "haproxy":
+            config = directory / (name or "haproxy.cfg")
+            config.write_text(code)
+            argv = [_tool("haproxy"), "-c", "-f", str(config)]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+            if done.returncode != 0:
+                raise ExampleFailed(f"{block.where}: haproxy -c says:\n{done.stdout}{done.stderr}")
+        elif kind == "systemd":
+            unit = directory / (name or "example.service")
+            unit.write_text(code)
+            argv = [_tool("systemd-analyze"), "verify", str(unit)]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+            complaints = [
+                line
+                for line in (done.stdout + done.stderr).splitlines()
+                if str(unit) in line or unit.name in line
+            ]
+            if done.returncode != 0 or complaints:
+                raise ExampleFailed(
+                    f"{block.where}: systemd-analyze verify says:\n{done.stdout}{done.stderr}"
+                )
+
+    def close(self) -> None:
+        self.stop_server()
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+    if path is None:
+        if os.environ.get("CI") == "true":
+            raise ExampleFailed(f"{name} is not installed (run .ci/services as root)")
+        raise Skipped(f"{name} is not installed (run .ci/services as root)")
+    return path
+
+
+def _matches(expected: str, got: str) -> bool:
+    if "..." not in expected:
+        return expected == got
+    pattern = ".*".join(re.escape(part) for part in expected.split("..."))
+    return re.fullmatch(pattern, got) is not None
+
+
+def send_test_message(port: int) -> str:
+    """One message to ``port`` with smtplib; the first refusal's code, else the final 250."""
+    message = b"From: sender@example.org\r\nSubject: docs example\r\n\r\nhello\r\n"
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("sender@example.org", ["postmaster@example.com"], message)
+    except smtplib.SMTPRecipientsRefused as e:
+        return str(next(iter(e.recipients.values()))[0])
+    except smtplib.SMTPResponseException as e:
+        return str(e.smtp_code)
+    return "250"
+
+
+def run_page(page: Path, workdir: Path) -> list[tuple[Block, BaseException | None]]:
+    """Run every marked block of ``page``; each with what went wrong (or None)."""
+    run = PageRun(page, workdir)
+    results: list[tuple[Block, BaseException | None]] = []
+    try:
+        for block in blocks(page):
+            if block.marker is None:
+                continue
+            try:
+                run.run(block)
+            except (ExampleFailed, Skipped) as e:
+                results.append((block, e))
+            else:
+                results.append((block, None))
+    finally:
+        try:
+            run.close()
+        except ExampleFailed as e:
+            results.append((Block(page, 0, "", ""), e))
+    return results
+
+
+__all__ = [
+    "HOW_TO_MARK",
+    "Block",
+    "ExampleFailed",
+    "Marker",
+    "MarkerError",
+    "Skipped",
+    "blocks",
+    "pages",
+    "parse_marker",
+    "run_page",
+    "unmarked",
+]
