@@ -77,7 +77,7 @@ def _default(value: Any) -> str | None:
 
 def _sentence(text: str) -> str:
     text = " ".join((text or "").split())
-    if text and text[-1] not in ".)!?":
+    if text and text[-1] not in ".!?":
         text += "."
     return text
 
