@@ -86,8 +86,9 @@ class Block:
 
     @property
     def is_example(self) -> bool:
-        """Whether the rules require a marker on this block."""
-        return self.language not in DATA
+        """Whether the rules require a marker on this block (a MyST directive, ``{toctree}``,
+        is not code)."""
+        return self.language not in DATA and not self.language.startswith("{")
 
 
 def _relative(page: Path) -> str:
