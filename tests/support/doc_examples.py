@@ -592,13 +592,13 @@ class PageRun:
             postconf = _tool("postconf")
             (directory / "main.cf").write_text(code if kind == "postfix-main" else "")
             (directory / "master.cf").write_text(code if kind == "postfix-master" else "")
-            option = "-n" if kind == "postfix-main" else "-M"
-            argv = [postconf, "-c", str(directory), option]
-            if kind == "postfix-master":
-                argv = [postconf, "-c", str(directory), "-M", "-P"]
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-            if done.returncode != 0 or done.stderr.strip():
-                raise ExampleFailed(f"{block.where}: postconf says:\n{done.stderr}")
+            # -n: main.cf's settings; -M: master.cf's services; -P: their -o parameters.
+            # A syntax error is a fatal error; an unknown parameter name, a warning.
+            for option in ["-n"] if kind == "postfix-main" else ["-M", "-P"]:
+                argv = [postconf, "-c", str(directory), option]
+                done = subprocess.run(argv, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+                if done.returncode != 0 or done.stderr.strip():
+                    raise ExampleFailed(f"{block.where}: postconf {option} says:\n{done.stderr}")
         elif kind == "haproxy":
             config = directory / (name or "haproxy.cfg")
             config.write_text(code)
@@ -658,10 +658,12 @@ def run_page(page: Path, workdir: Path) -> list[tuple[Block, BaseException | Non
     """Run every marked block of ``page``; each with what went wrong (or None)."""
     run = PageRun(page, workdir)
     results: list[tuple[Block, BaseException | None]] = []
+    page_blocks = [block for block in blocks(page) if block.marker is not None]
+    # The page's files exist before anything runs, wherever the page shows them.
+    ordered = [b for b in page_blocks if b.marker and b.marker.mode == "file"]
+    ordered += [b for b in page_blocks if b.marker and b.marker.mode != "file"]
     try:
-        for block in blocks(page):
-            if block.marker is None:
-                continue
+        for block in ordered:
             try:
                 run.run(block)
             except (ExampleFailed, Skipped) as e:
