@@ -189,3 +189,44 @@ def test_examples_run_as_in_an_activated_venv() -> None:
 
     path = example_environment()["PATH"].split(os.pathsep)
     assert (Path(path[0]) / "twistd").exists()
+
+
+@pytest.mark.slow
+def test_a_server_example_is_started_probed_and_stopped(tmp_path: Path) -> None:
+    """server: started on a free port, sent one message (the reply must be the expected
+    one), stopped with SIGTERM; a server that dies at start, or answers otherwise, fails."""
+    page = page_with(
+        tmp_path,
+        '<!-- example: server\n     "--maildir" -> "--listen tcp:{port}:interface=127.0.0.1'
+        ' --maildir" -->\n```sh\ntwistd -n --pidfile= slimta --maildir ./md\n```\n\n'
+        "<!-- example: client -->\n```sh\nls md/new | wc -l\n```\n\nOutput:\n\n```text\n1\n```\n\n"
+        '<!-- example: server\n     "--maildir" -> "--listen tcp:{port}:interface=127.0.0.1'
+        ' --maildir"\n     expect 554 -->\n'
+        "```sh\ntwistd -n --pidfile= slimta --maildir ./md2\n```\n\n"
+        '<!-- example: server\n     "--maildir" -> "--listen tcp:{port} --max-size lots'
+        ' --maildir" -->\n```sh\ntwistd -n --pidfile= slimta --maildir ./md3\n```\n',
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    started, listed, wrong_reply, dead = run_page(page, work)
+    assert started[1] is None and listed[1] is None
+    assert "the test message got 250, expected 554" in str(wrong_reply[1])
+    assert "exited (1) before listening" in str(dead[1])
+    assert "--max-size takes a whole number" in str(dead[1])
+
+
+def test_a_configuration_is_checked_by_its_tool(tmp_path: Path) -> None:
+    """check postfix-master: postconf reads it; a malformed line fails with its message."""
+    page = page_with(
+        tmp_path,
+        "<!-- example: check postfix-master -->\n```postfix-master\n"
+        "127.0.0.1:10025 inet n - n - - smtpd\n  -o mynetworks=127.0.0.0/8\n```\n\n"
+        "<!-- example: check postfix-master -->\n```postfix-master\nnot a service line\n```\n",
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    good, bad = run_page(page, work)
+    if isinstance(good[1], Skipped):
+        pytest.skip(str(good[1]))
+    assert good[1] is None
+    assert "postconf -M says" in str(bad[1]) and "bad field count" in str(bad[1])
