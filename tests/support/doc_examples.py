@@ -564,7 +564,7 @@ class PageRun:
             return
         proc = server.proc
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            _terminate_server(proc.pid)
             try:
                 proc.wait(STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
@@ -623,6 +623,39 @@ class PageRun:
 
     def close(self) -> None:
         self.stop_server()
+
+
+def _group_members(pgid: int) -> dict[int, int]:
+    """pid -> parent pid of the processes in process group ``pgid`` (from /proc)."""
+    members: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (command) "
+        if int(fields[2]) == pgid:
+            members[int(entry.name)] = int(fields[1])
+    return members
+
+
+def _terminate_server(pgid: int) -> None:
+    """SIGTERM the server itself: the processes of the group that started no other (the
+    twistd under ``bash`` and ``make``), as a supervisor stops it. Signalling the whole group
+    would give twistd a second SIGTERM from ``make``, which Twisted logs as an error."""
+    try:
+        members = _group_members(pgid)
+    except OSError:
+        members = {}
+    parents = set(members.values())
+    leaves = [pid for pid in members if pid not in parents] or [pgid]
+    for pid in leaves:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def _tool(name: str) -> str:
