@@ -230,3 +230,65 @@ def test_a_configuration_is_checked_by_its_tool(tmp_path: Path) -> None:
         pytest.skip(str(good[1]))
     assert good[1] is None
     assert "postconf -M says" in str(bad[1]) and "bad field count" in str(bad[1])
+
+
+HAPROXY_OK = """\
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+
+frontend smtp
+    bind 127.0.0.1:2525
+    default_backend edges
+
+backend edges
+    server edge1 127.0.0.1:10025 send-proxy-v2
+"""
+UNIT_OK = """\
+[Unit]
+Description=slimta_tx
+
+[Service]
+ExecStart=/usr/bin/env twistd -n --pidfile= slimta
+Restart=on-failure
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "good", "bad", "complaint"),
+    [
+        (
+            "haproxy",
+            HAPROXY_OK,
+            "frontend smtp\n    bindd 127.0.0.1:25\n",
+            "unknown keyword 'bindd'",
+        ),
+        (
+            "systemd slimta.service",
+            UNIT_OK,
+            UNIT_OK.replace("ExecStart=", "ExecStartt="),
+            "Unknown key 'ExecStartt'",
+        ),
+    ],
+)
+def test_haproxy_and_systemd_configurations_are_checked(
+    tmp_path: Path, kind: str, good: str, bad: str, complaint: str
+) -> None:
+    language = kind.split()[0]
+    page = page_with(
+        tmp_path,
+        f"<!-- example: check {kind} -->\n```{language}\n{good}```\n\n"
+        f"<!-- example: check {kind} -->\n```{language}\n{bad}```\n",
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    (_, passed), (_, failed) = run_page(page, work)
+    if isinstance(passed, Skipped):
+        pytest.skip(str(passed))
+    assert passed is None
+    assert complaint in str(failed)
