@@ -33,6 +33,8 @@ exclude_patterns = ["_build", "_ext", "man/*.1"]
 # checks only links inside the project.
 
 myst_heading_anchors = 3
+# Options are written --like-this: no en dashes or curly quotes in prose about them.
+smartquotes = False
 myst_enable_extensions = ["deflist"]
 
 # Every cross-reference to a name of ours must resolve; names of Twisted, zope and the standard
