@@ -15,7 +15,7 @@ import pytest
 
 from slimta_tx.cli.reference import option_groups
 from slimta_tx.tap import GROUPS, Options
-from tests.support.doc_examples import ROOT
+from tests.support.doc_markers import ROOT
 
 
 def test_the_reference_lists_every_option_twistd_slimta_parses() -> None:

@@ -1,7 +1,7 @@
 """Every example in the README and docs/ runs as printed, or says in the page why it cannot.
 
 The rules and the markers are in docs/writing-docs.md; the machinery in
-tests/support/doc_examples.py.
+tests/support/doc_runner.py.
 """
 
 from __future__ import annotations
@@ -12,20 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.doc_examples import (
+from tests.support.doc_markers import (
     HOW_TO_MARK,
     ROOT,
     Block,
-    ExampleFailed,
     MarkerError,
-    PageRun,
-    Skipped,
     blocks,
     pages,
     parse_marker,
-    run_page,
     unmarked,
 )
+from tests.support.doc_runner import ExampleFailed, PageRun, Skipped, run_page
 
 PAGES = pages()
 
@@ -185,7 +182,7 @@ def test_stand_ins_define_what_a_fragment_uses(tmp_path: Path) -> None:
 
 def test_examples_run_as_in_an_activated_venv() -> None:
     """Shell examples find twistd and python on PATH, as after `source .venv/bin/activate`."""
-    from tests.support.doc_examples import example_environment
+    from tests.support.doc_runner import example_environment
 
     path = example_environment()["PATH"].split(os.pathsep)
     assert (Path(path[0]) / "twistd").exists()

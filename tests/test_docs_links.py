@@ -14,7 +14,7 @@ from urllib.parse import unquote
 
 from markdown_it import MarkdownIt
 
-from tests.support.doc_examples import ROOT, pages
+from tests.support.doc_markers import ROOT, pages
 
 _SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 

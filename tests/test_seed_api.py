@@ -24,7 +24,7 @@ from slimta_tx import Policy, Reply, SmtpEdge
 from slimta_tx.accept import EdgeClosed, HeldConnection, new
 from slimta_tx.service import EdgeService
 from slimta_tx.testing import PendingBus, RecordingBus
-from tests.support.doc_examples import blocks
+from tests.support.doc_markers import blocks
 from tests.support.mailbox import stored_messages
 from tests.support.process import TWISTD
 from tests.support.wire import WireClient, refuses
