@@ -1,7 +1,7 @@
 """Every example in the README and docs/ runs as printed, or says in the page why it cannot.
 
 The rules and the markers are in docs/writing-docs.md; the machinery in
-tests/support/doc_runner.py.
+tests/support/doc_markers.py (finding them) and tests/support/doc_runner.py (running them).
 """
 
 from __future__ import annotations
