@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LISTEN ?= tcp:2525:interface=127.0.0.1
 MAILDIR ?= ./var/maildir
 
-.PHONY: run test services lint typecheck pytest bench clean
+.PHONY: run test services lint typecheck pytest trial docs bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,16 +21,20 @@ $(VENV)/.installed-run: $(BUILD_INPUTS) | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: $(BUILD_INPUTS) | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench,docs]'
+	touch $@ $(VENV)/.installed-run $(VENV)/.installed-docs
+
+$(VENV)/.installed-docs: $(BUILD_INPUTS) | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
 	touch $@ $(VENV)/.installed-run
 
 run: $(VENV)/.installed-run
 	mkdir -p $(MAILDIR)
-	$(BIN)/twistd -n slimta --listen $(LISTEN) --maildir $(MAILDIR)
+	$(BIN)/twistd -n --pidfile= slimta --listen $(LISTEN) --maildir $(MAILDIR)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check slimta_tx tests twisted bench hatch_build.py
-	$(BIN)/ruff format --check slimta_tx tests twisted bench hatch_build.py
+	$(BIN)/ruff check slimta_tx tests twisted bench examples docs/conf.py docs/_ext hatch_build.py
+	$(BIN)/ruff format --check slimta_tx tests twisted bench examples docs/conf.py docs/_ext hatch_build.py
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
@@ -43,14 +47,27 @@ pytest: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	SLIMTA_TX_PURE_PYTHON=1 $(BIN)/python -m pytest -q $(DECODER_TESTS)
 
+# The trial tests users can copy (examples/test_*.py), run as users run them.
+trial: $(VENV)/.installed-test
+	$(BIN)/trial --temp-directory=$(VENV)/_trial_temp examples/test_*.py
+
+# The docs site (docs/_build/html) and the man page, with warnings as errors: a broken link or
+# cross-reference, a page in no toctree, an unknown code language fail. The man page is also
+# copied to docs/man/, which the wheel installs (under CI a stale copy there is an error).
+SPHINXBUILD = $(BIN)/sphinx-build -W --keep-going -E -q
+docs: $(VENV)/.installed-docs
+	$(SPHINXBUILD) -b html docs docs/_build/html
+	$(SPHINXBUILD) -b man docs docs/_build/man
+	$(BIN)/python docs/_ext/manpage.py docs/_build/man/twistd-slimta.1 docs/man/twistd-slimta.1
+
 # System packages and local services the end-to-end tests drive (idempotent).
 services:
 	./.ci/services
 
-test: services lint typecheck pytest
+test: services lint typecheck pytest trial docs
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) var dist build twisted/plugins/dropin.cache slimta_tx/_speedups*.so
+	rm -rf $(VENV) var dist build docs/_build twisted/plugins/dropin.cache slimta_tx/_speedups*.so

@@ -1,18 +1,25 @@
-"""A kit for testing code built on slimta_tx without a network.
+"""A kit for testing code built on slimta_tx without a network, under pytest or trial.
 
 - :class:`RecordingBus` keeps what it receives and answers with a reply you choose.
-- :class:`FailingBus` raises, to test the 451 path.
+- :class:`FailingBus` fails every message with ``451 4.3.0``, to test the retry path.
 - :class:`PendingBus` leaves each delivery pending until the test fires it.
-- :func:`connect` runs one edge session over a ``StringTransport`` with a ``Clock``.
+- :func:`connect` runs one edge session over a ``StringTransport``; its timers run on a
+  ``Clock`` (the edge's, or a new one), never on the real reactor.
 - :func:`parse_replies` splits wire bytes into ``(code, text)`` replies.
+
+Nothing here logs an error or leaves a timer in the reactor, so ``trial``'s checks for logged
+errors and a dirty reactor pass (docs/embedding.md shows tests with both test runners).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
@@ -20,7 +27,12 @@ from slimta_tx.envelope import Envelope
 from slimta_tx.interfaces import IBus
 from slimta_tx.reply import Reply
 
+if TYPE_CHECKING:  # pragma: no cover
+    from slimta_tx.factory import SmtpEdge
+    from slimta_tx.protocol import ESMTPServerProtocol
+
 __all__ = [
+    "BUS_FAILURE",
     "FailingBus",
     "PendingBus",
     "ReceivedMessage",
@@ -51,15 +63,31 @@ class RecordingBus:
         return succeed(reply.copy())
 
 
+#: What the edge answers when a bus fails (see ``slimta_tx.protocol.TEMPFAIL``).
+BUS_FAILURE = Reply("451", "Temporary local problem, try again later", "4.3.0")
+
+
 @implementer(IBus)
 class FailingBus:
-    """Raises ``error`` for every message (the edge answers 451 4.3.0)."""
+    """Every message fails: the client gets ``451 4.3.0``, as from a bus that broke.
 
-    def __init__(self, error: Exception | None = None) -> None:
-        self.error = error or RuntimeError("bus failure (test)")
+    By default the bus answers that reply itself, so nothing is logged: a trial test is not
+    failed by a logged error. Give ``error`` to raise it instead and test the path where a bus
+    raises; the edge then logs the failure, as it does for any bus (under trial, call
+    ``self.flushLoggedErrors(type(error))`` in the test). Each envelope is kept in
+    :attr:`envelopes`.
+    """
+
+    def __init__(self, error: Exception | None = None, reply: Reply | None = None) -> None:
+        self.error = error
+        self.reply = reply or BUS_FAILURE
+        self.envelopes: list[Envelope] = []
 
     def send(self, envelope: Envelope) -> Deferred[Reply]:
-        return fail(self.error)
+        self.envelopes.append(envelope)
+        if self.error is not None:
+            return fail(self.error)
+        return succeed(self.reply.copy())
 
 
 @implementer(IBus)
@@ -97,17 +125,31 @@ def parse_replies(data: bytes) -> list[tuple[str, str]]:
 
 
 def connect(
-    edge: object, peer: tuple[str, int] = ("192.0.2.1", 40000)
-) -> tuple[object, StringTransport]:
-    """Build a protocol from ``edge`` and connect it to a fresh ``StringTransport``."""
-    from twisted.internet.address import IPv4Address, IPv6Address
+    edge: SmtpEdge,
+    peer: tuple[str, int] = ("192.0.2.1", 40000),
+    clock: Clock | None = None,
+) -> tuple[ESMTPServerProtocol, StringTransport]:
+    """Build a session from ``edge``, connected to a fresh ``StringTransport`` from ``peer``.
 
+    The session's timers (the idle timeout, closing a connection) run on ``clock``; by default
+    on the edge's reactor when that is a ``Clock`` (``SmtpEdge(bus, policy, reactor=Clock())``),
+    else on a new ``Clock``, so that nothing is left in the real reactor when the test ends.
+    Advance it (``proto.clock.advance(300)``) to test timeouts.
+
+    The session ends when the test calls ``proto.connectionLost()``, as the network would; a
+    ``StringTransport`` never does it by itself (after ``QUIT``, ``transport.disconnecting``
+    is set).
+    """
     host = peer[0]
     address = (
         IPv6Address("TCP", host, peer[1]) if ":" in host else IPv4Address("TCP", host, peer[1])
     )
     local = IPv4Address("TCP", "127.0.0.1", 25)
-    proto = edge.buildProtocol(address)  # type: ignore[attr-defined]
+    proto = edge.build_session_protocol()
+    if clock is not None:
+        proto.clock = clock
+    elif not isinstance(proto.clock, Clock):
+        proto.clock = Clock()
     transport = StringTransport(hostAddress=local, peerAddress=address)
     proto.makeConnection(transport)
     return proto, transport

@@ -107,6 +107,71 @@ def test_unimportable_module_and_bad_paths() -> None:
         resolve("justaname")
 
 
+@pytest.fixture
+def clean_import_state() -> Iterator[None]:
+    """sys.path and sys.modules as they were: the loader may append a directory."""
+    path, modules = list(sys.path), set(sys.modules)
+    try:
+        yield
+    finally:
+        sys.path[:] = path
+        for name in set(sys.modules) - modules:
+            del sys.modules[name]
+
+
+def test_a_module_in_the_current_directory_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_import_state: None
+) -> None:
+    """--bus mybus:Class from the directory holding mybus.py works without PYTHONPATH (as
+    twistd runs, the current directory is not on sys.path); the directory goes at the end of
+    sys.path, so it never hides an installed module."""
+    name = f"cwdbus_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(PLUGIN)
+    monkeypatch.chdir(tmp_path)
+    for entry in ("", str(tmp_path)):
+        while entry in sys.path:
+            sys.path.remove(entry)
+    bus = load_bus(f"{name}:NoArgs")
+    assert type(bus).__name__ == "NoArgs"
+    assert sys.path[-1] == str(tmp_path)
+
+
+def test_a_module_found_nowhere_says_where_it_was_looked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_import_state: None
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for entry in ("", str(tmp_path)):
+        while entry in sys.path:
+            sys.path.remove(entry)
+    with pytest.raises(BusLoadError, match=f"not on sys.path nor in {tmp_path}"):
+        resolve("no_such_module_here:Bus")
+    assert str(tmp_path) not in sys.path
+
+
+def test_a_missing_dependency_of_the_module_is_reported_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_import_state: None
+) -> None:
+    """The module exists but imports something missing: that is the error, not the module."""
+    (tmp_path / "needsdep.py").write_text("import no_such_dependency_here\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BusLoadError, match="No module named 'no_such_dependency_here'"):
+        resolve("needsdep:Bus")
+
+
+def test_a_file_path_loads_that_file(tmp_path: Path, clean_import_state: None) -> None:
+    """--bus path/to/file.py:Class loads the file, wherever the server runs from; modules
+    beside it can be imported by it."""
+    (tmp_path / "helper_beside.py").write_text("REPLY_TEXT = 'from beside'\n")
+    (tmp_path / "filebus.py").write_text(PLUGIN + "\nfrom helper_beside import REPLY_TEXT\n")
+    bus = load_bus(f"{tmp_path / 'filebus.py'}:NoArgs")
+    assert type(bus).__name__ == "NoArgs"
+    with pytest.raises(BusLoadError, match="no such file"):
+        resolve(f"{tmp_path / 'missing.py'}:NoArgs")
+    (tmp_path / "broken.py").write_text("raise RuntimeError('boom')\n")
+    with pytest.raises(BusLoadError, match="RuntimeError: boom"):
+        resolve(f"{tmp_path / 'broken.py'}:Bus")
+
+
 def test_twistd_bus_option_builds_the_user_bus(plugin: str) -> None:
     """twistd slimta --bus pkg.mod:Class: the edge sends to that bus."""
     config = Options()

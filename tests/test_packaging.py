@@ -4,6 +4,7 @@ and ``twistd slimta`` works from a fresh virtualenv outside the source tree."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -58,6 +59,8 @@ def test_wheel_installs_into_a_fresh_venv_and_twistd_finds_the_plugin(tmp_path: 
         "slimta_tx/_speedups.pyi",
     ]
     assert not wheel.name.endswith("-none-any.whl")
+    # The man page of `twistd slimta` (docs/man, made by `make docs`) is installed data.
+    assert "slimta_tx-0.1.0.data/data/share/man/man1/twistd-slimta.1" in names
 
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(venv)], tmp_path)
@@ -83,6 +86,14 @@ def test_wheel_installs_into_a_fresh_venv_and_twistd_finds_the_plugin(tmp_path: 
         timeout=60,
     )
     assert accelerated.stdout.strip() == "True"
+    # `man twistd-slimta` finds the page when the venv's bin is on PATH (man-db looks in
+    # ../share/man of every PATH entry).
+    page = venv / "share" / "man" / "man1" / "twistd-slimta.1"
+    assert '.TH "TWISTD-SLIMTA" "1"' in page.read_text()
+    if shutil.which("man"):
+        path = f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+        found = run(["man", "-w", "twistd-slimta"], elsewhere, {"PATH": path, "MANPATH": ""})
+        assert found.stdout.strip() == str(page)
 
 
 @pytest.mark.slow

@@ -377,7 +377,7 @@ class TestData:
         assert d.send(MESSAGE + b".\r\n") == [("554", "5.7.1 Content rejected by filter")]
 
     def test_bus_exception_is_451(self) -> None:
-        d = Driver(bus=FailingBus())
+        d = Driver(bus=FailingBus(RuntimeError("bus failure (test)")))
         d.start_data()
         assert d.send(MESSAGE + b".\r\n") == [
             ("451", "4.3.0 Temporary local problem, try again later")
@@ -406,7 +406,7 @@ class TestData:
             def send(self, envelope: object) -> int:
                 return 42
 
-        for bus in (Raising(), FailingBus(), Nonsense()):
+        for bus in (Raising(), FailingBus(RuntimeError("failed Deferred")), Nonsense()):
             with captured_events() as events:
                 d = Driver(bus=bus)
                 d.start_data()

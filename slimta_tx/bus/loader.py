@@ -4,7 +4,10 @@ The contract for ``--bus``
 --------------------------
 
 ``--bus mypackage.mymodule:MyBus`` (or ``mypackage.mymodule.MyBus``) names an object that is
-importable on ``sys.path``. It may be:
+importable on ``sys.path`` or, failing that, from the current directory (as gunicorn and uvicorn
+load an application: ``--bus mybus:MyBus`` finds ``./mybus.py``; the directory is searched
+last, so it never hides an installed module). ``--bus path/to/mybus.py:MyBus`` loads that file.
+The object may be:
 
 1. an object with a ``send`` method (a ready bus): used as it is;
 2. a class or factory that takes ``(config, reactor)``: called with the parsed options (a
@@ -25,8 +28,12 @@ message is still being handed over; may return a Deferred that the shutdown wait
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import os
+import sys
 from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 from twisted.application.service import Service
@@ -41,18 +48,19 @@ class BusLoadError(ValueError):
 
 
 def resolve(path: str) -> Any:
-    """Import ``"pkg.module:attr"`` or ``"pkg.module.attr"`` and return the attribute."""
+    """Import ``"pkg.module:attr"``, ``"pkg.module.attr"`` or ``"dir/file.py:attr"`` and
+    return the attribute."""
     path = path.strip()
     if ":" in path:
-        module_name, _, attr_path = path.partition(":")
+        module_name, _, attr_path = path.rpartition(":")
     else:
         module_name, _, attr_path = path.rpartition(".")
     if not module_name or not attr_path:
         raise BusLoadError(f"{path!r} is not a dotted path like 'package.module:BusClass'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise BusLoadError(f"cannot import {module_name!r}: {e}") from None
+    if module_name.endswith(".py") or os.sep in module_name:
+        module = _load_file(module_name)
+    else:
+        module = _import(module_name)
     target: Any = module
     for part in attr_path.split("."):
         try:
@@ -60,6 +68,52 @@ def resolve(path: str) -> Any:
         except AttributeError:
             raise BusLoadError(f"{module_name!r} has no attribute {attr_path!r}") from None
     return target
+
+
+def _import(module_name: str) -> ModuleType:
+    """Import from ``sys.path``; a top-level module found nowhere there is looked for in the
+    current directory, which is then added at the end of ``sys.path``."""
+    top = module_name.partition(".")[0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        here = os.getcwd()
+        if e.name != top or here in sys.path or "" in sys.path:
+            raise BusLoadError(f"cannot import {module_name!r}: {e}") from None
+        if not (os.path.isfile(f"{top}.py") or os.path.isdir(top)):
+            raise BusLoadError(
+                f"cannot import {module_name!r}: {e} (not on sys.path nor in {here})"
+            ) from None
+        sys.path.append(here)
+    except ImportError as e:
+        raise BusLoadError(f"cannot import {module_name!r}: {e}") from None
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        raise BusLoadError(f"cannot import {module_name!r}: {e}") from None
+
+
+def _load_file(filename: str) -> ModuleType:
+    """Load a module from a file; its directory goes at the end of ``sys.path`` so that the
+    modules beside it can be imported."""
+    filename = os.path.abspath(filename)
+    if not os.path.isfile(filename):
+        raise BusLoadError(f"cannot import {filename!r}: no such file")
+    name = os.path.splitext(os.path.basename(filename))[0]
+    spec = importlib.util.spec_from_file_location(name, filename)
+    if spec is None or spec.loader is None:
+        raise BusLoadError(f"cannot import {filename!r}: not a Python module")
+    module = importlib.util.module_from_spec(spec)
+    directory = os.path.dirname(filename)
+    if directory not in sys.path:
+        sys.path.append(directory)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(name, None)
+        raise BusLoadError(f"cannot import {filename!r}: {type(e).__name__}: {e}") from None
+    return module
 
 
 def _takes_config_and_reactor(factory: Any) -> bool:
