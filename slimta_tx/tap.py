@@ -10,11 +10,11 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from slimta_tx.cli import auth, buses, core, policies, tls
+from slimta_tx.cli import auth, buses, core, policies, tls, workers
 
 __all__ = ["Options", "makeService"]
 
-GROUPS = (core, tls, auth, policies, buses)
+GROUPS = (core, tls, auth, policies, buses, workers)
 
 
 class Options(
@@ -23,6 +23,7 @@ class Options(
     auth.OptionGroup,
     policies.OptionGroup,
     buses.OptionGroup,
+    workers.OptionGroup,
     usage.Options,
 ):
     synopsis = "[options]"
@@ -67,6 +68,10 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    if workers.wanted(config):
+        from slimta_tx.workers import make_service
+
+        return make_service(config, reactor)
     bus = buses.make_bus(config, reactor)
     edge = SmtpEdge(bus, config["policy"], reactor=reactor)
     service = EdgeService(edge, config["listen"], reactor=reactor)

@@ -1,0 +1,501 @@
+"""``twistd slimta --workers N``: one parent binds every listener, N worker processes serve them.
+
+How it works (docs/deployment.md says why it is done this way):
+
+- The parent binds each ``--listen`` and ``--tls-listen`` endpoint itself, before twistd drops
+  privileges (``--uid``/``--gid``, ports below 1024) and with the fail-fast rules of a single
+  process: a port that cannot be bound stops start-up. It never accepts a connection: its
+  ports are bound, listening and not read.
+- Each worker is a fresh Python process (``spawnProcess``, not ``fork``: the parent runs
+  threads and a reactor) that inherits the listening sockets as descriptors 3, 4, ... exactly
+  as systemd socket activation hands them over (``LISTEN_FDS``/``LISTEN_PID``/
+  ``LISTEN_FDNAMES``). Its listeners are the same descriptions with the bound part replaced by
+  ``systemd:domain=...:index=...`` (``haproxy:tcp:25`` becomes ``haproxy:systemd:...``), so
+  every option builds the same service as in one process. All workers share one accept queue
+  per port: an idle worker takes the next connection.
+- The worker reads its options from its stdin (one JSON line: the ``twistd slimta`` arguments,
+  its listeners, the reactor) and keeps stdin open: when the parent dies, the worker sees end of
+  file and drains itself instead of serving on alone.
+- Workers log through the parent: each event as a JSON line on their stdout, re-emitted by the
+  parent with ``worker=N`` (and ``worker-N`` in the text's system prefix), so ``--logfile``,
+  ``--syslog`` and rotation stay the parent's business.
+- The parent supervises (:class:`WorkerPool`, with the rules of :mod:`slimta_tx.supervise`),
+  forwards SIGHUP to every worker, and on SIGTERM closes its listening sockets, sends SIGTERM
+  to every worker (each drains as a single process does) and waits for them.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+from twisted.application.service import MultiService
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import CannotListenError, ProcessTerminated
+from twisted.internet.interfaces import IListeningPort, IProcessTransport
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from slimta_tx.service import SighupReload
+from slimta_tx.supervise import GiveUp, RestartLimits, RestartTracker, describe_exit
+
+__all__ = [
+    "LISTEN_BACKLOG",
+    "SUPPORTED_LISTENERS",
+    "WorkerPool",
+    "WorkersService",
+    "split_listener",
+    "worker_description",
+]
+
+#: The listen backlog of sockets the parent binds (``backlog=`` in a description wins). Large,
+#: so that a burst of connections waits in the kernel while every worker is busy instead of
+#: being refused; the kernel caps it at ``net.core.somaxconn``.
+LISTEN_BACKLOG = 4096
+
+#: Endpoint types the parent can bind and hand over; ``haproxy:`` may wrap any of them.
+SUPPORTED_LISTENERS = ("tcp", "tcp6", "unix", "systemd")
+WRAPPERS = ("haproxy",)
+
+#: Seconds a worker may take to drain beyond ``--shutdown-grace`` before it is killed.
+STOP_MARGIN = 10.0
+
+_DOMAINS = ((IPv6Address, "INET6"), (IPv4Address, "INET"), (UNIXAddress, "UNIX"))
+
+
+def split_listener(description: str) -> tuple[str, str]:
+    """``"haproxy:tcp:25"`` -> ``("haproxy:", "tcp:25")``; ValueError for what workers cannot
+    share (one line, naming the description)."""
+    prefix, rest = "", description
+    while True:
+        kind = rest.split(":", 1)[0].strip().lower()
+        if kind in WRAPPERS and ":" in rest:
+            head, rest = rest.split(":", 1)
+            prefix += head + ":"
+            continue
+        if kind in SUPPORTED_LISTENERS:
+            return prefix, rest
+        raise ValueError(
+            f"--workers: cannot share the listener {description!r} between workers; "
+            f"use {', '.join(t + ':' for t in SUPPORTED_LISTENERS)} (also behind haproxy:)"
+        )
+
+
+def with_backlog(leaf: str) -> str:
+    """Add ``backlog=LISTEN_BACKLOG`` to a tcp/tcp6/unix description that names none."""
+    kind = leaf.split(":", 1)[0].strip().lower()
+    if kind == "systemd" or "backlog=" in leaf:
+        return leaf  # systemd's socket unit sets its own (Backlog=)
+    return f"{leaf}:backlog={LISTEN_BACKLOG}"
+
+
+def worker_description(prefix: str, domain: str, index: int) -> str:
+    """What a worker listens on: the inherited descriptor ``index`` (systemd's numbering)."""
+    return f"{prefix}systemd:domain={domain}:index={index}"
+
+
+class SharedListener(Factory):
+    """The parent's placeholder factory: its ports are never read, so it builds nothing."""
+
+    def buildProtocol(self, addr: Any) -> None:
+        return None
+
+
+@dataclass
+class Bound:
+    """A socket the parent bound for the workers."""
+
+    description: str
+    tls: bool
+    port: IListeningPort
+    worker_description: str
+
+    def fileno(self) -> int:
+        return int(cast(Any, self.port).fileno())
+
+
+def bind(reactor: Any, description: str, tls: bool, index: int) -> Bound:
+    """Bind ``description`` now (raises CannotListenError as twistd's listeners do)."""
+    from twisted.internet.endpoints import serverFromString
+
+    prefix, leaf = split_listener(description)
+    outcome: list[Any] = []
+    serverFromString(reactor, with_backlog(leaf)).listen(SharedListener()).addBoth(outcome.append)
+    if not outcome:  # pragma: no cover - tcp, unix and systemd endpoints listen at once
+        raise RuntimeError(f"{description}: the endpoint did not listen synchronously")
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    port: IListeningPort = outcome[0]
+    # The workers accept; the parent only keeps the socket open (never reads it).
+    cast(Any, port).stopReading()
+    host = port.getHost()
+    domain = next((name for kind, name in _DOMAINS if isinstance(host, kind)), None)
+    if domain is None:  # pragma: no cover - only the types above are accepted
+        raise ValueError(f"--workers: {description!r} is not a stream socket")
+    return Bound(description, tls, port, worker_description(prefix, domain, index))
+
+
+# -- the pool ------------------------------------------------------------------------------------
+
+
+class WorkerHandle(Protocol):
+    """What the pool needs of a running worker."""
+
+    pid: int | None
+
+    def signal(self, signum: int) -> None: ...
+
+
+Spawn = Callable[[int], WorkerHandle]
+
+
+class WorkerPool:
+    """Keeps ``count`` workers running; restarts with backoff; gives up on a crash loop.
+
+    :param spawn: starts worker ``slot`` (1..count) and returns its handle; the caller reports
+        its end with :meth:`exited`.
+    :param reactor: an ``IReactorTime`` (a ``Clock`` in tests).
+    :param on_give_up: called once with the reason when a crash loop ends the service.
+    """
+
+    log = Logger(namespace="slimta_tx.workers")
+
+    def __init__(
+        self,
+        count: int,
+        spawn: Spawn,
+        reactor: Any,
+        limits: RestartLimits | None = None,
+        stop_timeout: float = 30.0 + STOP_MARGIN,
+        on_give_up: Callable[[str], object] | None = None,
+    ) -> None:
+        self.count = count
+        self.spawn = spawn
+        self.reactor = reactor
+        self.tracker = RestartTracker(limits or RestartLimits())
+        self.stop_timeout = stop_timeout
+        self.on_give_up = on_give_up
+        self.workers: dict[int, WorkerHandle] = {}
+        self.pending: dict[int, Any] = {}  # slot -> DelayedCall of its restart
+        self.stopping = False
+        self.gave_up: str | None = None
+        self._stopped: list[Deferred[None]] = []
+        self._kill_timer: Any = None
+
+    def start(self) -> None:
+        for slot in range(1, self.count + 1):
+            self._start(slot)
+
+    def _start(self, slot: int) -> None:
+        self.pending.pop(slot, None)
+        if self.stopping:
+            return
+        handle = self.spawn(slot)
+        self.workers[slot] = handle
+        self.log.info("worker {worker} started (pid {pid})", worker=slot, pid=handle.pid)
+
+    def exited(self, slot: int, exit_code: int | None, signum: int | None) -> None:
+        """Worker ``slot`` ended (``exit_code`` or ``signum``, as the process reports)."""
+        handle = self.workers.pop(slot, None)
+        how = describe_exit(exit_code, signum)
+        pid = handle.pid if handle is not None else None
+        if self.stopping:
+            level = LogLevel.info if exit_code == 0 else LogLevel.warn
+            self.log.emit(
+                level, "worker {worker} (pid {pid}) stopped: {how}", worker=slot, pid=pid, how=how
+            )
+            self._check_stopped()
+            return
+        decision = self.tracker.exited(slot, self.reactor.seconds(), how)
+        if isinstance(decision, GiveUp):
+            self.log.critical("{reason}; stopping the service", reason=decision.reason)
+            if self.gave_up is None:
+                self.gave_up = decision.reason
+                if self.on_give_up is not None:
+                    self.on_give_up(decision.reason)
+            return
+        self.log.warn(
+            "worker {worker} (pid {pid}) ended unexpectedly: {how}; restarting in {delay:g} s",
+            worker=slot,
+            pid=pid,
+            how=how,
+            delay=decision.delay,
+        )
+        self.pending[slot] = self.reactor.callLater(decision.delay, self._start, slot)
+
+    def signal_all(self, signum: int) -> int:
+        """Send ``signum`` to every running worker; returns how many got it."""
+        sent = 0
+        for handle in list(self.workers.values()):
+            try:
+                handle.signal(signum)
+                sent += 1
+            except Exception:
+                self.log.failure("could not signal worker (pid {pid})", pid=handle.pid)
+        return sent
+
+    def stop(self) -> Deferred[None]:
+        """SIGTERM every worker (each drains); SIGKILL what is left after ``stop_timeout``;
+        fire when all have exited. No restart happens from here on."""
+        self.stopping = True
+        for call in self.pending.values():
+            if call.active():
+                call.cancel()
+        self.pending.clear()
+        if not self.workers:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._stopped.append(d)
+        self.signal_all(signal.SIGTERM)
+        if self._kill_timer is None:
+            self._kill_timer = self.reactor.callLater(self.stop_timeout, self._kill_rest)
+        return d
+
+    def _kill_rest(self) -> None:
+        self._kill_timer = None
+        if self.workers:
+            self.log.error(
+                "{count} worker(s) still running {seconds:g} s after SIGTERM; killing them",
+                count=len(self.workers),
+                seconds=self.stop_timeout,
+            )
+            self.signal_all(signal.SIGKILL)
+
+    def _check_stopped(self) -> None:
+        if self.workers:
+            return
+        if self._kill_timer is not None and self._kill_timer.active():
+            self._kill_timer.cancel()
+        self._kill_timer = None
+        stopped, self._stopped = self._stopped, []
+        for d in stopped:
+            d.callback(None)
+
+
+# -- the worker processes ------------------------------------------------------------------------
+
+
+class WorkerProcess(ProcessProtocol):
+    """The parent's end of one worker: its options in, its log events out, its exit."""
+
+    log = Logger(namespace="slimta_tx.workers")
+
+    def __init__(self, slot: int, pool: WorkerPool, spec: bytes) -> None:
+        self.slot = slot
+        self.pool = pool
+        self.spec = spec
+        self.pid: int | None = None
+        self._buffers: dict[int, bytes] = {1: b"", 2: b""}
+
+    def connectionMade(self) -> None:
+        transport = cast(IProcessTransport, self.transport)
+        self.pid = transport.pid
+        # Stays open: the worker drains itself when it reads end of file (the parent is gone).
+        transport.write(self.spec)
+
+    def signal(self, signum: int) -> None:
+        cast(IProcessTransport, self.transport).signalProcess(signum)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffered = self._buffers.get(childFD, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        self._buffers[childFD] = rest[-65536:]  # a line never ends: keep memory bounded
+        for line in lines:
+            self._line(childFD, line)
+
+    def _line(self, fd: int, line: bytes) -> None:
+        if fd == 1:
+            from slimta_tx.worker_log import decode_event
+
+            event = decode_event(line, self.slot)
+            if event is not None:
+                self.log.observer(event)
+                return
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if text:
+            self.log.warn("worker {worker}: {text}", worker=self.slot, text=text)
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd in (1, 2):
+            if self._buffers.get(fd):
+                self._line(fd, self._buffers[fd])
+                self._buffers[fd] = b""
+        value = reason.value
+        if isinstance(value, ProcessTerminated):
+            self.pool.exited(self.slot, value.exitCode, value.signal)
+        else:
+            self.pool.exited(self.slot, 0, None)
+
+
+def reactor_module(reactor: Any) -> str:
+    """The module whose ``install()`` gives a worker the parent's kind of reactor."""
+    return str(type(reactor).__module__)
+
+
+# The child sets LISTEN_PID to its own pid before anything imports Twisted's endpoints (which
+# read the systemd variables once, at import).
+BOOTSTRAP = (
+    "import os, sys; os.environ['LISTEN_PID'] = str(os.getpid()); "
+    "from slimta_tx.worker import main; sys.exit(main())"
+)
+
+
+class WorkersService(MultiService):
+    """The parent of ``twistd slimta --workers N``.
+
+    :param argv: the ``twistd slimta`` arguments; each worker parses them again.
+    :param listen: ``--listen`` descriptions; :param tls_listen: ``--tls-listen`` ones.
+    :param grace: ``--shutdown-grace``: workers get this long plus :data:`STOP_MARGIN` to drain.
+    """
+
+    log = Logger(namespace="slimta_tx.workers")
+    #: As for EdgeService: under ``twistd -n`` a port that cannot be bound is one line, exit 1.
+    exit_on_listen_error = False
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        listen: Sequence[str],
+        tls_listen: Sequence[str],
+        count: int,
+        reactor: Any,
+        limits: RestartLimits | None = None,
+        grace: float = 30.0,
+    ) -> None:
+        super().__init__()
+        self.argv = list(argv)
+        self.listeners = [(d, False) for d in listen] + [(d, True) for d in tls_listen]
+        self.reactor = reactor
+        self.bound: list[Bound] = []
+        self.pool = WorkerPool(
+            count,
+            self._spawn,
+            reactor,
+            limits=limits,
+            stop_timeout=grace + STOP_MARGIN,
+            on_give_up=self._give_up,
+        )
+        self.reloads = SighupReload(reactor)
+        self.reloads.add(self.reload)
+        self.reloads.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        try:
+            for index, (description, tls) in enumerate(self.listeners):
+                self.bound.append(bind(self.reactor, description, tls, index))
+        except CannotListenError as e:
+            self._close_bound()
+            if not self.exit_on_listen_error:
+                raise
+            raise SystemExit(f"slimta: {e}") from None
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        self.log.info(
+            "starting {count} workers on {listeners}",
+            count=self.pool.count,
+            listeners=", ".join(b.description for b in self.bound),
+        )
+        self.pool.start()
+
+    def stopService(self) -> Deferred[None]:
+        self._close_bound()
+        d: Deferred[Any] = super().stopService()
+        return d.addCallback(lambda _: self.pool.stop())
+
+    def reload(self) -> None:
+        """SIGHUP: every worker reloads its certificates and lists."""
+        sent = self.pool.signal_all(signal.SIGHUP)
+        self.log.info("SIGHUP sent to {count} workers", count=sent)
+
+    def spec(self, slot: int) -> bytes:
+        listen = [b.worker_description for b in self.bound if not b.tls]
+        tls_listen = [b.worker_description for b in self.bound if b.tls]
+        record = {
+            "slot": slot,
+            "argv": self.argv,
+            "listen": listen,
+            "tls_listen": tls_listen,
+            "reactor": reactor_module(self.reactor),
+        }
+        return json.dumps(record).encode("utf-8") + b"\n"
+
+    def _spawn(self, slot: int) -> WorkerProcess:
+        process = WorkerProcess(slot, self.pool, self.spec(slot))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+        env["LISTEN_FDS"] = str(len(self.bound))
+        env["LISTEN_FDNAMES"] = ":".join(f"slimta{i}" for i in range(len(self.bound)))
+        # Which worker this is, for code of the user's own (a bus, a per-worker metrics
+        # directory for issue 13's aggregation, ...).
+        env["SLIMTA_TX_WORKER"] = str(slot)
+        child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        for index, bound in enumerate(self.bound):
+            child_fds[3 + index] = bound.fileno()
+        self.reactor.spawnProcess(
+            process,
+            sys.executable,
+            [sys.executable, "-c", BOOTSTRAP, f"slimta-worker-{slot}"],
+            env=env,
+            childFDs=child_fds,
+        )
+        return process
+
+    def _close_bound(self) -> None:
+        bound, self.bound = self.bound, []
+        for b in bound:
+            b.port.stopListening()
+
+    def _give_up(self, reason: str) -> None:
+        """A crash loop: stop everything; twistd then exits with status 1 and the reason."""
+        _exit_status.fail(reason)
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+class _ExitStatus:
+    """twistd has no way to set its exit status; after it has cleaned up (pid file, logs),
+    this turns a crash loop into exit status 1 with the reason on stderr."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def fail(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            atexit.register(self._exit)
+
+    def _exit(self) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a closed stream
+                stream.flush()
+        os.write(2, f"slimta: stopped: {self.reason}\n".encode("utf-8", "replace"))
+        os._exit(1)
+
+
+_exit_status = _ExitStatus()
+
+
+def make_service(config: Any, reactor: Any) -> WorkersService:
+    """The parent service for ``config`` (parsed ``twistd slimta`` options)."""
+    parent = getattr(config, "parent", None)
+    service = WorkersService(
+        config["workers-argv"],
+        config["listen"],
+        config["tls-listen"],
+        config["workers"],
+        reactor,
+        limits=config["worker-restarts"],
+        grace=config["policy"].shutdown_grace,
+    )
+    service.exit_on_listen_error = parent is not None and bool(parent.get("nodaemon"))
+    return service
