@@ -84,10 +84,14 @@ def main() -> int:
 
     from twisted.logger import globalLogBeginner
 
-    from slimta_tx.worker_log import line_observer
+    from slimta_tx.worker_log import line_observer, shared_stdout_observer
 
-    stdout = os.fdopen(1, "wb", buffering=65536, closefd=False)
-    globalLogBeginner.beginLoggingTo([line_observer(stdout)], redirectStandardIO=False)
+    if spec.get("log") == "stdout":
+        text = open(1, "w", encoding="utf-8", errors="replace", closefd=False)
+        observer = shared_stdout_observer(text, slot)
+    else:
+        observer = line_observer(os.fdopen(1, "wb", buffering=65536, closefd=False))
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     from twisted.python import usage
 

@@ -1,4 +1,13 @@
-"""Log events from a worker to the parent: one JSON object per line (sans-I/O both ways).
+"""How a worker logs: straight to the stdout it shares with the parent, or through the parent.
+
+When ``twistd -n`` logs to its stdout (a terminal, a pipe to journald, a file), each worker
+writes its own lines, formatted as the parent formats them, to that same descriptor
+(:func:`shared_stdout_observer`): the formatting cost is spread over the workers, and a line is
+one ``write``, so lines from several processes do not mix. Otherwise (``--logfile`` with its
+rotation, ``--syslog``, ``--logger``, a daemon) events go to the parent as JSON lines
+(:func:`line_observer`) and the parent re-emits them to its observers.
+
+On the way through the parent:
 
 A worker's events keep their fields (``client``, ``queue_id``, ...), so a JSON log observer in
 the parent sees the same structure a single process would log. Plain values go as they are
@@ -14,7 +23,7 @@ from typing import IO, Any, cast
 
 from twisted.logger import ILogObserver, LogLevel, formatEvent
 
-__all__ = ["decode_event", "encode_event", "line_observer"]
+__all__ = ["decode_event", "encode_event", "line_observer", "mark", "shared_stdout_observer"]
 
 # Objects that stay in the worker (the logger, its source) or travel as text.
 _DROP = frozenset({"log_logger", "log_source", "log_level", "log_failure", "log_io", "log_trace"})
@@ -62,12 +71,31 @@ def decode_event(line: bytes, worker: int) -> dict[str, Any] | None:
         event["log_level"] = LogLevel.levelWithName(str(event.get("log_level")))
     except Exception:
         event["log_level"] = LogLevel.info
+    return mark(event, worker)
+
+
+def mark(event: dict[str, Any], worker: int) -> dict[str, Any]:
+    """Name the worker in the event: a ``worker`` field, and ``worker-N`` at the start of the
+    text's system prefix (``[worker-2 slimta_tx.factory.SmtpEdge#info]``)."""
     system = event.get("log_system")
     if system is None:
-        system = f"{event['log_namespace']}#{event['log_level'].name}"
+        level = event.get("log_level")
+        system = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', 'info')}"
     event["log_system"] = f"worker-{worker}" if system == "-" else f"worker-{worker} {system}"
     event["worker"] = worker
     return event
+
+
+def shared_stdout_observer(out: IO[str], worker: int) -> ILogObserver:
+    """Lines as twistd writes them to its stdout, marked with the worker, on ``out``."""
+    from twisted.logger import textFileLogObserver
+
+    text = textFileLogObserver(out)
+
+    def observe(event: dict[str, Any]) -> None:
+        text(mark(dict(event), worker))
+
+    return cast(ILogObserver, observe)
 
 
 def line_observer(out: IO[bytes]) -> ILogObserver:

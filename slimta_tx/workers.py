@@ -16,9 +16,10 @@ How it works (docs/deployment.md says why it is done this way):
 - The worker reads its options from its stdin (one JSON line: the ``twistd slimta`` arguments,
   its listeners, the reactor) and keeps stdin open: when the parent dies, the worker sees end of
   file and drains itself instead of serving on alone.
-- Workers log through the parent: each event as a JSON line on their stdout, re-emitted by the
-  parent with ``worker=N`` (and ``worker-N`` in the text's system prefix), so ``--logfile``,
-  ``--syslog`` and rotation stay the parent's business.
+- Under ``twistd -n`` logging to stdout, workers write their own lines to that stdout; with
+  ``--logfile``, ``--syslog`` or ``--logger`` they log through the parent: each event as a JSON
+  line, re-emitted there with ``worker=N``, so rotation stays the parent's business
+  (:mod:`slimta_tx.worker_log`). Either way lines say ``worker-N`` in their system prefix.
 - The parent supervises (:class:`WorkerPool`, with the rules of :mod:`slimta_tx.supervise`),
   forwards SIGHUP to every worker, and on SIGTERM closes its listening sockets, sends SIGTERM
   to every worker (each drains as a single process does) and waits for them.
@@ -370,9 +371,11 @@ class WorkersService(MultiService):
         reactor: Any,
         limits: RestartLimits | None = None,
         grace: float = 30.0,
+        log_to_stdout: bool = False,
     ) -> None:
         super().__init__()
         self.argv = list(argv)
+        self.log_to_stdout = log_to_stdout
         self.listeners = [(d, False) for d in listen] + [(d, True) for d in tls_listen]
         self.reactor = reactor
         self.bound: list[Bound] = []
@@ -427,6 +430,7 @@ class WorkersService(MultiService):
             "listen": listen,
             "tls_listen": tls_listen,
             "reactor": reactor_module(self.reactor),
+            "log": "stdout" if self.log_to_stdout else "parent",
         }
         return json.dumps(record).encode("utf-8") + b"\n"
 
@@ -438,7 +442,10 @@ class WorkersService(MultiService):
         # Which worker this is, for code of the user's own (a bus, a per-worker metrics
         # directory for issue 13's aggregation, ...).
         env["SLIMTA_TX_WORKER"] = str(slot)
+        # Shared stdout/stderr, or pipes the parent reads (see slimta_tx.worker_log).
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        if self.log_to_stdout:
+            child_fds.update({1: 1, 2: 2})
         for index, bound in enumerate(self.bound):
             child_fds[3 + index] = bound.fileno()
         self.reactor.spawnProcess(
@@ -488,6 +495,14 @@ _exit_status = _ExitStatus()
 def make_service(config: Any, reactor: Any) -> WorkersService:
     """The parent service for ``config`` (parsed ``twistd slimta`` options)."""
     parent = getattr(config, "parent", None)
+    # twistd -n with no --logfile/--syslog/--logger writes text to its stdout: so can workers.
+    log_to_stdout = (
+        parent is not None
+        and bool(parent.get("nodaemon"))
+        and parent.get("logfile") in (None, "", "-")
+        and not parent.get("syslog")
+        and not parent.get("logger")
+    )
     service = WorkersService(
         config["workers-argv"],
         config["listen"],
@@ -496,6 +511,7 @@ def make_service(config: Any, reactor: Any) -> WorkersService:
         reactor,
         limits=config["worker-restarts"],
         grace=config["policy"].shutdown_grace,
+        log_to_stdout=log_to_stdout,
     )
     service.exit_on_listen_error = parent is not None and bool(parent.get("nodaemon"))
     return service

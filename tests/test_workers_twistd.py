@@ -417,3 +417,34 @@ def test_workers_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
             time.sleep(0.05)  # poll interval of a bounded wait for other processes
     finally:
         twistd.stop()
+
+
+def test_with_a_logfile_workers_log_through_the_parent(tmp_path: Path) -> None:
+    """With --logfile (twistd rotates it) workers send their events to the parent, which
+    writes them to that file, each marked with its worker."""
+    logfile = tmp_path / "slimta.log"
+    argv = twistd_argv(tmp_path / "Maildir", "--workers", "2")
+    argv.insert(argv.index("slimta"), f"--logfile={logfile}")
+    twistd = Twistd(argv)
+    try:
+        deadline = time.monotonic() + 30
+        text = ""
+        while not all(f"worker {n} ready" in text for n in (1, 2)):
+            assert twistd.proc.poll() is None and time.monotonic() < deadline, text
+            time.sleep(0.05)  # poll interval of a bounded wait for another process
+            text = logfile.read_text() if logfile.exists() else ""
+        match = re.search(r"SmtpEdge starting on (\d+)", text)
+        assert match is not None
+        pids = {int(m.group(1)): int(m.group(2)) for m in _READY.finditer(text)}
+        for slot, other in ((1, 2), (2, 1)):
+            with paused(pids[other]):
+                [queue_id] = send(int(match.group(1)))
+            deadline = time.monotonic() + 10
+            while f"id={queue_id} result=250 2.6.0" not in logfile.read_text():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)  # poll interval of a bounded wait for the log line
+            line = next(ln for ln in logfile.read_text().splitlines() if f"id={queue_id}" in ln)
+            assert f"[worker-{slot} slimta_tx.factory.SmtpEdge#info] 127.0.0.1 helo=" in line
+        assert twistd.output == ""  # nothing on stdout: everything went to the file
+    finally:
+        twistd.stop()
