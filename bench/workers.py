@@ -1,0 +1,114 @@
+"""``twistd slimta --workers N`` in the benchmark: the product as users run it, 1 vs 2 workers.
+
+Used by ``bench/run.py``: the ``twistd-w1-*``/``twistd-w2-*`` servers are real ``twistd -n
+slimta`` processes (default logging: one line per message, to a file), with the discarding
+bus or a Maildir (fsync on). With workers, the server's CPU and memory are the sums over the
+parent and its workers; the parent's own share is reported too (it forwards the workers' log
+events). They run only in the scenarios of :data:`SCENARIOS`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+
+SERVERS: dict[str, str] = {
+    "twistd-w1-discard": "twistd w1 discard",
+    "twistd-w2-discard": "twistd w2 discard",
+    "twistd-w1-maildir": "twistd w1 maildir",
+    "twistd-w2-maildir": "twistd w2 maildir",
+}
+SCENARIOS = ("50x2k", "50x2k-pipe")
+TARGET_RATIO = 1.6
+_PORT = re.compile(rb"SmtpEdge starting on (\d+)")
+
+
+def applies(kind: str, scenario: str) -> bool:
+    return kind not in SERVERS or scenario in SCENARIOS
+
+
+def command(kind: str, maildir: str | None) -> list[str]:
+    workers = kind.split("-")[1].removeprefix("w")
+    bus = ["--maildir", maildir or ""] if kind.endswith("maildir") else []
+    if not bus:
+        bus = ["--bus", "slimta_tx.bus.simple:DiscardBus"]
+    return [
+        TWISTD,
+        "-n",
+        "--pidfile=",
+        "slimta",
+        "--workers",
+        workers,
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--hostname",
+        "bench.test",
+        "--max-size",
+        str(MAX_MESSAGE_SIZE),
+        *bus,
+    ]
+
+
+def start(
+    kind: str, maildir: str | None, log_path: str, timeout: float = 30.0
+) -> tuple[subprocess.Popen[str], int]:
+    """Start the server; wait (bounded) until every worker said it is ready; its port."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            command(kind, maildir),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    workers = int(kind.split("-")[1].removeprefix("w"))
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(log_path, "rb") as f:
+            text = f.read()
+        match = _PORT.search(text)
+        ready = workers == 1 or all(
+            f"worker {n} ready".encode() in text for n in range(1, workers + 1)
+        )
+        if match and ready:
+            return proc, int(match.group(1))
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            tail = text.decode(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"twistd did not start: {tail}")
+        time.sleep(0.05)  # poll interval of a bounded wait for another process
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Linux ``/proc/<pid>/task/*/children``)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    todo.extend(int(p) for p in f.read().split())
+            except OSError:
+                continue
+    return out
+
+
+def parent_share(result: dict[str, Any]) -> str | None:
+    """The note for a row: how much of the server's CPU the parent itself used."""
+    parent = result.get("parent_cpu")
+    if parent is None or not result.get("server_cpu"):
+        return None
+    return f"parent {parent / result['server_cpu'] * 100:.0f}% of srvCPU"
