@@ -24,14 +24,41 @@ log = Logger(namespace="slimta_tx.worker")
 EXIT_CONFIG = 78  # EX_CONFIG of sysexits.h
 
 
-class ParentWatch:
-    """Reads the worker's stdin; end of file (the parent exited or was killed) stops the
-    reactor, which drains the service as SIGTERM would."""
+class Drain:
+    """Stops the reactor once (which drains the service), whatever asks first: SIGTERM, SIGINT
+    or the parent's end. A second signal (systemd's control-group stop signals every process
+    and the parent signals its workers too) is not an error."""
 
-    def __init__(self, reactor: Any, fd: int = 0) -> None:
+    def __init__(self, reactor: Any, slot: int) -> None:
         self.reactor = reactor
+        self.slot = slot
+        self.started = False
+
+    def now(self, why: str) -> None:
+        if self.started or not self.reactor.running:
+            return
+        self.started = True
+        log.info("worker {worker}: {why}; draining", worker=self.slot, why=why)
+        self.reactor.stop()
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        self.reactor.callFromThread(self.now, name)
+
+    def install(self) -> None:
+        """Replace the reactor's SIGTERM/SIGINT handlers (call once it runs)."""
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.on_signal)
+
+
+class ParentWatch:
+    """Reads the worker's stdin; end of file (the parent exited or was killed) drains the
+    service as SIGTERM would."""
+
+    def __init__(self, drain: Drain, fd: int = 0) -> None:
+        self.reactor = drain.reactor
+        self.drain = drain
         self.fd = fd
-        self.gone = False
 
     def fileno(self) -> int:
         return self.fd
@@ -55,10 +82,7 @@ class ParentWatch:
         self.parent_gone()
 
     def parent_gone(self) -> None:
-        if self.reactor.running and not self.gone:
-            self.gone = True
-            log.warn("the parent process is gone; draining")
-            self.reactor.stop()
+        self.drain.now("the parent process is gone")
 
 
 def install_reactor(module: str | None) -> Any:
@@ -114,10 +138,14 @@ def main() -> int:
         log.failure("worker {worker}: the service did not start", worker=slot)
         return EXIT_CONFIG
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    reactor.addReader(ParentWatch(reactor))
-    reactor.callWhenRunning(
-        lambda: log.info("worker {worker} ready (pid {pid})", worker=slot, pid=os.getpid())
-    )
+    drain = Drain(reactor, slot)
+    reactor.addReader(ParentWatch(drain))
+
+    def running() -> None:
+        drain.install()
+        log.info("worker {worker} ready (pid {pid})", worker=slot, pid=os.getpid())
+
+    reactor.callWhenRunning(running)
     reactor.run()
     # Drained. A second SIGTERM (systemd's KillMode=control-group signals every process, and
     # the parent signals its workers) must not turn a clean exit into "killed by signal".

@@ -201,9 +201,7 @@ def test_sigterm_drains_every_worker_and_loses_nothing_acknowledged(tmp_path: Pa
             sock.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
             twistd.kill(signal.SIGTERM)
             for slot in (1, 2):
-                twistd.wait_for_line(
-                    re.compile(rf"\[worker-{slot} twisted.internet.base#info\] Received SIGTERM")
-                )
+                twistd.wait_for_line(re.compile(rf"worker {slot}: SIGTERM; draining"))
             with pytest.raises(OSError):
                 socket.create_connection(("127.0.0.1", twistd.port), timeout=5).close()
             sock.sendall(b"second half\r\n.\r\n")
