@@ -217,11 +217,21 @@ def test_sigterm_drains_every_worker_and_loses_nothing_acknowledged(tmp_path: Pa
     assert len(re.findall(r"worker \d \(pid \d+\) stopped: exit status 0", twistd.output)) == 2
 
 
-def test_sighup_reloads_certificates_in_every_worker_on_a_tls_listen_port(
+def mail_from(port: int, sender: str) -> int:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+        smtp.ehlo("client.test")
+        return smtp.mail(sender)[0]
+
+
+def test_sighup_reloads_certificates_and_lists_in_every_worker_with_tls_listen(
     tmp_path: Path,
 ) -> None:
+    """One SIGHUP to the parent: each worker (asked in turn, the other one paused) presents
+    the new certificate on the --tls-listen port and applies the new sender list."""
     certs = make_certs(tmp_path)
     cert = certs.leaf("localhost", "127.0.0.1", stem="server", combined=False)
+    senders = tmp_path / "senders"
+    senders.write_text("spam@sender.test OK\n")
     argv = twistd_argv(
         tmp_path / "Maildir",
         "--workers",
@@ -232,6 +242,8 @@ def test_sighup_reloads_certificates_in_every_worker_on_a_tls_listen_port(
         str(cert.with_suffix(".key")),
         "--tls-listen",
         "tcp:0:interface=127.0.0.1",
+        "--sender-list",
+        str(senders),
     )
     ctx = ssl.create_default_context(cafile=str(certs.ca_file))
     tls_port = re.compile(r"SmtpEdge \(TLS\) starting on (\d+)")
@@ -244,15 +256,19 @@ def test_sighup_reloads_certificates_in_every_worker_on_a_tls_listen_port(
         for slot, other in ((1, 2), (2, 1)):
             with paused(pids[other]):
                 before[slot] = serial_of(port, ctx)
+                assert mail_from(twistd.port, "spam@sender.test") == 250
         certs.leaf("localhost", "127.0.0.1", stem="server", combined=False)
+        senders.write_text("spam@sender.test REJECT\n")
         twistd.kill(signal.SIGHUP)
         for slot in (1, 2):
             twistd.wait_for_line(
                 re.compile(rf"\[worker-{slot} slimta_tx.cli.tls#info\] TLS certificates reloaded")
             )
+            twistd.wait_for_line(re.compile(rf"\[worker-{slot} .*\] reloaded .*: 1 rules"))
         for slot, other in ((1, 2), (2, 1)):
             with paused(pids[other]):
                 assert serial_of(port, ctx) != before[slot]
+                assert mail_from(twistd.port, "spam@sender.test") >= 500
         assert "ended unexpectedly" not in twistd.output
 
 
