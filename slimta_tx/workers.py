@@ -200,7 +200,11 @@ class WorkerPool:
         self.pending.pop(slot, None)
         if self.stopping:
             return
-        handle = self.spawn(slot)
+        try:
+            handle = self.spawn(slot)
+        except Exception as e:  # e.g. the interpreter cannot be run as --uid
+            self._failed(slot, None, f"could not be started: {e}")
+            return
         self.workers[slot] = handle
         self.log.info("worker {worker} started (pid {pid})", worker=slot, pid=handle.pid)
 
@@ -216,6 +220,9 @@ class WorkerPool:
             )
             self._check_stopped()
             return
+        self._failed(slot, pid, how)
+
+    def _failed(self, slot: int, pid: int | None, how: str) -> None:
         decision = self.tracker.exited(slot, self.reactor.seconds(), how)
         if isinstance(decision, GiveUp):
             self.log.critical("{reason}; stopping the service", reason=decision.reason)
@@ -467,6 +474,8 @@ class WorkersService(MultiService):
         _exit_status.fail(reason)
         if self.reactor.running:
             self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
 
 class _ExitStatus:

@@ -153,3 +153,26 @@ def test_signal_all_reaches_every_running_worker() -> None:
     pool.exited(2, 0, None)
     assert pool.signal_all(signal.SIGHUP) == 2
     assert [w.signals for _, w in spawner.started] == [[signal.SIGHUP], [], [signal.SIGHUP]]
+
+
+def test_a_worker_that_cannot_be_spawned_counts_as_a_failure() -> None:
+    """spawnProcess itself failing (say, the interpreter is not executable by --uid) is
+    retried with backoff like a crash, and ends in a crash loop, not in an empty slot."""
+    clock, gave_up = Clock(), []
+    attempts: list[int] = []
+
+    def spawn(slot: int) -> FakeWorker:
+        attempts.append(slot)
+        raise PermissionError(13, "Permission denied")
+
+    pool = WorkerPool(
+        1, spawn, clock, limits=RestartLimits(max_restarts=2), on_give_up=gave_up.append
+    )
+    pool.start()
+    clock.advance(0.5)
+    clock.advance(1.0)
+    assert attempts == [1, 1, 1]
+    assert gave_up == [
+        "worker 1 failed 3 times in 60 s (last: could not be started: [Errno 13] Permission "
+        "denied); more than --worker-restarts 2/60 allows"
+    ]
