@@ -270,3 +270,29 @@ def test_queue_ids_differ_across_forked_processes() -> None:
     os.waitpid(pid, 0)
     parent = {new_queue_id() for _ in range(64)}
     assert len(child) == 64 and not child & parent
+
+
+@pytest.mark.parametrize(
+    ("twistd_options", "to_stdout"),
+    [
+        ({"nodaemon": True, "logfile": None, "syslog": False, "logger": None}, True),
+        ({"nodaemon": True, "logfile": "-", "syslog": False, "logger": None}, True),
+        ({"nodaemon": True, "logfile": "/var/log/slimta.log", "syslog": False}, False),
+        ({"nodaemon": True, "logfile": None, "syslog": True}, False),
+        ({"nodaemon": True, "logfile": None, "logger": "my.observer"}, False),
+        ({"nodaemon": False, "logfile": None, "syslog": False}, False),
+    ],
+)
+def test_workers_write_to_stdout_only_where_twistd_does(
+    tmp_path: Path, twistd_options: dict[str, Any], to_stdout: bool
+) -> None:
+    """Workers share the parent's stdout only when twistd itself logs plain text there;
+    otherwise (a rotated file, syslog, a custom observer, a daemon) their events go through
+    the parent."""
+    config = Options()
+    config.parent = twistd_options  # type: ignore[assignment]
+    config.parseOptions(["--workers", "2", "--maildir", str(tmp_path / "md")])
+    service = makeService(config, global_reactor)
+    assert isinstance(service, WorkersService)
+    assert service.log_to_stdout is to_stdout
+    assert json.loads(service.spec(1))["log"] == ("stdout" if to_stdout else "parent")
