@@ -450,6 +450,7 @@ def ratio_lines(by_server: dict[str, dict[str, Any]]) -> list[str]:
         r = ratio(by_server, f"twistd-w2-{bus}", f"twistd-w1-{bus}")
         if r is not None:
             lines.append(f"  ratio twistd --workers 2 / --workers 1, {bus}: {r:.2f}x")
+            lines.append("    " + workers.efficiency(by_server, bus))
     return lines
 
 
@@ -474,12 +475,14 @@ def targets(results: dict[str, dict[str, dict[str, Any]]], quick: bool) -> list[
         }
     )
     r = ratio(results.get("50x2k", {}), "twistd-w2-discard", "twistd-w1-discard")
+    ceiling = workers.ceiling(results.get("50x2k", {}).get("twistd-w1-discard"))
     out.append(
         {
             "target": f"twistd --workers 2 >= {workers.TARGET_RATIO}x the msgs/s of --workers 1, "
             "50 connections, discard bus (issue 10)",
             "value": None if r is None else round(r, 2),
             "met": None if r is None else r >= workers.TARGET_RATIO,
+            **({"note": ceiling} if ceiling else {}),
         }
     )
     big = results.get("1x100m", {})

@@ -112,3 +112,42 @@ def parent_share(result: dict[str, Any]) -> str | None:
     if parent is None or not result.get("server_cpu"):
         return None
     return f"parent {parent / result['server_cpu'] * 100:.0f}% of srvCPU"
+
+
+def ceiling(one_worker: dict[str, Any] | None) -> str | None:
+    """The best 2-worker/1-worker ratio this host allows, from the 1-worker row's CPU figures.
+
+    With ``s`` server and ``c`` load-generator CPU seconds per message on ``P`` cores, one
+    worker cannot pass ``1/s`` msgs/s and two cannot pass ``2/s``; and server plus client
+    together cannot pass ``P/(s+c)``. On 2 cores the bound is ``2s/(s+c)``: below 1.6 as soon
+    as the client costs more than a quarter of the server.
+    """
+    if not one_worker or "error" in one_worker or not one_worker.get("messages"):
+        return None
+    s = one_worker["server_cpu"] / one_worker["messages"]
+    c = (one_worker.get("client_cpu") or 0.0) / one_worker["messages"]
+    if s <= 0:
+        return None
+    cores = os.cpu_count() or 1
+    bound = min(2 / s, cores / (s + c)) / min(1 / s, cores / (s + c))
+    return (
+        f"ceiling on this host {bound:.2f}x: {cores} cores shared with the load generator; "
+        f"1 worker {s * 1e6:.0f} us CPU/msg, client {c * 1e6:.0f} us/msg"
+    )
+
+
+def efficiency(by_server: dict[str, dict[str, Any]], bus: str) -> str:
+    """Server CPU per message with 2 workers against 1: what contention distorts least.
+
+    A machine shared with other work changes how much CPU each process gets, so msgs/s
+    ratios swing from run to run; CPU per message moves much less. With 2 workers costing
+    ``k`` times the CPU per message of 1, two free cores give ``2 / k`` times the msgs/s.
+    """
+    one, two = by_server[f"twistd-w1-{bus}"], by_server[f"twistd-w2-{bus}"]
+    s1 = one["server_cpu"] / one["messages"]
+    s2 = two["server_cpu"] / two["messages"]
+    k = s2 / s1
+    return (
+        f"CPU per message, 2 workers / 1: {k:.2f}x ({s2 * 1e6:.0f} / {s1 * 1e6:.0f} us); "
+        f"if CPU sets the pace, 2 free cores give {2 / k:.2f}x the msgs/s"
+    )
