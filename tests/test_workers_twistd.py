@@ -373,7 +373,18 @@ def test_privileged_port_and_uid_gid_with_workers(monkeypatch: pytest.MonkeyPatc
     python = python_for("nobody")
     # The same packages for that interpreter (and the processes it runs as nobody).
     root = Path(__file__).resolve().parent.parent
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(root), *site.getsitepackages()]))
+    path = os.pathsep.join([str(root), *site.getsitepackages()])
+    monkeypatch.setenv("PYTHONPATH", path)
+    probe = subprocess.run(
+        [python, "-c", "import slimta_tx.worker, twisted.scripts.twistd"],
+        user="nobody",
+        env={"PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"this checkout is not readable by nobody: {probe.stderr.strip()[-200:]}")
     base = Path(tempfile.mkdtemp(prefix="slimta-uid-", dir="/tmp"))
     try:
         base.chmod(0o755)
@@ -460,5 +471,28 @@ def test_with_a_logfile_workers_log_through_the_parent(tmp_path: Path) -> None:
             line = next(ln for ln in logfile.read_text().splitlines() if f"id={queue_id}" in ln)
             assert f"[worker-{slot} slimta_tx.factory.SmtpEdge#info] 127.0.0.1 helo=" in line
         assert twistd.output == ""  # nothing on stdout: everything went to the file
+    finally:
+        twistd.stop()
+
+
+def test_a_haproxy_listener_is_shared_by_the_workers(tmp_path: Path) -> None:
+    """`--listen haproxy:tcp:...`: the parent binds the TCP part, each worker wraps its
+    inherited socket the same way (haproxy:systemd:...), so a PROXY header is read first."""
+    argv = twistd_argv(tmp_path / "Maildir", "--workers", "2")
+    argv[argv.index("tcp:0:interface=127.0.0.1")] = "haproxy:tcp:0:interface=127.0.0.1"
+    twistd = Twistd(argv)
+    try:
+        pids = ready_pids(twistd)
+        match = re.search(r"SharedListener starting on (\d+)", twistd.output)
+        assert match is not None
+        port = int(match.group(1))
+        for other in (2, 1):
+            with paused(pids[other]), socket.create_connection(("127.0.0.1", port), 10) as sock:
+                reader = sock.makefile("rb")
+                sock.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 25\r\n")
+                assert reader.readline().startswith(b"220 mx.test")
+                sock.sendall(b"QUIT\r\n")
+                assert reader.readline().startswith(b"221")
+        assert len(re.findall(rf"\[worker-\d.*\] .* starting on {port}", twistd.output)) == 2
     finally:
         twistd.stop()
