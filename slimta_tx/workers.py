@@ -33,21 +33,21 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from twisted.application.service import MultiService
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, ProcessTerminated
 from twisted.internet.interfaces import IListeningPort, IProcessTransport
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from slimta_tx.service import SighupReload
-from slimta_tx.supervise import GiveUp, RestartLimits, RestartTracker, describe_exit
+from slimta_tx.supervise import STOP_MARGIN, RestartLimits, WorkerPool
 
 __all__ = [
     "LISTEN_BACKLOG",
@@ -66,9 +66,6 @@ LISTEN_BACKLOG = 4096
 #: Endpoint types the parent can bind and hand over; ``haproxy:`` may wrap any of them.
 SUPPORTED_LISTENERS = ("tcp", "tcp6", "unix", "systemd")
 WRAPPERS = ("haproxy",)
-
-#: Seconds a worker may take to drain beyond ``--shutdown-grace`` before it is killed.
-STOP_MARGIN = 10.0
 
 _DOMAINS = ((IPv6Address, "INET6"), (IPv4Address, "INET"), (UNIXAddress, "UNIX"))
 
@@ -143,150 +140,6 @@ def bind(reactor: Any, description: str, tls: bool, index: int) -> Bound:
     if domain is None:  # pragma: no cover - only the types above are accepted
         raise ValueError(f"--workers: {description!r} is not a stream socket")
     return Bound(description, tls, port, worker_description(prefix, domain, index))
-
-
-# -- the pool ------------------------------------------------------------------------------------
-
-
-class WorkerHandle(Protocol):
-    """What the pool needs of a running worker."""
-
-    pid: int | None
-
-    def signal(self, signum: int) -> None: ...
-
-
-Spawn = Callable[[int], WorkerHandle]
-
-
-class WorkerPool:
-    """Keeps ``count`` workers running; restarts with backoff; gives up on a crash loop.
-
-    :param spawn: starts worker ``slot`` (1..count) and returns its handle; the caller reports
-        its end with :meth:`exited`.
-    :param reactor: an ``IReactorTime`` (a ``Clock`` in tests).
-    :param on_give_up: called once with the reason when a crash loop ends the service.
-    """
-
-    log = Logger(namespace="slimta_tx.workers")
-
-    def __init__(
-        self,
-        count: int,
-        spawn: Spawn,
-        reactor: Any,
-        limits: RestartLimits | None = None,
-        stop_timeout: float = 30.0 + STOP_MARGIN,
-        on_give_up: Callable[[str], object] | None = None,
-    ) -> None:
-        self.count = count
-        self.spawn = spawn
-        self.reactor = reactor
-        self.tracker = RestartTracker(limits or RestartLimits())
-        self.stop_timeout = stop_timeout
-        self.on_give_up = on_give_up
-        self.workers: dict[int, WorkerHandle] = {}
-        self.pending: dict[int, Any] = {}  # slot -> DelayedCall of its restart
-        self.stopping = False
-        self.gave_up: str | None = None
-        self._stopped: list[Deferred[None]] = []
-        self._kill_timer: Any = None
-
-    def start(self) -> None:
-        for slot in range(1, self.count + 1):
-            self._start(slot)
-
-    def _start(self, slot: int) -> None:
-        self.pending.pop(slot, None)
-        if self.stopping:
-            return
-        try:
-            handle = self.spawn(slot)
-        except Exception as e:  # e.g. the interpreter cannot be run as --uid
-            self._failed(slot, None, f"could not be started: {e}")
-            return
-        self.workers[slot] = handle
-        self.log.info("worker {worker} started (pid {pid})", worker=slot, pid=handle.pid)
-
-    def exited(self, slot: int, exit_code: int | None, signum: int | None) -> None:
-        """Worker ``slot`` ended (``exit_code`` or ``signum``, as the process reports)."""
-        handle = self.workers.pop(slot, None)
-        how = describe_exit(exit_code, signum)
-        pid = handle.pid if handle is not None else None
-        if self.stopping:
-            level = LogLevel.info if exit_code == 0 else LogLevel.warn
-            self.log.emit(
-                level, "worker {worker} (pid {pid}) stopped: {how}", worker=slot, pid=pid, how=how
-            )
-            self._check_stopped()
-            return
-        self._failed(slot, pid, how)
-
-    def _failed(self, slot: int, pid: int | None, how: str) -> None:
-        decision = self.tracker.exited(slot, self.reactor.seconds(), how)
-        if isinstance(decision, GiveUp):
-            self.log.critical("{reason}; stopping the service", reason=decision.reason)
-            if self.gave_up is None:
-                self.gave_up = decision.reason
-                if self.on_give_up is not None:
-                    self.on_give_up(decision.reason)
-            return
-        self.log.warn(
-            "worker {worker} (pid {pid}) ended unexpectedly: {how}; restarting in {delay:g} s",
-            worker=slot,
-            pid=pid,
-            how=how,
-            delay=decision.delay,
-        )
-        self.pending[slot] = self.reactor.callLater(decision.delay, self._start, slot)
-
-    def signal_all(self, signum: int) -> int:
-        """Send ``signum`` to every running worker; returns how many got it."""
-        sent = 0
-        for handle in list(self.workers.values()):
-            try:
-                handle.signal(signum)
-                sent += 1
-            except Exception:
-                self.log.failure("could not signal worker (pid {pid})", pid=handle.pid)
-        return sent
-
-    def stop(self) -> Deferred[None]:
-        """SIGTERM every worker (each drains); SIGKILL what is left after ``stop_timeout``;
-        fire when all have exited. No restart happens from here on."""
-        self.stopping = True
-        for call in self.pending.values():
-            if call.active():
-                call.cancel()
-        self.pending.clear()
-        if not self.workers:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._stopped.append(d)
-        self.signal_all(signal.SIGTERM)
-        if self._kill_timer is None:
-            self._kill_timer = self.reactor.callLater(self.stop_timeout, self._kill_rest)
-        return d
-
-    def _kill_rest(self) -> None:
-        self._kill_timer = None
-        if self.workers:
-            self.log.error(
-                "{count} worker(s) still running {seconds:g} s after SIGTERM; killing them",
-                count=len(self.workers),
-                seconds=self.stop_timeout,
-            )
-            self.signal_all(signal.SIGKILL)
-
-    def _check_stopped(self) -> None:
-        if self.workers:
-            return
-        if self._kill_timer is not None and self._kill_timer.active():
-            self._kill_timer.cancel()
-        self._kill_timer = None
-        stopped, self._stopped = self._stopped, []
-        for d in stopped:
-            d.callback(None)
 
 
 # -- the worker processes ------------------------------------------------------------------------
