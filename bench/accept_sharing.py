@@ -11,8 +11,10 @@ Usage::
    SO_REUSEPORT each socket has its own queue, and the kernel resets the connections queued
    on the one that closed.
 2. **Balance and throughput.** Two processes serve 50 clients (``bench/load.py``, discarding
-   bus, 2 KiB messages) from a shared socket (``adoptStreamPort``, what ``--workers`` does) or
-   from one SO_REUSEPORT socket each; how the 50 connections split and the msgs/s.
+   bus, 2 KiB messages) from a shared socket (``adoptStreamPort``, what ``--workers`` does),
+   the same accepting at most one connection per wake-up (``shared-one``: Twisted's port
+   otherwise takes every queued connection at once), or one SO_REUSEPORT socket each; how the
+   50 connections split and the msgs/s.
 
 Everything runs on 127.0.0.1, bounded in count and time.
 """
@@ -201,7 +203,7 @@ def main() -> int:
     for mode in ("shared", "reuseport"):
         served, reset = restart_loss(mode)
         print(f"   {mode:<10} served {served:>3}   reset {reset:>3}")
-    print("2. two processes, 50 connections, 2 KiB, discarding bus (2 rounds each):")
+    print("2. two processes, 50 connections, 2 KiB, discarding bus (3 rounds each):")
     for _ in range(3):  # the modes interleaved
         for mode in ("shared", "shared-one", "reuseport"):
             result = serve_load(mode)
