@@ -37,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
+import workers  # bench/workers.py: twistd slimta --workers 1 vs 2
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 PYTHON = sys.executable
@@ -49,6 +51,7 @@ SERVERS: dict[str, str] = {
     "aiosmtpd": "aiosmtpd",
     # The load-balancer hop: slimta_tx discard behind HAProxy (send-proxy-v2), same run.
     "slimta-haproxy": "slimta_tx +HAProxy",
+    **workers.SERVERS,
 }
 SLIMTA = ("slimta-discard", "slimta-maildir")
 SMTP_SOURCE = "/usr/sbin/smtp-source"  # Postfix's test client: C, lockstep, HELO
@@ -96,28 +99,33 @@ def scenarios(quick: bool) -> list[Scenario]:
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of ``pid``, in KiB."""
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0])
+    """VmRSS and VmHWM of ``pid`` (summed with its child processes: workers), in KiB."""
+    out: dict[str, int] = {"VmRSS": 0, "VmHWM": 0}
+    for process in workers.tree(pid):
+        with open(f"/proc/{process}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] += int(value.split()[0])
     return out
 
 
-def proc_cpu(pid: int) -> float:
-    """User plus system CPU seconds of ``pid`` (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def proc_cpu(pid: int, children: bool = True) -> float:
+    """User plus system CPU seconds of ``pid`` (all its threads; and its child processes)."""
+    total = 0
+    for process in workers.tree(pid) if children else [pid]:
+        with open(f"/proc/{process}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def reset_peak(pid: int) -> bool:
     """Reset VmHWM to the current RSS (Linux 4.0+); False when not allowed."""
     try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
+        for process in workers.tree(pid):
+            with open(f"/proc/{process}/clear_refs", "w") as f:
+                f.write("5")
         return True
     except OSError:
         return False
@@ -239,7 +247,7 @@ def run_one(
     result: dict[str, Any] = {"server": kind, "scenario": scenario.key}
     command = [PYTHON, os.path.join(HERE, "servers.py"), kind]
     maildir = None
-    if kind == "slimta-maildir":
+    if kind.endswith("maildir"):
         maildir = tempfile.mkdtemp(prefix="maildir-", dir=scratch)
         command += ["--maildir", maildir]
     if profile and kind in SLIMTA:
@@ -248,16 +256,23 @@ def run_one(
     server: subprocess.Popen[str] | None = None
     load: subprocess.Popen[str] | None = None
     try:
-        with open(errlog, "w") as err:
-            server = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=err, text=True, cwd=HERE
-            )
-        assert server.stdout is not None
-        ready = read_line(server.stdout, 30, "READY from the server")
-        if not ready.startswith("READY "):
-            raise RunFailed(f"server said {ready!r}")
-        port = int(ready.split()[1])
-        helpers = [int(pid) for pid in ready.split()[2:]]  # HAProxy in front, for one
+        helpers: list[int] = []  # pids of processes in front of the server (HAProxy)
+        if kind in workers.SERVERS:
+            try:
+                server, port = workers.start(kind, maildir, errlog)
+            except RuntimeError as e:
+                raise RunFailed(str(e)) from None
+        else:
+            with open(errlog, "w") as err:
+                server = subprocess.Popen(
+                    command, stdout=subprocess.PIPE, stderr=err, text=True, cwd=HERE
+                )
+            assert server.stdout is not None
+            ready = read_line(server.stdout, 30, "READY from the server")
+            if not ready.startswith("READY "):
+                raise RunFailed(f"server said {ready!r}")
+            port = int(ready.split()[1])
+            helpers = [int(pid) for pid in ready.split()[2:]]  # HAProxy in front, for one
         source = client == "smtp-source"
         load = subprocess.Popen(
             [
@@ -299,6 +314,7 @@ def run_one(
             after = proc_status(server.pid)
         else:
             cpu_before = proc_cpu(server.pid)
+            parent_before = proc_cpu(server.pid, children=False)
             load.stdin.write("go\n")
             load.stdin.flush()
             try:
@@ -309,6 +325,8 @@ def run_one(
                 raise RunFailed(f"the server died: {tail(errlog)}")
             after = proc_status(server.pid)
             server_cpu = proc_cpu(server.pid) - cpu_before
+            if kind in workers.SERVERS and kind.split("-")[1] != "w1":
+                result["parent_cpu"] = proc_cpu(server.pid, children=False) - parent_before
             if load.returncode != 0:
                 raise RunFailed(f"load generator failed: {errors.strip().splitlines()[-1:]}")
             figures = json.loads(out.strip().splitlines()[-1])
@@ -325,7 +343,7 @@ def run_one(
             result["helper_cpu"] = sum(proc_cpu(pid) for pid in helpers) - helper_cpu
         if result["messages"]:
             result["server_cpu_per_msg"] = server_cpu / result["messages"]
-        server_errors = tail(errlog)
+        server_errors = "" if kind in workers.SERVERS else tail(errlog)
         if server_errors:
             result["server_stderr"] = server_errors
     except RunFailed as e:
@@ -359,6 +377,8 @@ def row(result: dict[str, Any]) -> str:
         notes.append("stopped by time limit")
     if not result["peak_reset"]:
         notes.append("VmHWM not reset")
+    if workers.parent_share(result):
+        notes.append(str(workers.parent_share(result)))
     cpu = result["server_cpu"] / result["elapsed"] * 100 if result["elapsed"] else 0
     per_msg = result["server_cpu"] / result["messages"] if result["messages"] else 0.0
     client_cpu = result.get("client_cpu") or 0.0
@@ -445,6 +465,11 @@ def ratio_lines(by_server: dict[str, dict[str, Any]]) -> list[str]:
             f"  HAProxy hop: {hop:.2f}x the direct msgs/s; slimta_tx CPU/msg "
             f"{cpu[0]:.0f}us behind it vs {cpu[1]:.0f}us direct"
         )
+    for bus in ("discard", "maildir"):
+        r = ratio(by_server, f"twistd-w2-{bus}", f"twistd-w1-{bus}")
+        if r is not None:
+            lines.append(f"  ratio twistd --workers 2 / --workers 1, {bus}: {r:.2f}x")
+            lines.append("    " + workers.efficiency(by_server, bus))
     return lines
 
 
@@ -466,6 +491,17 @@ def targets(results: dict[str, dict[str, dict[str, Any]]], quick: bool) -> list[
             "target": "discard bus >= 3x twisted.mail msgs/s, 1 MiB messages",
             "value": None if r is None else round(r, 2),
             "met": None if r is None else r >= 3,
+        }
+    )
+    r = ratio(results.get("50x2k", {}), "twistd-w2-discard", "twistd-w1-discard")
+    ceiling = workers.ceiling(results.get("50x2k", {}).get("twistd-w1-discard"))
+    out.append(
+        {
+            "target": f"twistd --workers 2 >= {workers.TARGET_RATIO}x the msgs/s of --workers 1, "
+            "50 connections, discard bus (issue 10)",
+            "value": None if r is None else round(r, 2),
+            "met": None if r is None else r >= workers.TARGET_RATIO,
+            **({"note": ceiling} if ceiling else {}),
         }
     )
     big = results.get("1x100m", {})
@@ -600,6 +636,8 @@ def main() -> int:
                 # Rotate the order so no server always runs first (or after the heaviest).
                 shift = round_ % len(servers)
                 for kind in servers[shift:] + servers[:shift]:
+                    if not workers.applies(kind, scenario.key):
+                        continue
                     profile = None
                     if args.profile and kind in SLIMTA:
                         profile = os.path.join(
@@ -610,8 +648,8 @@ def main() -> int:
                     )
                     if profile and os.path.exists(profile):
                         profile_summary(profile, profile[: -len(".prof")] + ".txt")
-            by_server = {kind: pick(runs[kind]) for kind in servers}
-            for kind in servers:
+            by_server = {kind: pick(runs[kind]) for kind in servers if runs[kind]}
+            for kind in by_server:
                 print(row(by_server[kind]), flush=True)
             results[scenario.key] = by_server
             loadavg[scenario.key] = list(os.getloadavg())
@@ -622,7 +660,7 @@ def main() -> int:
                 flush=True,
             )
     judged = targets(results, args.quick)
-    print("\nTargets (issue 2):")
+    print("\nTargets (issues 2 and 10):")
     for t in judged:
         print(describe_target(t))
     took = time.monotonic() - started

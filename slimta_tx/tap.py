@@ -10,11 +10,11 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from slimta_tx.cli import auth, buses, core, policies, proxy, tls
+from slimta_tx.cli import auth, buses, core, policies, proxy, tls, workers
 
 __all__ = ["Options", "makeService"]
 
-GROUPS = (core, tls, auth, policies, buses, proxy)
+GROUPS = (core, tls, auth, policies, buses, proxy, workers)
 
 
 class Options(
@@ -24,6 +24,7 @@ class Options(
     policies.OptionGroup,
     buses.OptionGroup,
     proxy.OptionGroup,
+    workers.OptionGroup,
     usage.Options,
 ):
     synopsis = "[options]"
@@ -68,6 +69,10 @@ def makeService(config: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    if workers.wanted(config):
+        from slimta_tx.workers import make_service
+
+        return make_service(config, reactor)
     bus = buses.make_bus(config, reactor)
     edge = SmtpEdge(bus, config["policy"], reactor=reactor)
     service = EdgeService(edge, config["listen"], reactor=reactor)
