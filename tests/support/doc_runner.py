@@ -371,21 +371,38 @@ def _group_members(pgid: int) -> dict[int, int]:
     return members
 
 
+_WRAPPERS = frozenset({"bash", "sh", "dash", "make"})
+
+
 def _terminate_server(pgid: int) -> None:
-    """SIGTERM the server itself: the processes of the group that started no other (the
-    twistd under ``bash`` and ``make``), as a supervisor stops it. Signalling the whole group
-    would give twistd a second SIGTERM from ``make``, which Twisted logs as an error."""
+    """SIGTERM the server itself, as a supervisor stops it: the first process of the group
+    below the shells and ``make`` that started it (twistd under ``bash`` and ``make``), not the
+    processes it started in turn (``--workers``: the parent drains its workers itself).
+    Signalling the whole group would give twistd a second SIGTERM from ``make``, which Twisted
+    logs as an error."""
     try:
         members = _group_members(pgid)
     except OSError:
         members = {}
-    parents = set(members.values())
-    leaves = [pid for pid in members if pid not in parents] or [pgid]
-    for pid in leaves:
+    servers = [pgid]
+    while True:
+        wrappers = [pid for pid in servers if _command(pid) in _WRAPPERS]
+        children = [pid for pid, parent in members.items() if parent in wrappers]
+        if not wrappers or not children:
+            break
+        servers = [pid for pid in servers if pid not in wrappers] + children
+    for pid in servers:
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _tool(name: str) -> str:
