@@ -17,6 +17,11 @@ The rules, each of which some SMTP server has got wrong:
 - Over the size limit or with an over-long line, the decoder keeps reading to the real end of
   data and stores nothing more; the caller reports the failure after the end, so the session
   stays in step with the client.
+- The line limit (RFC 5321 4.5.3.1.6: 1000 octets, CRLF included, "not counting the leading
+  dot duplicated for transparency") applies to each line as it is stored: after unstuffing,
+  and after a bare LF became CRLF under ``normalize``. BDAT content has no stuffing, so there
+  the stored line is the line sent; a last line without CRLF counts as if it had one (whoever
+  passes the message on adds it).
 - Memory is bounded: at most one partial line (capped) is kept between calls.
 
 The hot path works on whole chunks, never one Python call per line. When the optional C
@@ -93,8 +98,8 @@ class DataDecoder:
 
     :param sink: called with each run of decoded message bytes, in order.
     :param max_size: largest acceptable message in bytes (after unstuffing); 0 for no limit.
-    :param max_line_length: longest acceptable line in bytes, CRLF included (RFC 5321
-        4.5.3.1.6 says 1000); 0 for no limit.
+    :param max_line_length: longest acceptable line in bytes as stored: CRLF included, a
+        stuffed dot not (RFC 5321 4.5.3.1.6 says 1000); 0 for no limit.
     :param bare_newline: a :class:`BareNewlinePolicy`.
     :param unstuff: remove the leading dot of each line (DATA); False for BDAT chunks, which
         carry the message as it is (RFC 3030) and are fed with :meth:`feed_chunk`.
@@ -126,9 +131,14 @@ class DataDecoder:
         self.line_too_long = False
         self.bare_newline = False
         self.done = False
-        # A partial line this long is refused (and flushed); never flush a possible ".\r" of
-        # the end marker (only reachable with limits < 3).
-        self._flush_at = max(max_line_length, 3) if max_line_length else _FLUSH_UNLIMITED
+        # A partial line this long is refused (and flushed): p bytes without LF make a stored
+        # line of at least p + 1 octets (p if they start with a dot to unstuff and end with
+        # the CR of the CRLF), so flushing at max (max + 1 when unstuffing) never refuses a
+        # line that fits. Never flush a possible ".\r" of the end marker (limits < 3).
+        if max_line_length:
+            self._flush_at = max(max_line_length + (1 if unstuff else 0), 3)
+        else:
+            self._flush_at = _FLUSH_UNLIMITED
 
     @property
     def result(self) -> DataResult:
@@ -216,9 +226,12 @@ class DataDecoder:
 
     def finish(self) -> None:
         """BDAT LAST: the message ends here. A last line without CRLF is kept as it is (a
-        final bare CR counts as one)."""
-        if self._pending:
-            self._emit(self._head + self._pending, len(self._head), complete_lines=False)
+        final bare CR counts as one); its length counts the CRLF a next hop will add."""
+        pending = self._pending
+        if pending:
+            if self.max_line_length and len(pending) + 2 > self.max_line_length:
+                self.line_too_long = True
+            self._emit(self._head + pending, len(self._head), complete_lines=False)
             self._pending = b""
         self.done = True
 
@@ -263,12 +276,13 @@ class DataDecoder:
                 # Bare CR stays content under "normalize", as in Postfix; bare LF becomes CRLF.
                 region = _BARE_LF.sub(b"\r\n", region)
                 dots = True  # a bare LF "." is now CRLF "."
-        long_line = bool(
-            complete_lines and self.max_line_length and _has_long_line(body, self.max_line_length)
-        )
         # split + join unstuffs about twice as fast as bytes.replace when there is a dot line.
         unstuff = dots and self.unstuff
         out = (b"\r\n".join(region.split(b"\r\n.")) if unstuff else region)[head_len:]
+        # The limit is on lines as stored: a stuffed dot does not count (RFC 5321 4.5.3.1.6).
+        long_line = bool(
+            complete_lines and self.max_line_length and _has_long_line(out, self.max_line_length)
+        )
         self._account(out, long_line)
 
     def _account(self, out: bytes, long_line: bool) -> None:
