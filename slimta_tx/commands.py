@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from slimta_tx import chunking
+from slimta_tx import chunking, pipelining
 from slimta_tx.address import ArgumentError, MailArgument, parse_mail_argument, parse_rcpt_argument
 from slimta_tx.envelope import Envelope
 from slimta_tx.reply import Reply
@@ -147,6 +147,8 @@ def data(proto: ESMTPServerProtocol, argument: str) -> None:
     reply = Reply("354", "End data with <CR><LF>.<CR><LF>")
 
     def done(reply: Reply) -> None:
+        if reply.code == "354" and pipelining.content_before_354(proto):
+            return  # content (or commands) before the 354: 554 5.5.0, closing
         proto.finish_command("DATA", reply)
         if proto.state is _DATA:
             proto.start_data()

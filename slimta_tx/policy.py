@@ -43,6 +43,9 @@ class Policy:
     :ivar accepted_domains: recipient domains accepted from anyone (exact or ``.suffix``).
     :ivar chunking: offer CHUNKING (RFC 3030 BDAT).
     :ivar shutdown_grace: seconds a session may finish its transaction when the edge closes.
+    :ivar forbid_improper_pipelining: refuse (554 5.5.0) and disconnect an untrusted,
+        unauthenticated client that sends ahead where RFC 2920 says wait
+        (:mod:`slimta_tx.pipelining`).
     """
 
     hostname: str = "localhost"
@@ -61,6 +64,8 @@ class Policy:
     spool_directory: str | None = None
     spool_memory_limit: int = 256 * 1024
     shutdown_grace: float = 30.0
+    # ESMTP features of issue 17 (slimta_tx/pipelining.py, ...).
+    forbid_improper_pipelining: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

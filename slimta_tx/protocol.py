@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from slimta_tx import chunking, commands, fastwrite, starttls
+from slimta_tx import chunking, commands, fastwrite, pipelining, starttls
 from slimta_tx.data import DataDecoder, DataResult
 from slimta_tx.envelope import Session
 from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
@@ -53,6 +53,7 @@ _DATA_REFUSALS = {
 # Replies that count as the client's errors (see refuse()).
 _REFUSAL_CODES = frozenset({"500", "501", "502", "503", "504", "555"})
 _DATA_OK = DataResult.OK
+_MUST_BE_LAST = pipelining.MUST_BE_LAST
 TEMPFAIL = Reply("451", "Temporary local problem, try again later", "4.3.0")
 
 LineHandler = Callable[[bytes], None]
@@ -411,6 +412,8 @@ class ESMTPServerProtocol(Protocol):
         if handler is None:
             self._unknown(verb, text)
             return
+        if verb in _MUST_BE_LAST and pipelining.improper(self, verb, argument):
+            return  # sent ahead of a reply it had to wait for (RFC 2920 3.1): 554, closing
         spec = COMMANDS.get(verb)
         if spec is None or self.state not in spec.allowed:  # (check() is a call more)
             refusal = check(self.state, verb)

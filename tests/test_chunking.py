@@ -84,7 +84,8 @@ def test_empty_last_chunk_ends_the_message() -> None:
 def test_bdat_out_of_sequence_still_consumes_its_octets(before: bytes, expected: str) -> None:
     """503 5.5.1, and the chunk (here: commands) is read and dropped, never executed."""
     d = Driver()
-    d.send(before)
+    for line in before.splitlines(keepends=True):
+        d.send(line)  # one at a time: a client waits for the reply to EHLO
     replies = d.send(bdat(b"QUIT\r\n") + b"NOOP\r\n")
     assert replies == [("503", f"5.5.1 {expected}"), ("250", "2.0.0 Ok")]
     assert not d.closed
