@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from slimta_tx import chunking, pipelining
-from slimta_tx.address import ArgumentError, MailArgument, parse_mail_argument, parse_rcpt_argument
+from slimta_tx import chunking, parameters, pipelining
+from slimta_tx.address import ArgumentError, parse_mail_argument, parse_rcpt_argument
 from slimta_tx.envelope import Envelope
 from slimta_tx.reply import Reply
 from slimta_tx.state import State
@@ -24,7 +24,6 @@ __all__ = ["HANDLERS"]
 
 Handler = Callable[["ESMTPServerProtocol", str], None]
 
-_BODY_VALUES = ("7BIT", "8BITMIME")
 _DATA = State.DATA  # a module global: State.DATA goes through EnumType.__getattr__
 
 
@@ -63,39 +62,13 @@ def helo(proto: ESMTPServerProtocol, argument: str) -> None:
     _greeting(proto, argument, "HELO")
 
 
-def _check_mail_params(proto: ESMTPServerProtocol, parsed: MailArgument) -> Reply | None:
-    params = parsed.params
-    if not params:
-        return None
-    if not proto.session.extended_smtp:
-        return Reply("555", "MAIL parameters are not allowed after HELO", "5.5.4")
-    allowed = {"SIZE", "BODY", "SMTPUTF8", *proto.edge.extra_mail_params}
-    if not proto.policy.smtputf8:
-        allowed.discard("SMTPUTF8")
-    for key in params:
-        if key not in allowed:
-            return Reply("555", f"Unsupported MAIL parameter {key}", "5.5.4")
-    size = params.get("SIZE", "0")
-    if "SIZE" in params:
-        if size is None or not size.isdigit() or len(size) > 20:
-            return Reply("501", "Syntax: SIZE=<number>", "5.5.4")
-        limit = proto.policy.max_message_size
-        if limit and int(size) > limit:
-            return Reply("552", "Message size exceeds fixed maximum message size", "5.3.4")
-    if "BODY" in params and (params["BODY"] or "").upper() not in _BODY_VALUES:
-        return Reply("501", "Syntax: BODY=7BIT or BODY=8BITMIME", "5.5.4")
-    if "SMTPUTF8" in params and params["SMTPUTF8"] is not None:
-        return Reply("501", "SMTPUTF8 takes no value", "5.5.4")
-    return None
-
-
 def mail(proto: ESMTPServerProtocol, argument: str) -> None:
     try:
         parsed = parse_mail_argument(argument)
     except ArgumentError as e:
         proto.finish_command("MAIL", e.reply)
         return
-    problem = _check_mail_params(proto, parsed)
+    problem = parameters.check_mail(proto, parsed)
     if problem is None:
         problem = proto.edge.check_mail(proto.session, parsed)
     if problem is not None:
@@ -119,9 +92,9 @@ def rcpt(proto: ESMTPServerProtocol, argument: str) -> None:
     except ArgumentError as e:
         proto.finish_command("RCPT", e.reply)
         return
-    if parsed.params:
-        key = next(iter(parsed.params))
-        proto.finish_command("RCPT", Reply("555", f"Unsupported RCPT parameter {key}", "5.5.4"))
+    problem = parameters.check_rcpt(proto, parsed)
+    if problem is not None:
+        proto.finish_command("RCPT", problem)
         return
     if len(envelope.recipients) >= proto.policy.max_recipients:
         proto.finish_command("RCPT", Reply("452", "Too many recipients", "4.5.3"))

@@ -1,0 +1,55 @@
+"""MAIL and RCPT parameters: which are allowed on this session, and whether their values are.
+
+The handlers in :mod:`slimta_tx.commands` parse the argument (:mod:`slimta_tx.address`) and then
+ask :func:`check_mail` or :func:`check_rcpt`; None means every parameter is allowed and valid,
+otherwise the reply says which is not.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from slimta_tx.address import MailArgument
+from slimta_tx.reply import Reply
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slimta_tx.protocol import ESMTPServerProtocol
+
+__all__ = ["check_mail", "check_rcpt"]
+
+_BODY_VALUES = ("7BIT", "8BITMIME")
+
+
+def check_mail(proto: ESMTPServerProtocol, parsed: MailArgument) -> Reply | None:
+    """The parameters of ``MAIL`` (SIZE, BODY, SMTPUTF8 and those features register)."""
+    params = parsed.params
+    if not params:
+        return None
+    if not proto.session.extended_smtp:
+        return Reply("555", "MAIL parameters are not allowed after HELO", "5.5.4")
+    allowed = {"SIZE", "BODY", "SMTPUTF8", *proto.edge.extra_mail_params}
+    if not proto.policy.smtputf8:
+        allowed.discard("SMTPUTF8")
+    for key in params:
+        if key not in allowed:
+            return Reply("555", f"Unsupported MAIL parameter {key}", "5.5.4")
+    size = params.get("SIZE", "0")
+    if "SIZE" in params:
+        if size is None or not size.isdigit() or len(size) > 20:
+            return Reply("501", "Syntax: SIZE=<number>", "5.5.4")
+        limit = proto.policy.max_message_size
+        if limit and int(size) > limit:
+            return Reply("552", "Message size exceeds fixed maximum message size", "5.3.4")
+    if "BODY" in params and (params["BODY"] or "").upper() not in _BODY_VALUES:
+        return Reply("501", "Syntax: BODY=7BIT or BODY=8BITMIME", "5.5.4")
+    if "SMTPUTF8" in params and params["SMTPUTF8"] is not None:
+        return Reply("501", "SMTPUTF8 takes no value", "5.5.4")
+    return None
+
+
+def check_rcpt(proto: ESMTPServerProtocol, parsed: MailArgument) -> Reply | None:
+    """The parameters of ``RCPT``: none are offered."""
+    if parsed.params:
+        key = next(iter(parsed.params))
+        return Reply("555", f"Unsupported RCPT parameter {key}", "5.5.4")
+    return None
