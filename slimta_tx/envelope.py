@@ -11,16 +11,28 @@ import email.policy
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, TypeVar
 
+from slimta_tx.dsn import (
+    DsnError,
+    OriginalRecipient,
+    RecipientDsn,
+    parse_envid,
+    parse_notify,
+    parse_orcpt,
+    parse_ret,
+)
 from slimta_tx.spool import Spool
 
 __all__ = ["Envelope", "Session", "TLSInfo", "new_queue_id"]
+
+T = TypeVar("T")
 
 
 # Ids drawn ahead from os.urandom (what secrets.token_hex reads): one getrandom call per
@@ -170,6 +182,36 @@ class Envelope:
     def smtputf8(self) -> bool:
         return "SMTPUTF8" in self.mail_params
 
+    # -- ESMTP parameters, typed (read from mail_params and rcpt_params, which stay as sent) --
+
+    @property
+    def body(self) -> str | None:
+        """``BODY=`` (RFC 6152, RFC 3030) upper-cased: ``7BIT``, ``8BITMIME``, ``BINARYMIME``."""
+        body = self.mail_params.get("BODY")
+        return body.upper() if body else None
+
+    @property
+    def dsn_ret(self) -> str | None:
+        """DSN ``RET=``: ``FULL`` or ``HDRS`` (RFC 3461 4.3); None when not asked."""
+        return _typed(parse_ret, self.mail_params.get("RET"))
+
+    @property
+    def dsn_envid(self) -> str | None:
+        """DSN ``ENVID=``, xtext-decoded (RFC 3461 4.4); None when not given."""
+        return _typed(parse_envid, self.mail_params.get("ENVID"))
+
+    @property
+    def recipient_dsn(self) -> list[RecipientDsn]:
+        """Each recipient's ``NOTIFY=`` and ``ORCPT=`` (RFC 3461 4.1, 4.2; RFC 6533)."""
+        utf8 = self.smtputf8
+        return [
+            RecipientDsn(
+                _typed(parse_notify, params.get("NOTIFY")),
+                _typed(lambda v: parse_orcpt(v, utf8), params.get("ORCPT")),
+            )
+            for params in self.rcpt_params
+        ]
+
     def received_header(self) -> bytes:
         """The ``Received:`` trace header (RFC 5321 4.4, RFC 3848), folded, CRLF-terminated."""
         ip = self.client_ip
@@ -201,9 +243,12 @@ class Envelope:
             "sender": self.sender,
             "mail_params": self.mail_params,
             "recipients": [
-                {"address": rcpt, "params": params}
-                for rcpt, params in zip(self.recipients, self.rcpt_params, strict=True)
+                _recipient_json(rcpt, params, dsn)
+                for rcpt, params, dsn in zip(
+                    self.recipients, self.rcpt_params, self.recipient_dsn, strict=True
+                )
             ],
+            "body": self.body,
             "client": {
                 "ip": self.client_ip,
                 "port": self.client_port,
@@ -219,10 +264,41 @@ class Envelope:
             "receiver": self.receiver,
             "received_at": self.received_at,
             "size": self.message.size if self.message is not None else None,
+            **self._dsn_json(),
         }
+
+    def _dsn_json(self) -> dict[str, Any]:
+        """``"dsn"`` when the sender asked for RET or ENVID (RFC 3461)."""
+        if "RET" not in self.mail_params and "ENVID" not in self.mail_params:
+            return {}
+        return {"dsn": {"ret": self.dsn_ret, "envid": self.dsn_envid}}
 
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _typed(parse: Callable[[str], T], value: str | None) -> T | None:
+    """``parse(value)``, or None when the parameter is absent (or, set by hand, invalid)."""
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except DsnError:
+        return None
+
+
+def _recipient_json(
+    address: str, params: dict[str, str | None], dsn: RecipientDsn
+) -> dict[str, Any]:
+    """A recipient in the JSON record; ``"dsn"`` when it carried NOTIFY or ORCPT."""
+    record: dict[str, Any] = {"address": address, "params": params}
+    if dsn.notify is not None or dsn.orcpt is not None:
+        orcpt: OriginalRecipient | None = dsn.orcpt
+        record["dsn"] = {
+            "notify": sorted(dsn.notify) if dsn.notify is not None else None,
+            "orcpt": {"type": orcpt.addr_type, "address": orcpt.address} if orcpt else None,
+        }
+    return record
 
 
 def _header_safe(text: str) -> str:

@@ -21,4 +21,6 @@ def ehlo_keywords(policy: Policy) -> list[str]:
         keywords.append("SMTPUTF8")
     if policy.chunking:
         keywords.append("CHUNKING")
+    if policy.dsn:
+        keywords.append("DSN")
     return keywords

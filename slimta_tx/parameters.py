@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from slimta_tx.address import MailArgument
+from slimta_tx.dsn import DsnError, parse_envid, parse_notify, parse_orcpt, parse_ret
 from slimta_tx.reply import Reply
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -18,18 +19,24 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["check_mail", "check_rcpt"]
 
 _BODY_VALUES = ("7BIT", "8BITMIME")
+_DSN_MAIL = frozenset({"RET", "ENVID"})
+_DSN_RCPT = frozenset({"NOTIFY", "ORCPT"})
 
 
 def check_mail(proto: ESMTPServerProtocol, parsed: MailArgument) -> Reply | None:
-    """The parameters of ``MAIL`` (SIZE, BODY, SMTPUTF8 and those features register)."""
+    """The parameters of ``MAIL``: SIZE, BODY, SMTPUTF8, DSN's RET and ENVID, and those
+    features register (AUTH=)."""
     params = parsed.params
     if not params:
         return None
     if not proto.session.extended_smtp:
         return Reply("555", "MAIL parameters are not allowed after HELO", "5.5.4")
+    policy = proto.policy
     allowed = {"SIZE", "BODY", "SMTPUTF8", *proto.edge.extra_mail_params}
-    if not proto.policy.smtputf8:
+    if not policy.smtputf8:
         allowed.discard("SMTPUTF8")
+    if policy.dsn:
+        allowed |= _DSN_MAIL
     for key in params:
         if key not in allowed:
             return Reply("555", f"Unsupported MAIL parameter {key}", "5.5.4")
@@ -44,12 +51,31 @@ def check_mail(proto: ESMTPServerProtocol, parsed: MailArgument) -> Reply | None
         return Reply("501", "Syntax: BODY=7BIT or BODY=8BITMIME", "5.5.4")
     if "SMTPUTF8" in params and params["SMTPUTF8"] is not None:
         return Reply("501", "SMTPUTF8 takes no value", "5.5.4")
+    try:
+        if "RET" in params:
+            parse_ret(params["RET"])
+        if "ENVID" in params:
+            parse_envid(params["ENVID"])
+    except DsnError as e:
+        return Reply("501", str(e), "5.5.4")
     return None
 
 
 def check_rcpt(proto: ESMTPServerProtocol, parsed: MailArgument) -> Reply | None:
-    """The parameters of ``RCPT``: none are offered."""
-    if parsed.params:
-        key = next(iter(parsed.params))
-        return Reply("555", f"Unsupported RCPT parameter {key}", "5.5.4")
+    """The parameters of ``RCPT``: NOTIFY and ORCPT when DSN is offered."""
+    params = parsed.params
+    if not params:
+        return None
+    allowed = _DSN_RCPT if proto.policy.dsn else frozenset()
+    for key in params:
+        if key not in allowed:
+            return Reply("555", f"Unsupported RCPT parameter {key}", "5.5.4")
+    envelope = proto.session.envelope
+    try:
+        if "NOTIFY" in params:
+            parse_notify(params["NOTIFY"])
+        if "ORCPT" in params:
+            parse_orcpt(params["ORCPT"], envelope is not None and envelope.smtputf8)
+    except DsnError as e:
+        return Reply("501", str(e), "5.5.4")
     return None

@@ -46,6 +46,7 @@ class Policy:
     :ivar forbid_improper_pipelining: refuse (554 5.5.0) and disconnect an untrusted,
         unauthenticated client that sends ahead where RFC 2920 says wait
         (:mod:`slimta_tx.pipelining`).
+    :ivar dsn: offer DSN (RFC 3461): ``RET``, ``ENVID``, ``NOTIFY``, ``ORCPT`` are recorded.
     """
 
     hostname: str = "localhost"
@@ -66,6 +67,7 @@ class Policy:
     shutdown_grace: float = 30.0
     # ESMTP features of issue 17 (slimta_tx/pipelining.py, ...).
     forbid_improper_pipelining: bool = True
+    dsn: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

@@ -27,7 +27,7 @@ def test_custom_banner() -> None:
 
 
 def test_ehlo_advertises_extensions_without_enhanced_codes() -> None:
-    """EHLO lists PIPELINING, SIZE n, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, CHUNKING."""
+    """EHLO lists PIPELINING, SIZE n, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, CHUNKING, DSN."""
     d = Driver()
     code, text = d.cmd("EHLO client.test")
     lines = text.split("\n")
@@ -40,6 +40,7 @@ def test_ehlo_advertises_extensions_without_enhanced_codes() -> None:
         "ENHANCEDSTATUSCODES",
         "SMTPUTF8",
         "CHUNKING",
+        "DSN",
     ]
 
 
@@ -205,8 +206,15 @@ def test_mail_parameters_are_recorded() -> None:
 
 
 def test_rcpt_parameters_are_refused() -> None:
-    """DSN is not offered, so NOTIFY= and ORCPT= get 555 5.5.4."""
+    """RCPT parameters other than DSN's get 555 5.5.4; with DSN turned off, those too."""
     d = Driver()
+    d.greet()
+    d.cmd("MAIL FROM:<a@b.test>")
+    assert d.cmd("RCPT TO:<u@example.com> XFOO=1") == (
+        "555",
+        "5.5.4 Unsupported RCPT parameter XFOO",
+    )
+    d = Driver(policy=Policy(hostname="mx.test", accepted_domains=("example.com",), dsn=False))
     d.greet()
     d.cmd("MAIL FROM:<a@b.test>")
     assert d.cmd("RCPT TO:<u@example.com> NOTIFY=NEVER") == (
