@@ -191,6 +191,17 @@ class Envelope:
         return body.upper() if body else None
 
     @property
+    def requiretls(self) -> bool:
+        """``MAIL ... REQUIRETLS`` (RFC 8689): pass it on only over verified TLS."""
+        return "REQUIRETLS" in self.mail_params
+
+    @property
+    def replies_per_recipient(self) -> bool:
+        """True when the client hears one reply per recipient (it came over LMTP), so a bus
+        may deliver to some recipients and not others (see :mod:`slimta_tx.results`)."""
+        return self.protocol.startswith("LMTP")
+
+    @property
     def dsn_ret(self) -> str | None:
         """DSN ``RET=``: ``FULL`` or ``HDRS`` (RFC 3461 4.3); None when not asked."""
         return _typed(parse_ret, self.mail_params.get("RET"))

@@ -9,6 +9,7 @@ together, in one ``write``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -20,9 +21,10 @@ from zope.interface import implementer
 
 from slimta_tx import chunking, commands, fastwrite, pipelining, starttls
 from slimta_tx.data import DataDecoder, DataResult
-from slimta_tx.envelope import Session
+from slimta_tx.envelope import Envelope, Session
 from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
 from slimta_tx.reply import Reply
+from slimta_tx.results import smtp_reply
 from slimta_tx.spool import Spool
 from slimta_tx.state import COMMANDS, UNIMPLEMENTED, State, after, check
 
@@ -495,18 +497,25 @@ class ESMTPServerProtocol(Protocol):
             # Nothing could change the proposed 250: straight to the bus, whose Deferred gets
             # one pair of callbacks (which also check its reply).
             sent = maybeDeferred(self.edge.bus.send, envelope)
-            self.run_step(sent, self._complete_transaction, _check_bus_reply)
+            self.run_step(sent, self._complete_transaction, partial(self.client_reply, envelope))
             return
         queued = Reply("250", f"Message queued as {envelope.queue_id}", "2.6.0")
 
         def deliver(reply: Reply) -> Deferred[Reply] | Reply:
             if not reply.code.startswith("2"):
                 return reply
-            return maybeDeferred(self.edge.bus.send, envelope).addCallback(_check_bus_reply)
+            sent = maybeDeferred(self.edge.bus.send, envelope)
+            return sent.addCallback(lambda result: self.client_reply(envelope, result))
 
         hooked = self.call_hook("HAVE_DATA", queued, envelope)
         d: Any = hooked.addCallback(deliver) if isinstance(hooked, Deferred) else deliver(hooked)
         self.run_step(d, self._complete_transaction)
+
+    def client_reply(self, envelope: Envelope, result: object) -> Reply:
+        """The bus's result (one Reply, or one per recipient) as the reply to send: one
+        summary for SMTP (:func:`slimta_tx.results.smtp_reply`); raises TypeError for
+        anything else (the client then gets 451 4.3.0)."""
+        return smtp_reply(result, envelope)
 
     def _complete_transaction(self, reply: Reply) -> None:
         envelope = self.session.envelope
@@ -538,9 +547,3 @@ class ESMTPServerProtocol(Protocol):
             self._discard_spool()
         self.send(Reply("421", f"{self.policy.hostname} Service shutting down", "4.3.2"))
         self.flush()
-
-
-def _check_bus_reply(reply: object) -> Reply:
-    if not isinstance(reply, Reply):
-        raise TypeError(f"the bus returned {reply!r}, not a Reply")
-    return reply
