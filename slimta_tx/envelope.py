@@ -7,6 +7,7 @@ The names follow python-slimta's session so validators written for it read the s
 
 from __future__ import annotations
 
+import dataclasses
 import email.policy
 import os
 import re
@@ -173,6 +174,14 @@ class Envelope:
         parsed = BytesHeaderParser(policy=email.policy.SMTP).parsebytes(head)
         assert isinstance(parsed, EmailMessage)
         return parsed
+
+    def subset(self, indices: list[int]) -> Envelope:
+        """A copy for some of the recipients only (same message, same queue id): what a
+        composed bus hands its next member when earlier ones refused the others."""
+        copy = dataclasses.replace(self)
+        copy.recipients = [self.recipients[i] for i in indices]
+        copy.rcpt_params = [dict(self.rcpt_params[i]) for i in indices]
+        return copy
 
     def add_recipient(self, address: str, params: dict[str, str | None]) -> None:
         self.recipients.append(address)
