@@ -142,6 +142,7 @@ class Envelope:
     queue_id: str = field(default_factory=new_queue_id)
     received_at: float = field(default_factory=time.time)
     message: Spool | None = None
+    _tls_required_no: bool | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def start(cls, session: Session, sender: str, params: dict[str, str | None]) -> Envelope:
@@ -203,6 +204,21 @@ class Envelope:
     def requiretls(self) -> bool:
         """``MAIL ... REQUIRETLS`` (RFC 8689): pass it on only over verified TLS."""
         return "REQUIRETLS" in self.mail_params
+
+    @property
+    def tls_required_no(self) -> bool:
+        """The message carries ``TLS-Required: No`` (RFC 8689 5): recorded for whoever
+        delivers it (it asks them to relax MTA-STS and DANE); the edge does not act on it."""
+        known = self._tls_required_no
+        if known is not None:
+            return known
+        if self.message is None or self.message.closed:
+            return False
+        head = self.message.head(64 * 1024)
+        end = head.find(b"\r\n\r\n")
+        found = _TLS_REQUIRED_NO.search(head if end < 0 else head[: end + 2]) is not None
+        self._tls_required_no = found  # read once, while the message is there
+        return found
 
     @property
     def replies_per_recipient(self) -> bool:
@@ -269,6 +285,8 @@ class Envelope:
                 )
             ],
             "body": self.body,
+            "requiretls": self.requiretls,
+            "tls_required_no": self.tls_required_no,
             "client": {
                 "ip": self.client_ip,
                 "port": self.client_port,
@@ -295,6 +313,7 @@ class Envelope:
 
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+_TLS_REQUIRED_NO = re.compile(rb"(?im)^tls-required[ \t]*:[ \t]*no[ \t]*\r?$")
 
 
 def _typed(parse: Callable[[str], T], value: str | None) -> T | None:

@@ -197,7 +197,7 @@ class SmtpEdge(ServerFactory):
         return Reply(self.banner_code, message)
 
     def ehlo_keywords(self, session: Session) -> list[str]:
-        keywords = ehlo_keywords(self.policy)
+        keywords = ehlo_keywords(self.policy, session)
         for extension in self.ehlo_extensions:
             keywords += extension(session)
         return keywords

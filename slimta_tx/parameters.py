@@ -24,8 +24,8 @@ _DSN_RCPT = frozenset({"NOTIFY", "ORCPT"})
 
 
 def check_mail(proto: ESMTPServerProtocol, parsed: MailArgument) -> Reply | None:
-    """The parameters of ``MAIL``: SIZE, BODY, SMTPUTF8, DSN's RET and ENVID, and those
-    features register (AUTH=)."""
+    """The parameters of ``MAIL``: SIZE, BODY, SMTPUTF8, DSN's RET and ENVID, REQUIRETLS, and
+    those features register (AUTH=)."""
     params = parsed.params
     if not params:
         return None
@@ -37,6 +37,8 @@ def check_mail(proto: ESMTPServerProtocol, parsed: MailArgument) -> Reply | None
         allowed.discard("SMTPUTF8")
     if policy.dsn:
         allowed |= _DSN_MAIL
+    if policy.requiretls:
+        allowed.add("REQUIRETLS")
     for key in params:
         if key not in allowed:
             return Reply("555", f"Unsupported MAIL parameter {key}", "5.5.4")
@@ -51,6 +53,12 @@ def check_mail(proto: ESMTPServerProtocol, parsed: MailArgument) -> Reply | None
         return Reply("501", "Syntax: BODY=7BIT or BODY=8BITMIME", "5.5.4")
     if "SMTPUTF8" in params and params["SMTPUTF8"] is not None:
         return Reply("501", "SMTPUTF8 takes no value", "5.5.4")
+    if "REQUIRETLS" in params:
+        if params["REQUIRETLS"] is not None:
+            return Reply("501", "REQUIRETLS takes no value", "5.5.4")
+        if proto.session.security is None:
+            # RFC 8689: only a TLS session can promise TLS all the way.
+            return Reply("530", "REQUIRETLS needs a TLS session (STARTTLS first)", "5.7.10")
     try:
         if "RET" in params:
             parse_ret(params["RET"])

@@ -47,6 +47,7 @@ class Policy:
         unauthenticated client that sends ahead where RFC 2920 says wait
         (:mod:`slimta_tx.pipelining`).
     :ivar dsn: offer DSN (RFC 3461): ``RET``, ``ENVID``, ``NOTIFY``, ``ORCPT`` are recorded.
+    :ivar requiretls: offer REQUIRETLS (RFC 8689) on TLS sessions.
     """
 
     hostname: str = "localhost"
@@ -68,6 +69,7 @@ class Policy:
     # ESMTP features of issue 17 (slimta_tx/pipelining.py, ...).
     forbid_improper_pipelining: bool = True
     dsn: bool = True
+    requiretls: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

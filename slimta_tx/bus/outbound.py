@@ -3,7 +3,8 @@
 Sans-I/O, from the envelope and the next hop's EHLO/LHLO keywords:
 
 - :func:`capability_refusal`: what the next hop cannot take is refused before anything is sent
-  (SMTPUTF8, 8BITMIME, BINARYMIME, REQUIRETLS, SIZE); never a downgrade;
+  (SMTPUTF8, 8BITMIME, BINARYMIME, SIZE; REQUIRETLS needs verified TLS and a next hop that
+  offers it, else ``550 5.7.30``, RFC 8689); never a downgrade;
 - :func:`mail_command`, :func:`rcpt_command`: the MAIL and RCPT lines with the parameters the
   next hop understands. DSN parameters (RFC 3461 5.2.1) go to a next hop that offers DSN:
   ``RET`` and ``ENVID`` as received, ``NOTIFY`` as received, ``ORCPT`` as received or, when the
@@ -48,6 +49,17 @@ def capability_refusal(envelope: Envelope, hop: NextHop, size: int) -> Reply | N
         return Reply("554", "Next hop does not support 8BITMIME", "5.6.3")
     if body == "BINARYMIME":
         return Reply("554", "Relaying BINARYMIME is not supported", "5.6.3")
+    if envelope.requiretls:
+        # RFC 8689 4.2: only over TLS with the certificate checked, to a next hop that
+        # promises to do the same.
+        if not hop.verified_tls:
+            return Reply(
+                "550", "REQUIRETLS support required: no verified TLS to the next hop", "5.7.30"
+            )
+        if "REQUIRETLS" not in ext:
+            return Reply(
+                "550", "REQUIRETLS support required: the next hop does not offer it", "5.7.30"
+            )
     limit = ext.max_size
     if limit is not None and size > limit:
         return Reply("552", f"Message too big for next hop (limit {limit} bytes)", "5.3.4")
@@ -64,6 +76,8 @@ def mail_command(envelope: Envelope, ext: Extensions, size: int) -> bytes:
         params.append(f"BODY={body}")
     if envelope.smtputf8:
         params.append("SMTPUTF8")
+    if envelope.requiretls:
+        params.append("REQUIRETLS")
     if "DSN" in ext:
         ret, envid = envelope.dsn_ret, envelope.dsn_envid
         if ret is not None:
