@@ -117,6 +117,11 @@ def data(proto: ESMTPServerProtocol, argument: str) -> None:
     if argument.strip():
         proto.refuse(Reply("501", "Syntax: DATA", "5.5.4"))
         return
+    envelope = proto.session.envelope
+    if envelope is not None and envelope.body == "BINARYMIME":
+        # RFC 3030: a BINARYMIME message goes by BDAT only.
+        proto.refuse(Reply("503", "BODY=BINARYMIME needs BDAT, not DATA", "5.5.1"))
+        return
     reply = Reply("354", "End data with <CR><LF>.<CR><LF>")
 
     def done(reply: Reply) -> None:

@@ -23,6 +23,10 @@ The rules, each of which some SMTP server has got wrong:
   the stored line is the line sent; a last line without CRLF counts as if it had one (whoever
   passes the message on adds it).
 - Memory is bounded: at most one partial line (capped) is kept between calls.
+- NUL octets (:class:`NulPolicy`): accepted, refused after the end, or stripped from what is
+  stored (after the end of data and the line lengths were decided, so stripping never makes
+  an end marker or changes a verdict).
+- BINARYMIME content (RFC 3030, ``binary=True``) is octets, not lines: only the size counts.
 
 The hot path works on whole chunks, never one Python call per line. When the optional C
 accelerator (:mod:`slimta_tx._speedups`, built with the wheel) is present, clean input (every CR
@@ -38,7 +42,7 @@ import re
 from collections.abc import Callable
 from enum import Enum
 
-__all__ = ["BareNewlinePolicy", "DataDecoder", "DataResult"]
+__all__ = ["BareNewlinePolicy", "DataDecoder", "DataResult", "NulPolicy"]
 
 _END = b"\r\n.\r\n"
 # Keep a partial line of up to this many bytes when lines are unlimited.
@@ -84,6 +88,17 @@ class BareNewlinePolicy(str, Enum):
     NORMALIZE = "normalize"
 
 
+class NulPolicy(str, Enum):
+    """NUL octets in a text body (RFC 5322 and RFC 6152 allow none; BINARYMIME is exempt)."""
+
+    ACCEPT = "accept"  # stored as sent
+    REJECT = "reject"  # the message is refused after its end (550 5.6.0)
+    STRIP = "strip"  # removed from what is stored
+
+
+_NUL_ACCEPT, _NUL_STRIP = NulPolicy.ACCEPT, NulPolicy.STRIP
+
+
 class DataResult(str, Enum):
     """Why a finished message cannot be accepted (``OK`` when it can)."""
 
@@ -91,6 +106,7 @@ class DataResult(str, Enum):
     TOO_BIG = "too-big"
     LINE_TOO_LONG = "line-too-long"
     BARE_NEWLINE = "bare-newline"
+    NUL = "nul"
 
 
 class DataDecoder:
@@ -104,6 +120,9 @@ class DataDecoder:
     :param unstuff: remove the leading dot of each line (DATA); False for BDAT chunks, which
         carry the message as it is (RFC 3030) and are fed with :meth:`feed_chunk`.
     :param accelerator: the C scanner (the built one by default); None for pure Python.
+    :param nul: a :class:`NulPolicy` for NUL octets in the stored text.
+    :param binary: BDAT content of a ``BODY=BINARYMIME`` message (RFC 3030): any octets, no
+        lines; only the size limit applies (fed with :meth:`feed_chunk`).
     """
 
     def __init__(
@@ -114,10 +133,15 @@ class DataDecoder:
         bare_newline: BareNewlinePolicy | str = BareNewlinePolicy.REJECT,
         unstuff: bool = True,
         accelerator: Scan | None = ACCELERATOR,
+        nul: NulPolicy | str = NulPolicy.ACCEPT,
+        binary: bool = False,
     ) -> None:
         self._sink = sink
         self._scan = accelerator
         self.unstuff = unstuff
+        self.nul_policy = NulPolicy(nul)
+        self.binary = binary
+        self.nul = False  # a NUL was seen under NulPolicy.REJECT
         self.max_size = max_size
         self.max_line_length = max_line_length
         self.policy = BareNewlinePolicy(bare_newline)
@@ -148,6 +172,8 @@ class DataDecoder:
             return DataResult.BARE_NEWLINE
         if self.line_too_long:
             return DataResult.LINE_TOO_LONG
+        if self.nul:
+            return DataResult.NUL
         return DataResult.OK
 
     def feed(self, data: bytes) -> bytes | None:
@@ -164,6 +190,15 @@ class DataDecoder:
         """
         if self.done:
             raise RuntimeError("feed_chunk() after the end of the message")
+        if self.binary:
+            # BINARYMIME: octets, not lines; stored exactly as sent.
+            self.raw_size += len(data)
+            self.size += len(data)
+            if self.max_size and self.size > self.max_size:
+                self.too_big = True
+            if not self.too_big and data:
+                self._sink(data)
+            return
         self._decode(data, data_mode=False)
 
     def _decode(self, data: bytes, data_mode: bool) -> bytes | None:
@@ -289,11 +324,16 @@ class DataDecoder:
         """Count ``out`` (decoded bytes) and store it unless the message is refused."""
         if long_line:
             self.line_too_long = True
+        if self.nul_policy is not _NUL_ACCEPT and b"\0" in out:
+            if self.nul_policy is _NUL_STRIP:
+                out = out.replace(b"\0", b"")
+            else:
+                self.nul = True
         # Count the same bytes whether or not the message is refused already, so that the
         # verdict (TOO_BIG first) does not depend on how the stream was chunked.
         self.size += len(out)
         if self.max_size and self.size > self.max_size:
             self.too_big = True
-        if self.too_big or self.bare_newline or self.line_too_long:
+        if self.too_big or self.bare_newline or self.line_too_long or self.nul:
             return  # refused: keep counting, store nothing
         self._sink(out)

@@ -27,6 +27,8 @@ def ehlo_keywords(policy: Policy, session: Session | None = None) -> list[str]:
         keywords.append("SMTPUTF8")
     if policy.chunking:
         keywords.append("CHUNKING")
+        if policy.binarymime:
+            keywords.append("BINARYMIME")
     if policy.dsn:
         keywords.append("DSN")
     if policy.requiretls and session is not None and session.security is not None:

@@ -49,8 +49,13 @@ def check_mail(proto: ESMTPServerProtocol, parsed: MailArgument) -> Reply | None
         limit = proto.policy.max_message_size
         if limit and int(size) > limit:
             return Reply("552", "Message size exceeds fixed maximum message size", "5.3.4")
-    if "BODY" in params and (params["BODY"] or "").upper() not in _BODY_VALUES:
-        return Reply("501", "Syntax: BODY=7BIT or BODY=8BITMIME", "5.5.4")
+    if "BODY" in params:
+        body = (params["BODY"] or "").upper()
+        binary = policy.binarymime and policy.chunking
+        if body not in _BODY_VALUES and not (binary and body == "BINARYMIME"):
+            if binary:
+                return Reply("501", "Syntax: BODY=7BIT, 8BITMIME or BINARYMIME", "5.5.4")
+            return Reply("501", "Syntax: BODY=7BIT or BODY=8BITMIME", "5.5.4")
     if "SMTPUTF8" in params and params["SMTPUTF8"] is not None:
         return Reply("501", "SMTPUTF8 takes no value", "5.5.4")
     if "REQUIRETLS" in params:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
-from slimta_tx.data import BareNewlinePolicy
+from slimta_tx.data import BareNewlinePolicy, NulPolicy
 
 __all__ = ["DEFAULT_TRUSTED_NETWORKS", "Network", "Policy", "parse_network"]
 
@@ -48,6 +48,9 @@ class Policy:
         (:mod:`slimta_tx.pipelining`).
     :ivar dsn: offer DSN (RFC 3461): ``RET``, ``ENVID``, ``NOTIFY``, ``ORCPT`` are recorded.
     :ivar requiretls: offer REQUIRETLS (RFC 8689) on TLS sessions.
+    :ivar binarymime: offer BINARYMIME (RFC 3030; with CHUNKING only).
+    :ivar nul: NUL octets in a text body: ``"reject"`` (550 5.6.0 after the end of data),
+        ``"strip"`` or ``"accept"``.
     """
 
     hostname: str = "localhost"
@@ -70,6 +73,8 @@ class Policy:
     forbid_improper_pipelining: bool = True
     dsn: bool = True
     requiretls: bool = True
+    binarymime: bool = True
+    nul: NulPolicy = NulPolicy.REJECT
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -87,6 +92,7 @@ class Policy:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be more than 0 seconds")
         object.__setattr__(self, "bare_newline", BareNewlinePolicy(self.bare_newline))
+        object.__setattr__(self, "nul", NulPolicy(self.nul))
         object.__setattr__(
             self,
             "trusted_networks",

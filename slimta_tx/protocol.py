@@ -51,6 +51,7 @@ _DATA_REFUSALS = {
     DataResult.BARE_NEWLINE: Reply(
         "550", "Message contains bare CR or LF; lines must end with CRLF", "5.5.2"
     ),
+    DataResult.NUL: Reply("550", "Message contains NUL characters", "5.6.0"),
 }
 # Replies that count as the client's errors (see refuse()).
 _REFUSAL_CODES = frozenset({"500", "501", "502", "503", "504", "555"})
@@ -463,6 +464,7 @@ class ESMTPServerProtocol(Protocol):
             max_line_length=self.policy.max_line_length,
             bare_newline=self.policy.bare_newline,
             unstuff=unstuff,
+            nul=self.policy.nul,
         )
         self.restart_timer(self.policy.data_timeout)
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from slimta_tx.data import BareNewlinePolicy, DataDecoder, DataResult
+from slimta_tx.data import BareNewlinePolicy, DataDecoder, DataResult, NulPolicy
 
 END = b"\r\n.\r\n"
 
@@ -402,3 +402,43 @@ def test_random_bytes_never_end_early(prefix: bytes, suffix: bytes) -> None:
     expected_end = (b"\r\n" + data).find(END)
     assert fed.done
     assert fed.rest == (b"\r\n" + data)[expected_end + 5 :]
+
+
+# -- NUL octets and BINARYMIME ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunking", ["whole", "bytewise"])
+def test_nul_policies(chunking: str) -> None:
+    """accept: stored as sent; reject: drained to the real end, then refused; strip: removed
+    from what is stored (and from the size)."""
+    data = b"a\0b\r\n\0\r\n.\0\r\n" + END[2:] + b"NOOP\r\n"
+    chunks = [data] if chunking == "whole" else bytewise(data)
+    accepted = Fed(chunks, nul=NulPolicy.ACCEPT)
+    assert (accepted.result, accepted.output) == (DataResult.OK, b"a\0b\r\n\0\r\n\0\r\n")
+    refused = Fed(chunks, nul="reject")
+    assert (refused.result, refused.rest, refused.output) == (DataResult.NUL, b"NOOP\r\n", b"")
+    stripped = Fed(chunks, nul="strip")
+    assert (stripped.result, stripped.output) == (DataResult.OK, b"ab\r\n\r\n\r\n")
+    assert stripped.decoder.size == len(stripped.output)
+
+
+def test_stripping_nul_never_makes_an_end_of_data() -> None:
+    """CRLF NUL . CRLF is content; stripped it is a stored line "." (stuffed again by any
+    relay), and the real end is still the only end."""
+    fed = Fed([b"a\r\n\0.\r\nb\r\n.\r\nQUIT\r\n"], nul="strip")
+    assert (fed.output, fed.rest) == (b"a\r\n.\r\nb\r\n", b"QUIT\r\n")
+
+
+def test_binary_content_is_octets_not_lines() -> None:
+    """BINARYMIME (RFC 3030): NUL, bare CR and LF, lines of any length, stored exactly;
+    only the size limit applies."""
+    writes: list[bytes] = []
+    content = bytes(range(256)) * 40 + b"\n" + b"x" * 5000 + b"\r"
+    decoder = DataDecoder(writes.append, unstuff=False, binary=True, nul="reject", max_size=0)
+    for i in range(0, len(content), 333):
+        decoder.feed_chunk(content[i : i + 333])
+    decoder.finish()
+    assert (decoder.result, b"".join(writes)) == (DataResult.OK, content)
+    small = DataDecoder(writes.append, unstuff=False, binary=True, max_size=100)
+    small.feed_chunk(b"\0" * 101)
+    assert small.result is DataResult.TOO_BIG

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimta_tx import data as data_module
-from slimta_tx.data import BareNewlinePolicy, DataDecoder
+from slimta_tx.data import BareNewlinePolicy, DataDecoder, NulPolicy
 from tests.support.decoding import Outcome, decode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,9 @@ def assert_same(chunks: list[bytes], bdat: bool = False, **options: object) -> O
 
 # An alphabet where every dangerous sequence is likely: CR, LF, dots, and a little text.
 hostile = st.lists(
-    st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"a", b"xyz", b".."]),
+    st.sampled_from(
+        [b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"a", b"xyz", b"..", b"\0"]
+    ),
     max_size=60,
 ).map(b"".join)
 options = st.fixed_dictionaries(
@@ -49,6 +51,7 @@ options = st.fixed_dictionaries(
         "bare_newline": st.sampled_from([BareNewlinePolicy.REJECT, BareNewlinePolicy.NORMALIZE]),
         "max_line_length": st.sampled_from([0, 3, 4, 5, 8, 1000]),
         "max_size": st.sampled_from([0, 1, 7, 40, 10_000]),
+        "nul": st.sampled_from(list(NulPolicy)),
     }
 )
 
@@ -76,7 +79,7 @@ def test_bdat_decodes_alike(data: bytes, cuts: list[int], opts: dict[str, object
 def test_random_stress_alike() -> None:
     """20,000 seeded random messages over the hostile alphabet, chunked at random."""
     rng = random.Random(20261124)
-    pieces = [b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"a", b"x" * 7, b".."]
+    pieces = [b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"a", b"x" * 7, b"..", b"\0"]
     for _ in range(20_000):
         body = b"".join(rng.choice(pieces) for _ in range(rng.randrange(80)))
         cuts = [rng.randrange(len(body) + 1) for _ in range(rng.randrange(5))]
@@ -84,6 +87,7 @@ def test_random_stress_alike() -> None:
             "bare_newline": rng.choice(list(BareNewlinePolicy)),
             "max_line_length": rng.choice([0, 3, 5, 9, 1000]),
             "max_size": rng.choice([0, 5, 30, 1000]),
+            "nul": rng.choice(list(NulPolicy)),
         }
         assert_same(split(body, cuts), bdat=rng.random() < 0.3, **opts)
 

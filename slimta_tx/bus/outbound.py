@@ -47,8 +47,9 @@ def capability_refusal(envelope: Envelope, hop: NextHop, size: int) -> Reply | N
     body = envelope.body
     if body == "8BITMIME" and "8BITMIME" not in ext:
         return Reply("554", "Next hop does not support 8BITMIME", "5.6.3")
-    if body == "BINARYMIME":
-        return Reply("554", "Relaying BINARYMIME is not supported", "5.6.3")
+    if body == "BINARYMIME" and ("BINARYMIME" not in ext or "CHUNKING" not in ext):
+        # RFC 3030: no conversion of binary content; it goes by BDAT or not at all.
+        return Reply("554", "Next hop does not support BINARYMIME (no conversion)", "5.6.3")
     if envelope.requiretls:
         # RFC 8689 4.2: only over TLS with the certificate checked, to a next hop that
         # promises to do the same.
@@ -72,7 +73,7 @@ def mail_command(envelope: Envelope, ext: Extensions, size: int) -> bytes:
     if "SIZE" in ext:
         params.append(f"SIZE={size}")
     body = envelope.body
-    if body and "8BITMIME" in ext:
+    if body and ("BINARYMIME" if body == "BINARYMIME" else "8BITMIME") in ext:
         params.append(f"BODY={body}")
     if envelope.smtputf8:
         params.append("SMTPUTF8")
