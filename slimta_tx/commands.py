@@ -34,7 +34,8 @@ def _greeting(proto: ESMTPServerProtocol, argument: str, verb: str) -> None:
         return
     policy, session = proto.policy, proto.session
     previous = (session.ehlo_as, session.extended_smtp)
-    if verb == "EHLO":
+    extended = verb != "HELO"  # EHLO, or LMTP's LHLO (RFC 2033)
+    if extended:
         keywords = proto.edge.ehlo_keywords(session)
         reply = Reply("250", "\n".join([f"{policy.hostname} Hello {name}", *keywords]))
     else:
@@ -43,14 +44,14 @@ def _greeting(proto: ESMTPServerProtocol, argument: str, verb: str) -> None:
     def done(reply: Reply) -> None:
         if reply.code.startswith("2"):
             proto.reset_transaction()
-            session.ehlo_as, session.extended_smtp = name, verb == "EHLO"
+            session.ehlo_as, session.extended_smtp = name, extended
         else:
             # A refused greeting changes nothing (RFC 5321 4.1.4).
             session.ehlo_as, session.extended_smtp = previous
         proto.finish_command(verb, reply, enhanced=not reply.code.startswith("2"))
 
     # Validators tell EHLO from HELO by this flag, as in python-slimta.
-    session.extended_smtp = verb == "EHLO"
+    session.extended_smtp = extended
     proto.run_step(proto.call_hook("EHLO", reply, name), done)
 
 
@@ -60,6 +61,11 @@ def ehlo(proto: ESMTPServerProtocol, argument: str) -> None:
 
 def helo(proto: ESMTPServerProtocol, argument: str) -> None:
     _greeting(proto, argument, "HELO")
+
+
+def lhlo(proto: ESMTPServerProtocol, argument: str) -> None:
+    """LMTP's greeting (RFC 2033 4.1): EHLO's reply; see :mod:`slimta_tx.lmtp`."""
+    _greeting(proto, argument, "LHLO")
 
 
 def mail(proto: ESMTPServerProtocol, argument: str) -> None:

@@ -95,6 +95,7 @@ class Session:
     transactions: int = 0
     early_talker: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    lmtp: bool = False  # an LMTP session (RFC 2033)
 
     @property
     def from_ip(self) -> str:
@@ -107,10 +108,12 @@ class Session:
 
     @property
     def protocol(self) -> str:
-        """The RFC 3848 ``with`` keyword: SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA."""
+        """The RFC 3848 ``with`` keyword: SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (LMTP,
+        LMTPS, LMTPA, LMTPSA over LMTP)."""
         if not self.extended_smtp:
             return "SMTP"
-        return "ESMTP" + ("S" if self.security else "") + ("A" if self.authed else "")
+        base = "LMTP" if self.lmtp else "ESMTP"
+        return base + ("S" if self.security else "") + ("A" if self.authed else "")
 
     def forget_for_starttls(self) -> None:
         """After STARTTLS nothing learned in plaintext may be trusted (RFC 3207 4.2)."""

@@ -67,6 +67,8 @@ class ESMTPServerProtocol(Protocol):
     """One SMTP session. Built by :class:`slimta_tx.factory.SmtpEdge`."""
 
     log = Logger()
+    #: The core commands (LMTP's subclass has LHLO instead of EHLO and HELO).
+    handlers = commands.HANDLERS
 
     def __init__(self, edge: SmtpEdge) -> None:
         self.edge = edge
@@ -411,7 +413,7 @@ class ESMTPServerProtocol(Protocol):
             # Only MAIL and RCPT get the extension allowances (AUTH has its own limit).
             self.refuse(Reply("500", "Line too long", "5.5.6"))
             return
-        handler = self.edge.extra_commands.get(verb) or commands.HANDLERS.get(verb)
+        handler = self.edge.extra_commands.get(verb) or self.handlers.get(verb)
         if handler is None:
             self._unknown(verb, text)
             return

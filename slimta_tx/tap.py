@@ -10,11 +10,11 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from slimta_tx.cli import auth, buses, core, esmtp, policies, tls
+from slimta_tx.cli import auth, buses, core, esmtp, lmtp, policies, tls
 
 __all__ = ["Options", "makeService"]
 
-GROUPS = (core, tls, auth, policies, buses, esmtp)
+GROUPS = (core, tls, auth, policies, buses, esmtp, lmtp)
 
 
 class Options(
@@ -24,6 +24,7 @@ class Options(
     policies.OptionGroup,
     buses.OptionGroup,
     esmtp.OptionGroup,
+    lmtp.OptionGroup,
     usage.Options,
 ):
     synopsis = "[options]"

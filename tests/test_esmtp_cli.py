@@ -52,3 +52,32 @@ def test_a_bad_nul_policy_is_a_one_line_error() -> None:
     assert str(caught.value) == (
         "--nul must be 'reject', 'strip' or 'accept' (see 'twistd slimta --help')"
     )
+
+
+def test_lmtp_listen_adds_lmtp_listeners_beside_smtp(tmp_path: Any) -> None:
+    """--lmtp-listen is repeatable; each becomes a listener serving LMTP for the same edge."""
+    from twisted.application.internet import StreamServerEndpointService
+    from twisted.internet.testing import MemoryReactorClock
+
+    from slimta_tx.lmtp import LmtpFactory
+    from slimta_tx.tap import makeService
+
+    config = parse(
+        "--maildir",
+        str(tmp_path / "md"),
+        "--lmtp-listen",
+        "tcp:2424:interface=127.0.0.1",
+        "--lmtp-listen",
+        "unix:" + str(tmp_path / "lmtp.sock"),
+    )
+    assert config["lmtp-listen"] == [
+        "tcp:2424:interface=127.0.0.1",
+        "unix:" + str(tmp_path / "lmtp.sock"),
+    ]
+    service = makeService(config, reactor=MemoryReactorClock())
+    listeners = [c for c in service if isinstance(c, StreamServerEndpointService)]
+    factories = [listener.factory for listener in listeners]
+    assert len(listeners) == 3  # the default SMTP listener and two LMTP ones
+    lmtp_factories = [f for f in factories if isinstance(f, LmtpFactory)]
+    assert len(lmtp_factories) == 2
+    assert all(f.edge is service.edge for f in lmtp_factories)
