@@ -81,3 +81,22 @@ def test_lmtp_listen_adds_lmtp_listeners_beside_smtp(tmp_path: Any) -> None:
     lmtp_factories = [f for f in factories if isinstance(f, LmtpFactory)]
     assert len(lmtp_factories) == 2
     assert all(f.edge is service.edge for f in lmtp_factories)
+
+
+def test_amqp_per_recipient(tmp_path: Any) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from slimta_tx.bus.amqp import AmqpBus
+    from slimta_tx.tap import makeService
+
+    args = ["--amqp", "amqp://guest:guest@127.0.0.1:5672/%2F", "--amqp-exchange", "mail"]
+    for extra, expected in (([], False), (["--amqp-per-recipient"], True)):
+        service = makeService(parse(*args, *extra), reactor=MemoryReactorClock())
+        assert isinstance(service.edge.bus, AmqpBus)
+        assert service.edge.bus.per_recipient is expected
+
+
+def test_amqp_per_recipient_needs_amqp() -> None:
+    with pytest.raises(usage.UsageError) as caught:
+        parse("--amqp-per-recipient")
+    assert "--amqp-per-recipient needs --amqp URL" in str(caught.value)
