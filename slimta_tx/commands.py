@@ -98,10 +98,11 @@ def rcpt(proto: ESMTPServerProtocol, argument: str) -> None:
     except ArgumentError as e:
         proto.finish_command("RCPT", e.reply)
         return
-    problem = parameters.check_rcpt(proto, parsed)
-    if problem is not None:
-        proto.finish_command("RCPT", problem)
-        return
+    if parsed.params:
+        problem = parameters.check_rcpt(proto, parsed)
+        if problem is not None:
+            proto.finish_command("RCPT", problem)
+            return
     if len(envelope.recipients) >= proto.policy.max_recipients:
         proto.finish_command("RCPT", Reply("452", "Too many recipients", "4.5.3"))
         return
@@ -131,8 +132,8 @@ def data(proto: ESMTPServerProtocol, argument: str) -> None:
     reply = Reply("354", "End data with <CR><LF>.<CR><LF>")
 
     def done(reply: Reply) -> None:
-        if reply.code == "354" and pipelining.content_before_354(proto):
-            return  # content (or commands) before the 354: 554 5.5.0, closing
+        if pipelining.content_before_354(proto):
+            return  # content (or commands) before the reply: 554 5.5.0, closing
         proto.finish_command("DATA", reply)
         if proto.state is _DATA:
             proto.start_data()

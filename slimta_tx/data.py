@@ -139,12 +139,17 @@ class DataDecoder:
         self._sink = sink
         self._scan = accelerator
         self.unstuff = unstuff
-        self.nul_policy = NulPolicy(nul)
+        # (An Enum call costs a few microseconds; a decoder is made per message.)
+        self.nul_policy = nul if type(nul) is NulPolicy else NulPolicy(nul)
         self.binary = binary
         self.nul = False  # a NUL was seen under NulPolicy.REJECT
         self.max_size = max_size
         self.max_line_length = max_line_length
-        self.policy = BareNewlinePolicy(bare_newline)
+        self.policy = (
+            bare_newline
+            if type(bare_newline) is BareNewlinePolicy
+            else BareNewlinePolicy(bare_newline)
+        )
         # What preceded the pending bytes: b"\r\n" (line start after CRLF; the DATA line's own
         # CRLF at first), b"\n" (line start after a bare LF) or b"" (inside a line).
         self._head = b"\r\n"

@@ -15,8 +15,8 @@ never acted on. The check applies to clients neither in a trusted network nor au
 unless ``Policy(forbid_improper_pipelining=False)`` (``--allow-improper-pipelining``).
 
 When the check looks: as a command that must be last is read (whatever followed it in the
-same read, or waits unread in the kernel's socket buffer on plain TCP), and for DATA again just
-before the 354 goes out (content that arrived while a DATA validator was deciding counts too).
+same read, or waits unread in the kernel's socket buffer on plain TCP); for DATA, just before
+its reply goes out (so content that arrived while a DATA validator was deciding counts too).
 Anything the server holds then was sent before the client could have seen the reply, so a
 client that waits is never refused. QUIT is not checked: nothing after it is read anyway.
 """
@@ -36,7 +36,13 @@ from slimta_tx.reply import Reply
 if TYPE_CHECKING:  # pragma: no cover
     from slimta_tx.protocol import ESMTPServerProtocol
 
-__all__ = ["MUST_BE_LAST", "SYNCHRONIZATION_ERROR", "content_before_354", "improper"]
+__all__ = [
+    "CHECKED_WHEN_READ",
+    "MUST_BE_LAST",
+    "SYNCHRONIZATION_ERROR",
+    "content_before_354",
+    "improper",
+]
 
 log = Logger(namespace="slimta_tx.pipelining")
 
@@ -44,6 +50,8 @@ log = Logger(namespace="slimta_tx.pipelining")
 #: LHLO is LMTP's EHLO). QUIT is left out (nothing after it is read), and so are EXPN and TURN,
 #: which this server does not implement (502 changes nothing a client could wait for).
 MUST_BE_LAST = frozenset({"EHLO", "HELO", "LHLO", "DATA", "VRFY", "NOOP", "STARTTLS", "AUTH"})
+#: Checked as the command is read; DATA is checked by its handler, just before its reply.
+CHECKED_WHEN_READ = MUST_BE_LAST - {"DATA"}
 SYNCHRONIZATION_ERROR = Reply("554", "Error: SMTP protocol synchronization", "5.5.0")
 _FIONREAD_BUFFER = b"\0" * struct.calcsize("i")
 
@@ -57,17 +65,21 @@ def improper(proto: ESMTPServerProtocol, verb: str, argument: str) -> bool:
 
 
 def content_before_354(proto: ESMTPServerProtocol) -> bool:
-    """Called just before DATA's 354: True when content (or anything) came before it."""
+    """Called just before the reply to DATA (its 354, or a validator's refusal): True when
+    content (or anything) came before it."""
     return _refuse_if_ahead(proto, "DATA")
 
 
 def _refuse_if_ahead(proto: ESMTPServerProtocol, verb: str) -> bool:
-    if not proto.policy.forbid_improper_pipelining or proto.session.authed:
+    # Cheapest first: the trust answer is cached per session, the kernel is a system call.
+    if (
+        not proto.policy.forbid_improper_pipelining
+        or proto.session.authed
+        or proto.client_trusted()
+    ):
         return False
     buffered = proto.reader.buffered
     if not buffered and not _unread_in_kernel(proto.transport):
-        return False
-    if proto.client_trusted():
         return False
     log.info(
         "{peer} improper command pipelining after {verb}: {next!r}{more}",

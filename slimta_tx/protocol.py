@@ -56,7 +56,7 @@ _DATA_REFUSALS = {
 # Replies that count as the client's errors (see refuse()).
 _REFUSAL_CODES = frozenset({"500", "501", "502", "503", "504", "555"})
 _DATA_OK = DataResult.OK
-_MUST_BE_LAST = pipelining.MUST_BE_LAST
+_MUST_BE_LAST = pipelining.CHECKED_WHEN_READ
 TEMPFAIL = Reply("451", "Temporary local problem, try again later", "4.3.0")
 
 LineHandler = Callable[[bytes], None]
