@@ -177,16 +177,7 @@ def vrfy(proto: ESMTPServerProtocol, argument: str) -> None:
 def help_(proto: ESMTPServerProtocol, argument: str) -> None:
     verbs = sorted(
         {
-            "EHLO",
-            "HELO",
-            "MAIL",
-            "RCPT",
-            "DATA",
-            "RSET",
-            "NOOP",
-            "QUIT",
-            "VRFY",
-            "HELP",
+            *(verb for verb in proto.handlers if verb != "BDAT"),  # LHLO for LMTP
             *(["BDAT"] if proto.policy.chunking else []),
             *proto.edge.extra_commands,
         }

@@ -169,3 +169,62 @@ def test_lmtp_factory_serves_lmtp_beside_smtp_on_one_edge() -> None:
     assert proto.edge is edge
     d = Driver(edge=edge)
     assert not isinstance(d.proto, LMTPServerProtocol)
+
+
+def test_help_names_lhlo() -> None:
+    text = lmtp().cmd("HELP")[1]
+    assert "LHLO" in text and "EHLO" not in text
+
+
+@pytest.mark.slow
+def test_twistd_lmtp_listen_with_swaks(tmp_path: Any) -> None:
+    """``twistd slimta --lmtp-listen unix:PATH``: swaks speaking LMTP over the socket delivers
+    into the Maildir, and the SMTP listener runs beside it."""
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    from tests.support.mailbox import stored_messages
+    from tests.support.process import running_twistd, twistd_argv
+
+    swaks = shutil.which("swaks")
+    if swaks is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("swaks is missing (.ci/services installs it)")
+        pytest.skip("swaks not installed")
+    socket_path = tmp_path / "lmtp.sock"
+    maildir = tmp_path / "md"
+    argv = twistd_argv(
+        maildir, "--lmtp-listen", f"unix:{socket_path}", "--accept-domain", "example.com"
+    )
+    with running_twistd(argv):
+        deadline = time.monotonic() + 20
+        while not socket_path.exists():  # bounded: twistd has greeted on SMTP already
+            assert time.monotonic() < deadline, "no LMTP socket"
+            time.sleep(0.02)
+        done = subprocess.run(
+            [
+                swaks,
+                "--socket",
+                str(socket_path),
+                "--protocol",
+                "LMTP",
+                "--from",
+                "a@sender.test",
+                "--to",
+                "b@example.com,c@example.com",
+                "--body",
+                "over LMTP",
+            ],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    text = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0, text
+    assert "LHLO" in text
+    [stored] = stored_messages(maildir)
+    assert b"over LMTP" in stored.body
+    assert stored.envelope is not None and stored.envelope["protocol"] == "LMTP"
+    assert b"with LMTP" in stored.trace
