@@ -10,8 +10,9 @@
  *   stop       the offset just past what `out` covers: past the last LF, or past the
  *              "." CRLF that ends the data;
  *   ended      True when a line "." CRLF that follows a real CRLF was found (`find_end`);
- *   long_line  True when a line (bytes up to its LF) is `max_line` bytes or longer
- *              (0: no limit).
+ *   long_line  True when a line as stored (its leading dot removed when `unstuff`, CRLF
+ *              included) is longer than `max_line` octets (0: no limit). RFC 5321
+ *              4.5.3.1.6 counts a text line without the dot duplicated for transparency.
  *
  * It returns None as soon as it meets a bare CR or LF, or a state it does not handle; the
  * caller then decodes the same bytes with the pure-Python code, which owns every rule for
@@ -112,6 +113,7 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t stop = cut;
 
     while (p < cut) {
+        Py_ssize_t content = p; /* where the line starts as stored (past a stuffed dot) */
         if (at_line_start && buf[p] == '.') {
             if (find_end && p + 2 < n && buf[p + 1] == '\r' && buf[p + 2] == '\n') {
                 /* "." CRLF after a real CRLF: the end of data. out covers [start, p). */
@@ -126,6 +128,7 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 memcpy(o + olen, buf + copy_from, (size_t)(p - copy_from));
                 olen += p - copy_from;
                 copy_from = p + 1; /* drop the stuffed dot */
+                content = p + 1;
             }
         }
         /* An LF exists in [p, cut): cut - 1 is one. */
@@ -136,7 +139,8 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Py_DECREF(out);
             Py_RETURN_NONE;
         }
-        if (max_line && l - p >= max_line) {
+        /* Stored, the line is [content, l] plus the LF: l - content + 1 octets. */
+        if (max_line && l - content >= max_line) {
             long_line = 1;
         }
         at_line_start = 1;

@@ -6,8 +6,9 @@ session never falls out of step and chunk content is never read as commands. A B
 cannot be parsed leaves no way to find the next command, so the server answers 421 and closes.
 
 Chunk content is the message as it is (no dot-unstuffing), checked by the same rules as DATA:
-bare CR/LF policy, line length, size. The ``DATA`` validator runs before the first chunk of a
-transaction is taken, as it runs before a ``354``.
+bare CR/LF policy, line length, NUL policy, size. A ``BODY=BINARYMIME`` message (RFC 3030) is
+octets, not lines: only the size limit applies, and it is stored exactly as sent. The ``DATA``
+validator runs before the first chunk of a transaction is taken, as it runs before a ``354``.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def bdat(proto: ESMTPServerProtocol, argument: str) -> None:
     def decided(reply: Reply) -> None:
         if reply.is_positive:
             proto.start_data(unstuff=False)
+            envelope = proto.session.envelope
+            if envelope is not None and envelope.body == "BINARYMIME" and proto.decoder:
+                proto.decoder.binary = True  # octets, not lines (RFC 3030)
             read(proto, Chunk(size, last, None, state))
         else:
             read(proto, Chunk(size, last, reply, state))

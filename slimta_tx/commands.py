@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from slimta_tx import chunking
-from slimta_tx.address import ArgumentError, MailArgument, parse_mail_argument, parse_rcpt_argument
+from slimta_tx import chunking, parameters, pipelining
+from slimta_tx.address import ArgumentError, parse_mail_argument, parse_rcpt_argument
 from slimta_tx.envelope import Envelope
 from slimta_tx.reply import Reply
 from slimta_tx.state import State
@@ -24,7 +24,6 @@ __all__ = ["HANDLERS"]
 
 Handler = Callable[["ESMTPServerProtocol", str], None]
 
-_BODY_VALUES = ("7BIT", "8BITMIME")
 _DATA = State.DATA  # a module global: State.DATA goes through EnumType.__getattr__
 
 
@@ -35,7 +34,8 @@ def _greeting(proto: ESMTPServerProtocol, argument: str, verb: str) -> None:
         return
     policy, session = proto.policy, proto.session
     previous = (session.ehlo_as, session.extended_smtp)
-    if verb == "EHLO":
+    extended = verb != "HELO"  # EHLO, or LMTP's LHLO (RFC 2033)
+    if extended:
         keywords = proto.edge.ehlo_keywords(session)
         reply = Reply("250", "\n".join([f"{policy.hostname} Hello {name}", *keywords]))
     else:
@@ -44,14 +44,14 @@ def _greeting(proto: ESMTPServerProtocol, argument: str, verb: str) -> None:
     def done(reply: Reply) -> None:
         if reply.code.startswith("2"):
             proto.reset_transaction()
-            session.ehlo_as, session.extended_smtp = name, verb == "EHLO"
+            session.ehlo_as, session.extended_smtp = name, extended
         else:
             # A refused greeting changes nothing (RFC 5321 4.1.4).
             session.ehlo_as, session.extended_smtp = previous
         proto.finish_command(verb, reply, enhanced=not reply.code.startswith("2"))
 
     # Validators tell EHLO from HELO by this flag, as in python-slimta.
-    session.extended_smtp = verb == "EHLO"
+    session.extended_smtp = extended
     proto.run_step(proto.call_hook("EHLO", reply, name), done)
 
 
@@ -63,30 +63,9 @@ def helo(proto: ESMTPServerProtocol, argument: str) -> None:
     _greeting(proto, argument, "HELO")
 
 
-def _check_mail_params(proto: ESMTPServerProtocol, parsed: MailArgument) -> Reply | None:
-    params = parsed.params
-    if not params:
-        return None
-    if not proto.session.extended_smtp:
-        return Reply("555", "MAIL parameters are not allowed after HELO", "5.5.4")
-    allowed = {"SIZE", "BODY", "SMTPUTF8", *proto.edge.extra_mail_params}
-    if not proto.policy.smtputf8:
-        allowed.discard("SMTPUTF8")
-    for key in params:
-        if key not in allowed:
-            return Reply("555", f"Unsupported MAIL parameter {key}", "5.5.4")
-    size = params.get("SIZE", "0")
-    if "SIZE" in params:
-        if size is None or not size.isdigit() or len(size) > 20:
-            return Reply("501", "Syntax: SIZE=<number>", "5.5.4")
-        limit = proto.policy.max_message_size
-        if limit and int(size) > limit:
-            return Reply("552", "Message size exceeds fixed maximum message size", "5.3.4")
-    if "BODY" in params and (params["BODY"] or "").upper() not in _BODY_VALUES:
-        return Reply("501", "Syntax: BODY=7BIT or BODY=8BITMIME", "5.5.4")
-    if "SMTPUTF8" in params and params["SMTPUTF8"] is not None:
-        return Reply("501", "SMTPUTF8 takes no value", "5.5.4")
-    return None
+def lhlo(proto: ESMTPServerProtocol, argument: str) -> None:
+    """LMTP's greeting (RFC 2033 4.1): EHLO's reply; see :mod:`slimta_tx.lmtp`."""
+    _greeting(proto, argument, "LHLO")
 
 
 def mail(proto: ESMTPServerProtocol, argument: str) -> None:
@@ -95,7 +74,7 @@ def mail(proto: ESMTPServerProtocol, argument: str) -> None:
     except ArgumentError as e:
         proto.finish_command("MAIL", e.reply)
         return
-    problem = _check_mail_params(proto, parsed)
+    problem = parameters.check_mail(proto, parsed)
     if problem is None:
         problem = proto.edge.check_mail(proto.session, parsed)
     if problem is not None:
@@ -120,9 +99,10 @@ def rcpt(proto: ESMTPServerProtocol, argument: str) -> None:
         proto.finish_command("RCPT", e.reply)
         return
     if parsed.params:
-        key = next(iter(parsed.params))
-        proto.finish_command("RCPT", Reply("555", f"Unsupported RCPT parameter {key}", "5.5.4"))
-        return
+        problem = parameters.check_rcpt(proto, parsed)
+        if problem is not None:
+            proto.finish_command("RCPT", problem)
+            return
     if len(envelope.recipients) >= proto.policy.max_recipients:
         proto.finish_command("RCPT", Reply("452", "Too many recipients", "4.5.3"))
         return
@@ -144,9 +124,16 @@ def data(proto: ESMTPServerProtocol, argument: str) -> None:
     if argument.strip():
         proto.refuse(Reply("501", "Syntax: DATA", "5.5.4"))
         return
+    envelope = proto.session.envelope
+    if envelope is not None and envelope.body == "BINARYMIME":
+        # RFC 3030: a BINARYMIME message goes by BDAT only.
+        proto.refuse(Reply("503", "BODY=BINARYMIME needs BDAT, not DATA", "5.5.1"))
+        return
     reply = Reply("354", "End data with <CR><LF>.<CR><LF>")
 
     def done(reply: Reply) -> None:
+        if pipelining.content_before_354(proto):
+            return  # content (or commands) before the reply: 554 5.5.0, closing
         proto.finish_command("DATA", reply)
         if proto.state is _DATA:
             proto.start_data()
@@ -190,16 +177,7 @@ def vrfy(proto: ESMTPServerProtocol, argument: str) -> None:
 def help_(proto: ESMTPServerProtocol, argument: str) -> None:
     verbs = sorted(
         {
-            "EHLO",
-            "HELO",
-            "MAIL",
-            "RCPT",
-            "DATA",
-            "RSET",
-            "NOOP",
-            "QUIT",
-            "VRFY",
-            "HELP",
+            *(verb for verb in proto.handlers if verb != "BDAT"),  # LHLO for LMTP
             *(["BDAT"] if proto.policy.chunking else []),
             *proto.edge.extra_commands,
         }

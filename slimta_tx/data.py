@@ -17,7 +17,16 @@ The rules, each of which some SMTP server has got wrong:
 - Over the size limit or with an over-long line, the decoder keeps reading to the real end of
   data and stores nothing more; the caller reports the failure after the end, so the session
   stays in step with the client.
+- The line limit (RFC 5321 4.5.3.1.6: 1000 octets, CRLF included, "not counting the leading
+  dot duplicated for transparency") applies to each line as it is stored: after unstuffing,
+  and after a bare LF became CRLF under ``normalize``. BDAT content has no stuffing, so there
+  the stored line is the line sent; a last line without CRLF counts as if it had one (whoever
+  passes the message on adds it).
 - Memory is bounded: at most one partial line (capped) is kept between calls.
+- NUL octets (:class:`NulPolicy`): accepted, refused after the end, or stripped from what is
+  stored (after the end of data and the line lengths were decided, so stripping never makes
+  an end marker or changes a verdict).
+- BINARYMIME content (RFC 3030, ``binary=True``) is octets, not lines: only the size counts.
 
 The hot path works on whole chunks, never one Python call per line. When the optional C
 accelerator (:mod:`slimta_tx._speedups`, built with the wheel) is present, clean input (every CR
@@ -33,7 +42,7 @@ import re
 from collections.abc import Callable
 from enum import Enum
 
-__all__ = ["BareNewlinePolicy", "DataDecoder", "DataResult"]
+__all__ = ["BareNewlinePolicy", "DataDecoder", "DataResult", "NulPolicy"]
 
 _END = b"\r\n.\r\n"
 # Keep a partial line of up to this many bytes when lines are unlimited.
@@ -79,6 +88,17 @@ class BareNewlinePolicy(str, Enum):
     NORMALIZE = "normalize"
 
 
+class NulPolicy(str, Enum):
+    """NUL octets in a text body (RFC 5322 and RFC 6152 allow none; BINARYMIME is exempt)."""
+
+    ACCEPT = "accept"  # stored as sent
+    REJECT = "reject"  # the message is refused after its end (550 5.6.0)
+    STRIP = "strip"  # removed from what is stored
+
+
+_NUL_ACCEPT, _NUL_STRIP = NulPolicy.ACCEPT, NulPolicy.STRIP
+
+
 class DataResult(str, Enum):
     """Why a finished message cannot be accepted (``OK`` when it can)."""
 
@@ -86,6 +106,7 @@ class DataResult(str, Enum):
     TOO_BIG = "too-big"
     LINE_TOO_LONG = "line-too-long"
     BARE_NEWLINE = "bare-newline"
+    NUL = "nul"
 
 
 class DataDecoder:
@@ -93,12 +114,15 @@ class DataDecoder:
 
     :param sink: called with each run of decoded message bytes, in order.
     :param max_size: largest acceptable message in bytes (after unstuffing); 0 for no limit.
-    :param max_line_length: longest acceptable line in bytes, CRLF included (RFC 5321
-        4.5.3.1.6 says 1000); 0 for no limit.
+    :param max_line_length: longest acceptable line in bytes as stored: CRLF included, a
+        stuffed dot not (RFC 5321 4.5.3.1.6 says 1000); 0 for no limit.
     :param bare_newline: a :class:`BareNewlinePolicy`.
     :param unstuff: remove the leading dot of each line (DATA); False for BDAT chunks, which
         carry the message as it is (RFC 3030) and are fed with :meth:`feed_chunk`.
     :param accelerator: the C scanner (the built one by default); None for pure Python.
+    :param nul: a :class:`NulPolicy` for NUL octets in the stored text.
+    :param binary: BDAT content of a ``BODY=BINARYMIME`` message (RFC 3030): any octets, no
+        lines; only the size limit applies (fed with :meth:`feed_chunk`).
     """
 
     def __init__(
@@ -109,13 +133,23 @@ class DataDecoder:
         bare_newline: BareNewlinePolicy | str = BareNewlinePolicy.REJECT,
         unstuff: bool = True,
         accelerator: Scan | None = ACCELERATOR,
+        nul: NulPolicy | str = NulPolicy.ACCEPT,
+        binary: bool = False,
     ) -> None:
         self._sink = sink
         self._scan = accelerator
         self.unstuff = unstuff
+        # (An Enum call costs a few microseconds; a decoder is made per message.)
+        self.nul_policy = nul if type(nul) is NulPolicy else NulPolicy(nul)
+        self.binary = binary
+        self.nul = False  # a NUL was seen under NulPolicy.REJECT
         self.max_size = max_size
         self.max_line_length = max_line_length
-        self.policy = BareNewlinePolicy(bare_newline)
+        self.policy = (
+            bare_newline
+            if type(bare_newline) is BareNewlinePolicy
+            else BareNewlinePolicy(bare_newline)
+        )
         # What preceded the pending bytes: b"\r\n" (line start after CRLF; the DATA line's own
         # CRLF at first), b"\n" (line start after a bare LF) or b"" (inside a line).
         self._head = b"\r\n"
@@ -126,9 +160,14 @@ class DataDecoder:
         self.line_too_long = False
         self.bare_newline = False
         self.done = False
-        # A partial line this long is refused (and flushed); never flush a possible ".\r" of
-        # the end marker (only reachable with limits < 3).
-        self._flush_at = max(max_line_length, 3) if max_line_length else _FLUSH_UNLIMITED
+        # A partial line this long is refused (and flushed): p bytes without LF make a stored
+        # line of at least p + 1 octets (p if they start with a dot to unstuff and end with
+        # the CR of the CRLF), so flushing at max (max + 1 when unstuffing) never refuses a
+        # line that fits. Never flush a possible ".\r" of the end marker (limits < 3).
+        if max_line_length:
+            self._flush_at = max(max_line_length + (1 if unstuff else 0), 3)
+        else:
+            self._flush_at = _FLUSH_UNLIMITED
 
     @property
     def result(self) -> DataResult:
@@ -138,6 +177,8 @@ class DataDecoder:
             return DataResult.BARE_NEWLINE
         if self.line_too_long:
             return DataResult.LINE_TOO_LONG
+        if self.nul:
+            return DataResult.NUL
         return DataResult.OK
 
     def feed(self, data: bytes) -> bytes | None:
@@ -154,6 +195,15 @@ class DataDecoder:
         """
         if self.done:
             raise RuntimeError("feed_chunk() after the end of the message")
+        if self.binary:
+            # BINARYMIME: octets, not lines; stored exactly as sent.
+            self.raw_size += len(data)
+            self.size += len(data)
+            if self.max_size and self.size > self.max_size:
+                self.too_big = True
+            if not self.too_big and data:
+                self._sink(data)
+            return
         self._decode(data, data_mode=False)
 
     def _decode(self, data: bytes, data_mode: bool) -> bytes | None:
@@ -216,9 +266,12 @@ class DataDecoder:
 
     def finish(self) -> None:
         """BDAT LAST: the message ends here. A last line without CRLF is kept as it is (a
-        final bare CR counts as one)."""
-        if self._pending:
-            self._emit(self._head + self._pending, len(self._head), complete_lines=False)
+        final bare CR counts as one); its length counts the CRLF a next hop will add."""
+        pending = self._pending
+        if pending:
+            if self.max_line_length and len(pending) + 2 > self.max_line_length:
+                self.line_too_long = True
+            self._emit(self._head + pending, len(self._head), complete_lines=False)
             self._pending = b""
         self.done = True
 
@@ -263,23 +316,29 @@ class DataDecoder:
                 # Bare CR stays content under "normalize", as in Postfix; bare LF becomes CRLF.
                 region = _BARE_LF.sub(b"\r\n", region)
                 dots = True  # a bare LF "." is now CRLF "."
-        long_line = bool(
-            complete_lines and self.max_line_length and _has_long_line(body, self.max_line_length)
-        )
         # split + join unstuffs about twice as fast as bytes.replace when there is a dot line.
         unstuff = dots and self.unstuff
         out = (b"\r\n".join(region.split(b"\r\n.")) if unstuff else region)[head_len:]
+        # The limit is on lines as stored: a stuffed dot does not count (RFC 5321 4.5.3.1.6).
+        long_line = bool(
+            complete_lines and self.max_line_length and _has_long_line(out, self.max_line_length)
+        )
         self._account(out, long_line)
 
     def _account(self, out: bytes, long_line: bool) -> None:
         """Count ``out`` (decoded bytes) and store it unless the message is refused."""
         if long_line:
             self.line_too_long = True
+        if self.nul_policy is not _NUL_ACCEPT and b"\0" in out:
+            if self.nul_policy is _NUL_STRIP:
+                out = out.replace(b"\0", b"")
+            else:
+                self.nul = True
         # Count the same bytes whether or not the message is refused already, so that the
         # verdict (TOO_BIG first) does not depend on how the stream was chunked.
         self.size += len(out)
         if self.max_size and self.size > self.max_size:
             self.too_big = True
-        if self.too_big or self.bare_newline or self.line_too_long:
+        if self.too_big or self.bare_newline or self.line_too_long or self.nul:
             return  # refused: keep counting, store nothing
         self._sink(out)

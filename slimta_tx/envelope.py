@@ -7,20 +7,33 @@ The names follow python-slimta's session so validators written for it read the s
 
 from __future__ import annotations
 
+import dataclasses
 import email.policy
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime
-from typing import Any
+from typing import Any, TypeVar
 
+from slimta_tx.dsn import (
+    DsnError,
+    OriginalRecipient,
+    RecipientDsn,
+    parse_envid,
+    parse_notify,
+    parse_orcpt,
+    parse_ret,
+)
 from slimta_tx.spool import Spool
 
 __all__ = ["Envelope", "Session", "TLSInfo", "new_queue_id"]
+
+T = TypeVar("T")
 
 
 # Ids drawn ahead from os.urandom (what secrets.token_hex reads): one getrandom call per
@@ -82,6 +95,7 @@ class Session:
     transactions: int = 0
     early_talker: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    lmtp: bool = False  # an LMTP session (RFC 2033)
 
     @property
     def from_ip(self) -> str:
@@ -94,10 +108,12 @@ class Session:
 
     @property
     def protocol(self) -> str:
-        """The RFC 3848 ``with`` keyword: SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA."""
+        """The RFC 3848 ``with`` keyword: SMTP, ESMTP, ESMTPS, ESMTPA or ESMTPSA (LMTP,
+        LMTPS, LMTPA, LMTPSA over LMTP)."""
         if not self.extended_smtp:
             return "SMTP"
-        return "ESMTP" + ("S" if self.security else "") + ("A" if self.authed else "")
+        base = "LMTP" if self.lmtp else "ESMTP"
+        return base + ("S" if self.security else "") + ("A" if self.authed else "")
 
     def forget_for_starttls(self) -> None:
         """After STARTTLS nothing learned in plaintext may be trusted (RFC 3207 4.2)."""
@@ -129,6 +145,7 @@ class Envelope:
     queue_id: str = field(default_factory=new_queue_id)
     received_at: float = field(default_factory=time.time)
     message: Spool | None = None
+    _tls_required_no: bool | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def start(cls, session: Session, sender: str, params: dict[str, str | None]) -> Envelope:
@@ -162,6 +179,14 @@ class Envelope:
         assert isinstance(parsed, EmailMessage)
         return parsed
 
+    def subset(self, indices: list[int]) -> Envelope:
+        """A copy for some of the recipients only (same message, same queue id): what a
+        composed bus hands its next member when earlier ones refused the others."""
+        copy = dataclasses.replace(self)
+        copy.recipients = [self.recipients[i] for i in indices]
+        copy.rcpt_params = [dict(self.rcpt_params[i]) for i in indices]
+        return copy
+
     def add_recipient(self, address: str, params: dict[str, str | None]) -> None:
         self.recipients.append(address)
         self.rcpt_params.append(dict(params))
@@ -169,6 +194,62 @@ class Envelope:
     @property
     def smtputf8(self) -> bool:
         return "SMTPUTF8" in self.mail_params
+
+    # -- ESMTP parameters, typed (read from mail_params and rcpt_params, which stay as sent) --
+
+    @property
+    def body(self) -> str | None:
+        """``BODY=`` (RFC 6152, RFC 3030) upper-cased: ``7BIT``, ``8BITMIME``, ``BINARYMIME``."""
+        body = self.mail_params.get("BODY")
+        return body.upper() if body else None
+
+    @property
+    def requiretls(self) -> bool:
+        """``MAIL ... REQUIRETLS`` (RFC 8689): pass it on only over verified TLS."""
+        return "REQUIRETLS" in self.mail_params
+
+    @property
+    def tls_required_no(self) -> bool:
+        """The message carries ``TLS-Required: No`` (RFC 8689 5): recorded for whoever
+        delivers it (it asks them to relax MTA-STS and DANE); the edge does not act on it."""
+        known = self._tls_required_no
+        if known is not None:
+            return known
+        if self.message is None or self.message.closed:
+            return False
+        head = self.message.head(64 * 1024)
+        end = head.find(b"\r\n\r\n")
+        found = _TLS_REQUIRED_NO.search(head if end < 0 else head[: end + 2]) is not None
+        self._tls_required_no = found  # read once, while the message is there
+        return found
+
+    @property
+    def replies_per_recipient(self) -> bool:
+        """True when the client hears one reply per recipient (it came over LMTP), so a bus
+        may deliver to some recipients and not others (see :mod:`slimta_tx.results`)."""
+        return self.protocol.startswith("LMTP")
+
+    @property
+    def dsn_ret(self) -> str | None:
+        """DSN ``RET=``: ``FULL`` or ``HDRS`` (RFC 3461 4.3); None when not asked."""
+        return _typed(parse_ret, self.mail_params.get("RET"))
+
+    @property
+    def dsn_envid(self) -> str | None:
+        """DSN ``ENVID=``, xtext-decoded (RFC 3461 4.4); None when not given."""
+        return _typed(parse_envid, self.mail_params.get("ENVID"))
+
+    @property
+    def recipient_dsn(self) -> list[RecipientDsn]:
+        """Each recipient's ``NOTIFY=`` and ``ORCPT=`` (RFC 3461 4.1, 4.2; RFC 6533)."""
+        utf8 = self.smtputf8
+        return [
+            RecipientDsn(
+                _typed(parse_notify, params.get("NOTIFY")),
+                _typed(lambda v: parse_orcpt(v, utf8), params.get("ORCPT")),
+            )
+            for params in self.rcpt_params
+        ]
 
     def received_header(self) -> bytes:
         """The ``Received:`` trace header (RFC 5321 4.4, RFC 3848), folded, CRLF-terminated."""
@@ -201,9 +282,14 @@ class Envelope:
             "sender": self.sender,
             "mail_params": self.mail_params,
             "recipients": [
-                {"address": rcpt, "params": params}
-                for rcpt, params in zip(self.recipients, self.rcpt_params, strict=True)
+                _recipient_json(rcpt, params, dsn)
+                for rcpt, params, dsn in zip(
+                    self.recipients, self.rcpt_params, self.recipient_dsn, strict=True
+                )
             ],
+            "body": self.body,
+            "requiretls": self.requiretls,
+            "tls_required_no": self.tls_required_no,
             "client": {
                 "ip": self.client_ip,
                 "port": self.client_port,
@@ -219,10 +305,42 @@ class Envelope:
             "receiver": self.receiver,
             "received_at": self.received_at,
             "size": self.message.size if self.message is not None else None,
+            **self._dsn_json(),
         }
+
+    def _dsn_json(self) -> dict[str, Any]:
+        """``"dsn"`` when the sender asked for RET or ENVID (RFC 3461)."""
+        if "RET" not in self.mail_params and "ENVID" not in self.mail_params:
+            return {}
+        return {"dsn": {"ret": self.dsn_ret, "envid": self.dsn_envid}}
 
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
+_TLS_REQUIRED_NO = re.compile(rb"(?im)^tls-required[ \t]*:[ \t]*no[ \t]*\r?$")
+
+
+def _typed(parse: Callable[[str], T], value: str | None) -> T | None:
+    """``parse(value)``, or None when the parameter is absent (or, set by hand, invalid)."""
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except DsnError:
+        return None
+
+
+def _recipient_json(
+    address: str, params: dict[str, str | None], dsn: RecipientDsn
+) -> dict[str, Any]:
+    """A recipient in the JSON record; ``"dsn"`` when it carried NOTIFY or ORCPT."""
+    record: dict[str, Any] = {"address": address, "params": params}
+    if dsn.notify is not None or dsn.orcpt is not None:
+        orcpt: OriginalRecipient | None = dsn.orcpt
+        record["dsn"] = {
+            "notify": sorted(dsn.notify) if dsn.notify is not None else None,
+            "orcpt": {"type": orcpt.addr_type, "address": orcpt.address} if orcpt else None,
+        }
+    return record
 
 
 def _header_safe(text: str) -> str:

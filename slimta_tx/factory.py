@@ -44,11 +44,15 @@ class SmtpEdge(ServerFactory):
         there and its reply goes to the client.
     :param policy: limits and relay rules (:class:`~slimta_tx.policy.Policy`).
     :param reactor: the reactor (and clock) to use; the global reactor when None.
+    :param lmtp: speak LMTP (RFC 2033: LHLO, one reply per recipient) instead of ESMTP; see
+        :mod:`slimta_tx.lmtp`, which also serves LMTP beside SMTP listeners of one edge.
     """
 
     log = Logger()
 
-    def __init__(self, bus: IBus, policy: Policy | None = None, reactor: Any = None) -> None:
+    def __init__(
+        self, bus: IBus, policy: Policy | None = None, reactor: Any = None, lmtp: bool = False
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -56,6 +60,7 @@ class SmtpEdge(ServerFactory):
         if not IBus.providedBy(bus) and not callable(getattr(bus, "send", None)):
             raise TypeError(f"{bus!r} is not a bus: it needs a send(envelope) method")
         self.bus = bus
+        self.lmtp = lmtp
         self.policy = policy if policy is not None else Policy()
         self.reactor: IReactorTime = reactor
         self.validators = Validators()
@@ -206,6 +211,12 @@ class SmtpEdge(ServerFactory):
         return self.build_session_protocol()
 
     def build_session_protocol(self) -> ESMTPServerProtocol:
+        if self.lmtp:
+            from slimta_tx.lmtp import LMTPServerProtocol
+
+            proto: ESMTPServerProtocol = LMTPServerProtocol(self)
+            proto.factory = self
+            return proto
         proto = ESMTPServerProtocol(self)
         proto.factory = self
         return proto
@@ -215,7 +226,7 @@ class SmtpEdge(ServerFactory):
         return Reply(self.banner_code, message)
 
     def ehlo_keywords(self, session: Session) -> list[str]:
-        keywords = ehlo_keywords(self.policy)
+        keywords = ehlo_keywords(self.policy, session)
         for extension in self.ehlo_extensions:
             keywords += extension(session)
         return keywords

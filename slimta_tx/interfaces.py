@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import Interface
 
@@ -10,7 +10,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.defer import Deferred
 
     from slimta_tx.envelope import Envelope
-    from slimta_tx.reply import Reply
 
 __all__ = ["IBus"]
 
@@ -24,7 +23,13 @@ class IBus(Interface):  # type: ignore[misc]
 
     The bus must finish reading ``envelope.message`` before its Deferred fires: the edge
     discards the spooled body then.
+
+    The result is one :class:`~slimta_tx.reply.Reply` for every recipient, or a sequence of
+    replies, one per recipient in ``envelope.recipients`` order (see
+    :mod:`slimta_tx.results`): an LMTP client hears each, an SMTP client one summary.
     """
 
-    def send(envelope: Envelope) -> Deferred[Reply]:  # type: ignore[misc]
-        """Store or forward ``envelope``; fire with the reply for the client."""
+    def send(envelope: Envelope) -> Deferred[Any]:  # type: ignore[misc]
+        """Store or forward ``envelope``; fire with the reply (or replies) for the client:
+        a ``Reply`` or a sequence of them (``slimta_tx.results.BusResult``; typed ``Any`` here
+        so that a bus declaring ``Deferred[Reply]`` or ``Deferred[list[Reply]]`` fits)."""

@@ -70,6 +70,10 @@ class LineReader:
         self._buf, self._pos = b"", 0
         return rest
 
+    def peek(self, size: int = 64) -> bytes:
+        """Up to ``size`` buffered bytes not yet returned (left in the buffer)."""
+        return self._buf[self._pos : self._pos + size]
+
     def clear(self) -> None:
         """Forget everything buffered (STARTTLS: plaintext sent after the command is dropped)."""
         self._buf, self._pos = b"", 0

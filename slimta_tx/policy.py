@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
-from slimta_tx.data import BareNewlinePolicy
+from slimta_tx.data import BareNewlinePolicy, NulPolicy
 
 __all__ = ["DEFAULT_TRUSTED_NETWORKS", "Network", "Policy", "parse_network"]
 
@@ -46,6 +46,14 @@ class Policy:
     :ivar trusted_proxies: peers whose PROXY protocol headers are believed, on listeners that
         expect one (:mod:`slimta_tx.proxy`); connections from anywhere else are closed.
     :ivar proxy_timeout: seconds a connection may take to send its PROXY header.
+    :ivar forbid_improper_pipelining: refuse (554 5.5.0) and disconnect an untrusted,
+        unauthenticated client that sends ahead where RFC 2920 says wait
+        (:mod:`slimta_tx.pipelining`).
+    :ivar dsn: offer DSN (RFC 3461): ``RET``, ``ENVID``, ``NOTIFY``, ``ORCPT`` are recorded.
+    :ivar requiretls: offer REQUIRETLS (RFC 8689) on TLS sessions.
+    :ivar binarymime: offer BINARYMIME (RFC 3030; with CHUNKING only).
+    :ivar nul: NUL octets in a text body: ``"reject"`` (550 5.6.0 after the end of data),
+        ``"strip"`` or ``"accept"``.
     """
 
     hostname: str = "localhost"
@@ -66,6 +74,12 @@ class Policy:
     shutdown_grace: float = 30.0
     trusted_proxies: tuple[Network, ...] = DEFAULT_TRUSTED_NETWORKS
     proxy_timeout: float = 10.0
+    # ESMTP features of issue 17 (slimta_tx/pipelining.py, ...).
+    forbid_improper_pipelining: bool = True
+    dsn: bool = True
+    requiretls: bool = True
+    binarymime: bool = True
+    nul: NulPolicy = NulPolicy.REJECT
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +97,7 @@ class Policy:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be more than 0 seconds")
         object.__setattr__(self, "bare_newline", BareNewlinePolicy(self.bare_newline))
+        object.__setattr__(self, "nul", NulPolicy(self.nul))
         object.__setattr__(
             self,
             "trusted_networks",

@@ -9,6 +9,7 @@ together, in one ``write``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -18,11 +19,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from slimta_tx import chunking, commands, fastwrite, proxy, starttls
+from slimta_tx import chunking, commands, fastwrite, pipelining, proxy, starttls
 from slimta_tx.data import DataDecoder, DataResult
-from slimta_tx.envelope import Session
+from slimta_tx.envelope import Envelope, Session
 from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
 from slimta_tx.reply import Reply
+from slimta_tx.results import smtp_reply
 from slimta_tx.spool import Spool
 from slimta_tx.state import COMMANDS, UNIMPLEMENTED, State, after, check
 
@@ -49,10 +51,12 @@ _DATA_REFUSALS = {
     DataResult.BARE_NEWLINE: Reply(
         "550", "Message contains bare CR or LF; lines must end with CRLF", "5.5.2"
     ),
+    DataResult.NUL: Reply("550", "Message contains NUL characters", "5.6.0"),
 }
 # Replies that count as the client's errors (see refuse()).
 _REFUSAL_CODES = frozenset({"500", "501", "502", "503", "504", "555"})
 _DATA_OK = DataResult.OK
+_MUST_BE_LAST = pipelining.CHECKED_WHEN_READ
 TEMPFAIL = Reply("451", "Temporary local problem, try again later", "4.3.0")
 
 LineHandler = Callable[[bytes], None]
@@ -63,6 +67,8 @@ class ESMTPServerProtocol(Protocol):
     """One SMTP session. Built by :class:`slimta_tx.factory.SmtpEdge`."""
 
     log = Logger()
+    #: The core commands (LMTP's subclass has LHLO instead of EHLO and HELO).
+    handlers = commands.HANDLERS
 
     def __init__(self, edge: SmtpEdge) -> None:
         self.edge = edge
@@ -417,10 +423,12 @@ class ESMTPServerProtocol(Protocol):
             # Only MAIL and RCPT get the extension allowances (AUTH has its own limit).
             self.refuse(Reply("500", "Line too long", "5.5.6"))
             return
-        handler = self.edge.extra_commands.get(verb) or commands.HANDLERS.get(verb)
+        handler = self.edge.extra_commands.get(verb) or self.handlers.get(verb)
         if handler is None:
             self._unknown(verb, text)
             return
+        if verb in _MUST_BE_LAST and pipelining.improper(self, verb, argument):
+            return  # sent ahead of a reply it had to wait for (RFC 2920 3.1): 554, closing
         spec = COMMANDS.get(verb)
         if spec is None or self.state not in spec.allowed:  # (check() is a call more)
             refusal = check(self.state, verb)
@@ -468,6 +476,7 @@ class ESMTPServerProtocol(Protocol):
             max_line_length=self.policy.max_line_length,
             bare_newline=self.policy.bare_newline,
             unstuff=unstuff,
+            nul=self.policy.nul,
         )
         self.restart_timer(self.policy.data_timeout)
 
@@ -502,18 +511,25 @@ class ESMTPServerProtocol(Protocol):
             # Nothing could change the proposed 250: straight to the bus, whose Deferred gets
             # one pair of callbacks (which also check its reply).
             sent = maybeDeferred(self.edge.bus.send, envelope)
-            self.run_step(sent, self._complete_transaction, _check_bus_reply)
+            self.run_step(sent, self._complete_transaction, partial(self.client_reply, envelope))
             return
         queued = Reply("250", f"Message queued as {envelope.queue_id}", "2.6.0")
 
         def deliver(reply: Reply) -> Deferred[Reply] | Reply:
             if not reply.code.startswith("2"):
                 return reply
-            return maybeDeferred(self.edge.bus.send, envelope).addCallback(_check_bus_reply)
+            sent = maybeDeferred(self.edge.bus.send, envelope)
+            return sent.addCallback(lambda result: self.client_reply(envelope, result))
 
         hooked = self.call_hook("HAVE_DATA", queued, envelope)
         d: Any = hooked.addCallback(deliver) if isinstance(hooked, Deferred) else deliver(hooked)
         self.run_step(d, self._complete_transaction)
+
+    def client_reply(self, envelope: Envelope, result: object) -> Reply:
+        """The bus's result (one Reply, or one per recipient) as the reply to send: one
+        summary for SMTP (:func:`slimta_tx.results.smtp_reply`); raises TypeError for
+        anything else (the client then gets 451 4.3.0)."""
+        return smtp_reply(result, envelope)
 
     def _complete_transaction(self, reply: Reply) -> None:
         envelope = self.session.envelope
@@ -545,9 +561,3 @@ class ESMTPServerProtocol(Protocol):
             self._discard_spool()
         self.send(Reply("421", f"{self.policy.hostname} Service shutting down", "4.3.2"))
         self.flush()
-
-
-def _check_bus_reply(reply: object) -> Reply:
-    if not isinstance(reply, Reply):
-        raise TypeError(f"the bus returned {reply!r}, not a Reply")
-    return reply

@@ -46,6 +46,7 @@ _NEED_HELO = "Send EHLO or HELO first"
 COMMANDS: dict[str, CommandSpec] = {
     "EHLO": CommandSpec(_ANY),
     "HELO": CommandSpec(_ANY),
+    "LHLO": CommandSpec(_ANY),  # LMTP's greeting (RFC 2033)
     "MAIL": CommandSpec(
         frozenset({State.READY}),
         (
@@ -137,7 +138,7 @@ def after(state: State, verb: str, reply: Reply) -> State:
     """The state that follows ``verb``'s ``reply`` (sent in ``state``)."""
     first = reply.code[:1]
     ok = first == "2" or first == "3"
-    if verb == "EHLO" or verb == "HELO":
+    if verb == "EHLO" or verb == "HELO" or verb == "LHLO":
         # A refused greeting leaves the state as it was (RFC 5321 4.1.4).
         return _READY if ok else state
     if verb == "RSET":

@@ -10,11 +10,11 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from slimta_tx.cli import auth, buses, core, policies, proxy, tls, workers
+from slimta_tx.cli import auth, buses, core, esmtp, lmtp, policies, proxy, tls, workers
 
 __all__ = ["Options", "makeService"]
 
-GROUPS = (core, tls, auth, policies, buses, proxy, workers)
+GROUPS = (core, tls, auth, policies, buses, esmtp, lmtp, proxy, workers)
 
 
 class Options(
@@ -23,6 +23,8 @@ class Options(
     auth.OptionGroup,
     policies.OptionGroup,
     buses.OptionGroup,
+    esmtp.OptionGroup,
+    lmtp.OptionGroup,
     proxy.OptionGroup,
     workers.OptionGroup,
     usage.Options,

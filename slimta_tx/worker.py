@@ -128,8 +128,8 @@ def main() -> int:
         log.critical("worker {worker}: bad options: {error}", worker=slot, error=e)
         return EXIT_CONFIG
     config["workers"] = 1
-    config["listen"] = list(spec.get("listen", []))
-    config["tls-listen"] = list(spec.get("tls_listen", []))
+    for option, descriptions in spec.get("listeners", {}).items():
+        config[option] = list(descriptions)
     try:
         service: Any = makeService(config, reactor)
         service.privilegedStartService()

@@ -2,10 +2,10 @@
 
 How it works (docs/deployment.md says why it is done this way):
 
-- The parent binds each ``--listen`` and ``--tls-listen`` endpoint itself, before twistd drops
-  privileges (``--uid``/``--gid``, ports below 1024) and with the fail-fast rules of a single
-  process: a port that cannot be bound stops start-up. It never accepts a connection: its
-  ports are bound, listening and not read.
+- The parent binds each ``--listen``, ``--tls-listen`` and ``--lmtp-listen`` endpoint itself,
+  before twistd drops privileges (``--uid``/``--gid``, ports below 1024) and with the
+  fail-fast rules of a single process: a port that cannot be bound stops start-up. It never
+  accepts a connection: its ports are bound, listening and not read.
 - Each worker is a fresh Python process (``spawnProcess``, not ``fork``: the parent runs
   threads and a reactor) that inherits the listening sockets as descriptors 3, 4, ... exactly
   as systemd socket activation hands them over (``LISTEN_FDS``/``LISTEN_PID``/
@@ -50,6 +50,7 @@ from slimta_tx.service import SighupReload
 from slimta_tx.supervise import STOP_MARGIN, RestartLimits, WorkerPool
 
 __all__ = [
+    "LISTENER_OPTIONS",
     "LISTEN_BACKLOG",
     "SUPPORTED_LISTENERS",
     "WorkerPool",
@@ -57,6 +58,9 @@ __all__ = [
     "split_listener",
     "worker_description",
 ]
+
+#: The options whose listeners the parent binds and the workers share.
+LISTENER_OPTIONS = ("listen", "tls-listen", "lmtp-listen")
 
 #: The listen backlog of sockets the parent binds (``backlog=`` in a description wins). Large,
 #: so that a burst of connections waits in the kernel while every worker is busy instead of
@@ -113,7 +117,7 @@ class Bound:
     """A socket the parent bound for the workers."""
 
     description: str
-    tls: bool
+    option: str  # the option that named it: "listen", "tls-listen" or "lmtp-listen"
     port: IListeningPort
     worker_description: str
 
@@ -121,7 +125,7 @@ class Bound:
         return int(cast(Any, self.port).fileno())
 
 
-def bind(reactor: Any, description: str, tls: bool, index: int) -> Bound:
+def bind(reactor: Any, description: str, option: str, index: int) -> Bound:
     """Bind ``description`` now (raises CannotListenError as twistd's listeners do)."""
     from twisted.internet.endpoints import serverFromString
 
@@ -139,7 +143,7 @@ def bind(reactor: Any, description: str, tls: bool, index: int) -> Bound:
     domain = next((name for kind, name in _DOMAINS if isinstance(host, kind)), None)
     if domain is None:  # pragma: no cover - only the types above are accepted
         raise ValueError(f"--workers: {description!r} is not a stream socket")
-    return Bound(description, tls, port, worker_description(prefix, domain, index))
+    return Bound(description, option, port, worker_description(prefix, domain, index))
 
 
 # -- the worker processes ------------------------------------------------------------------------
@@ -214,7 +218,8 @@ class WorkersService(MultiService):
     """The parent of ``twistd slimta --workers N``.
 
     :param argv: the ``twistd slimta`` arguments; each worker parses them again.
-    :param listen: ``--listen`` descriptions; :param tls_listen: ``--tls-listen`` ones.
+    :param listeners: the descriptions to bind, by the option that named them (``listen``,
+        ``tls-listen``, ``lmtp-listen``); each worker gets its copies under the same options.
     :param grace: ``--shutdown-grace``: workers get this long plus :data:`STOP_MARGIN` to drain.
     """
 
@@ -225,8 +230,7 @@ class WorkersService(MultiService):
     def __init__(
         self,
         argv: Sequence[str],
-        listen: Sequence[str],
-        tls_listen: Sequence[str],
+        listeners: dict[str, Sequence[str]],
         count: int,
         reactor: Any,
         limits: RestartLimits | None = None,
@@ -236,7 +240,7 @@ class WorkersService(MultiService):
         super().__init__()
         self.argv = list(argv)
         self.log_to_stdout = log_to_stdout
-        self.listeners = [(d, False) for d in listen] + [(d, True) for d in tls_listen]
+        self.listeners = [(d, option) for option, ds in listeners.items() for d in ds]
         self.reactor = reactor
         self.bound: list[Bound] = []
         self.pool = WorkerPool(
@@ -253,8 +257,8 @@ class WorkersService(MultiService):
 
     def privilegedStartService(self) -> None:
         try:
-            for index, (description, tls) in enumerate(self.listeners):
-                self.bound.append(bind(self.reactor, description, tls, index))
+            for index, (description, option) in enumerate(self.listeners):
+                self.bound.append(bind(self.reactor, description, option, index))
         except CannotListenError as e:
             self._close_bound()
             if not self.exit_on_listen_error:
@@ -282,13 +286,13 @@ class WorkersService(MultiService):
         self.log.info("SIGHUP sent to {count} workers", count=sent)
 
     def spec(self, slot: int) -> bytes:
-        listen = [b.worker_description for b in self.bound if not b.tls]
-        tls_listen = [b.worker_description for b in self.bound if b.tls]
+        listeners: dict[str, list[str]] = {option: [] for _, option in self.listeners}
+        for bound in self.bound:
+            listeners[bound.option].append(bound.worker_description)
         record = {
             "slot": slot,
             "argv": self.argv,
-            "listen": listen,
-            "tls_listen": tls_listen,
+            "listeners": listeners,
             "reactor": reactor_module(self.reactor),
             "log": "stdout" if self.log_to_stdout else "parent",
         }
@@ -367,8 +371,7 @@ def make_service(config: Any, reactor: Any) -> WorkersService:
     )
     service = WorkersService(
         config["workers-argv"],
-        config["listen"],
-        config["tls-listen"],
+        {option: config.get(option, []) for option in LISTENER_OPTIONS},
         config["workers"],
         reactor,
         limits=config["worker-restarts"],

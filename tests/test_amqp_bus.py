@@ -426,3 +426,44 @@ def test_fake_helpers_are_consistent() -> None:
     assert result(d).code == "250"
     down = AmqpBus(queue="q", reactor=clock, connect=lambda: fail(ConnectionRefusedError()))
     assert result(down.send(envelope())).code == "451"
+
+
+def test_per_recipient_publishes_one_message_each_and_answers_each() -> None:
+    """per_recipient=True: one message per recipient (its own envelope JSON, message_id
+    <queue id>.<n>, the routing key with its domain); each confirmed on its own."""
+    clock, broker = Clock(), Broker()
+    bus = AmqpBus(
+        exchange="mail",
+        routing_key="in.{domain}",
+        per_recipient=True,
+        reactor=clock,
+        connect=broker.connect,
+    )
+    bus.start()
+    channel = broker.accept()
+    env = envelope(rcpts=("a@Example.com", "b@other.test", "c@example.com"))
+    d = bus.send(env)
+    assert [p["routing_key"] for p in channel.published] == [
+        "in.example.com",
+        "in.other.test",
+        "in.example.com",
+    ]
+    assert [p["properties"].message_id for p in channel.published] == [
+        f"{env.queue_id}.1",
+        f"{env.queue_id}.2",
+        f"{env.queue_id}.3",
+    ]
+    records = [json.loads(p["properties"].headers["slimta-envelope"]) for p in channel.published]
+    assert [[r["address"] for r in rec["recipients"]] for rec in records] == [
+        ["a@Example.com"],
+        ["b@other.test"],
+        ["c@example.com"],
+    ]
+    assert {rec["queue_id"] for rec in records} == {env.queue_id}
+    channel.ret(2)
+    channel.ack(3, multiple=True)
+    out: list[Any] = []
+    d.addBoth(out.append)
+    [replies] = out
+    assert [r.code for r in replies] == ["250", "451", "250"]
+    assert "<b@other.test>: unroutable" in replies[1].message

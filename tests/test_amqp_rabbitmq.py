@@ -397,3 +397,50 @@ def test_twistd_amqp_with_a_maildir_copy(broker: Admin, tmp_path: Path) -> None:
     stored = list((copy / "new").iterdir())
     assert len(stored) == 1
     assert messages[0][0].message_id in stored[0].name
+
+
+@pytest_twisted.ensureDeferred
+async def test_per_recipient_routing_by_domain_through_an_lmtp_listener(broker: Admin) -> None:
+    """A topic exchange bound for example.com only; one message per recipient, routed by its
+    domain: over LMTP the client hears 250 for the routed recipient and 451 (unroutable) for
+    the other, and only the routed copy is in the queue."""
+    from tests.support.wire import WireClient
+
+    exchange = broker.name("x")
+    broker.channel.exchange_declare(exchange, exchange_type="topic", durable=False)
+    queue = broker.queue()
+    broker.channel.queue_bind(queue, exchange, routing_key="in.example.com")
+    bus = AmqpBus(
+        URL,
+        exchange=exchange,
+        routing_key="in.{domain}",
+        per_recipient=True,
+        reactor=reactor,
+        timeout=10,
+    )
+    policy = Policy(hostname="mx.test", accepted_domains=("example.com", "elsewhere.test"))
+    edge = SmtpEdge(bus, policy, reactor, lmtp=True)
+    port = (await edge.listen(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))).getHost()
+
+    def client() -> list[tuple[str, str]]:
+        with WireClient(port.port) as lmtp:
+            lmtp.reply()
+            lmtp.command("LHLO client.test")
+            lmtp.command("MAIL FROM:<a@sender.test>")
+            lmtp.command("RCPT TO:<u@example.com>")
+            lmtp.command("RCPT TO:<v@elsewhere.test>")
+            lmtp.command("DATA")
+            lmtp.send(b"Subject: per recipient\r\n\r\nhi\r\n.\r\n")
+            return [lmtp.reply(), lmtp.reply()]
+
+    try:
+        from twisted.internet.threads import deferToThread
+
+        first, second = await deferToThread(client)
+    finally:
+        await edge.close()
+        await bus.stop()
+    assert first[0] == "250"
+    assert second[0] == "451" and "<v@elsewhere.test>: unroutable" in second[1]
+    [(properties, _)] = broker.drain(queue)
+    assert properties.message_id.endswith(".1")

@@ -167,3 +167,78 @@ def test_client_sees_250_only_when_both_copies_are_safe(tmp_path: Path) -> None:
     ]
     assert driver.send(MESSAGE + b".\r\n")[0][0] == "250"
     assert len(list((tmp_path / "new").iterdir())) == 2  # at-least-once: two copies
+
+
+# -- per-recipient results ----------------------------------------------------------------------
+
+
+class ByLocalPart:
+    """Answers per recipient: 'busy' 450, 'nobody' 550, anyone else ``ok``."""
+
+    def __init__(self, ok: Reply | None = None) -> None:
+        self.ok = ok or Reply("250", "stored", "2.0.0")
+        self.seen: list[list[str]] = []
+
+    def send(self, env: Envelope) -> Deferred[list[Reply]]:
+        self.seen.append(list(env.recipients))
+        table = {"busy": Reply("450", "busy", "4.2.1"), "nobody": Reply("550", "unknown", "5.1.1")}
+        return succeed([table.get(r.split("@")[0], self.ok) for r in env.recipients])
+
+
+def many(*locals_: str) -> Envelope:
+    env = envelope()
+    env.recipients, env.rcpt_params = [], []
+    for local in locals_:
+        env.add_recipient(f"{local}@example.com", {})
+    return env
+
+
+def results(d: Deferred[Any]) -> list[str]:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out and isinstance(out[0], list), out
+    return [str(r) for r in out[0]]
+
+
+def test_chain_hands_the_next_member_only_the_recipients_still_accepted() -> None:
+    """A per-recipient member first: the next member gets only what it accepted, and the
+    chain answers per recipient."""
+    first, second = ByLocalPart(), RecordingBus(Reply("250", "relayed", "2.0.0"))
+    out = results(ChainBus([first, second]).send(many("a", "nobody", "b", "busy")))
+    assert out == ["250 2.0.0 relayed", "550 5.1.1 unknown", "250 2.0.0 relayed", "450 4.2.1 busy"]
+    assert [m.envelope.recipients for m in second.messages] == [["a@example.com", "b@example.com"]]
+    assert second.messages[0].envelope.queue_id  # same message, same queue id
+
+
+def test_chain_stops_when_no_recipient_is_left() -> None:
+    last = RecordingBus()
+    out = results(ChainBus([ByLocalPart(), last]).send(many("nobody", "busy")))
+    assert out == ["550 5.1.1 unknown", "450 4.2.1 busy"]
+    assert last.messages == []
+
+
+def test_tee_decides_recipient_by_recipient() -> None:
+    """Every member gets every recipient; each recipient's verdict is its first required
+    refusal, else the last required member's reply; an optional member changes nothing."""
+    failing_optional = optional(ByLocalPart(Reply("451", "archive down", "4.3.0")))
+    tee = TeeBus([RecordingBus(), failing_optional, ByLocalPart()])
+    assert results(tee.send(many("a", "nobody"))) == ["250 2.0.0 stored", "550 5.1.1 unknown"]
+
+
+def test_an_smtp_client_of_a_per_recipient_chain_hears_one_reply() -> None:
+    edge = SmtpEdge(
+        ChainBus([ByLocalPart()]),
+        Policy(hostname="mx.test", accepted_domains=("example.com",)),
+        reactor=Clock(),
+    )
+    d = Driver(edge=edge)
+    d.greet()
+    d.cmd("MAIL FROM:<s@sender.test>")
+    d.cmd("RCPT TO:<a@example.com>")
+    d.cmd("RCPT TO:<nobody@example.com>")
+    d.cmd("DATA")
+    [(code, text)] = d.send(b"hi\r\n.\r\n")
+    assert (code, text) == (
+        "550",
+        "5.1.1 <nobody@example.com>: unknown\n5.1.1 Accepted for 1 of 2 recipients",
+    )

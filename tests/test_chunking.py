@@ -84,7 +84,8 @@ def test_empty_last_chunk_ends_the_message() -> None:
 def test_bdat_out_of_sequence_still_consumes_its_octets(before: bytes, expected: str) -> None:
     """503 5.5.1, and the chunk (here: commands) is read and dropped, never executed."""
     d = Driver()
-    d.send(before)
+    for line in before.splitlines(keepends=True):
+        d.send(line)  # one at a time: a client waits for the reply to EHLO
     replies = d.send(bdat(b"QUIT\r\n") + b"NOOP\r\n")
     assert replies == [("503", f"5.5.1 {expected}"), ("250", "2.0.0 Ok")]
     assert not d.closed
@@ -183,3 +184,29 @@ def test_chunking_switched_off() -> None:
         ("502", "5.5.1 Command not implemented"),
         ("250", "2.0.0 Ok"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        (b"a" * 998 + b"\r\n", "250"),  # 1000 octets with CRLF: the longest line
+        (b"a" * 999 + b"\r\n", "500"),
+        (b"." + b"a" * 997 + b"\r\n", "250"),  # no stuffing in BDAT: the dot is content
+        (b"." + b"a" * 998 + b"\r\n", "500"),
+        (b"a" * 998, "250"),  # a last line without CRLF counts the CRLF a next hop adds
+        (b"a" * 999, "500"),
+    ],
+)
+def test_line_limit_in_bdat_is_on_the_line_as_sent(line: bytes, code: str) -> None:
+    """BDAT content is stored as sent, so the 1000-octet limit (RFC 5321 4.5.3.1.6, CRLF
+    included) is on the line as sent; cut anywhere across chunks it is the same verdict."""
+    body = b"Subject: x\r\n\r\n" + line
+    for cut in (0, 1, len(body) // 2, len(body) - 2, len(body) - 1):
+        d = ready()
+        first, second = body[:cut], body[cut:]
+        replies = d.send((bdat(first) if first else b"") + bdat(second, last=True))
+        assert replies[-1][0] == code, (cut, replies)
+        if code == "500":
+            assert replies[-1] == ("500", "5.5.6 Line too long in message")
+        else:
+            assert d.bus.messages[0].data == body

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from slimta_tx.data import BareNewlinePolicy, DataDecoder, DataResult
+from slimta_tx.data import BareNewlinePolicy, DataDecoder, DataResult, NulPolicy
 
 END = b"\r\n.\r\n"
 
@@ -196,10 +196,35 @@ def test_line_of_999_octets_plus_crlf_refused(chunking: str) -> None:
     assert fed.rest == b"NOOP\r\n"
 
 
-def test_stuffed_dot_counts_towards_the_line_length() -> None:
-    """The limit applies to the line as sent, leading dot included."""
-    assert Fed([b"." + b"a" * 997 + b"\r\n" + END[2:]]).result is DataResult.OK
-    assert Fed([b"." + b"a" * 998 + b"\r\n" + END[2:]]).result is DataResult.LINE_TOO_LONG
+def split_everywhere(data: bytes) -> list[list[bytes]]:
+    """The data whole, byte by byte, and cut in two at every point."""
+    return [[data], bytewise(data), *([data[:cut], data[cut:]] for cut in range(1, len(data)))]
+
+
+def test_stuffed_dot_does_not_count_towards_the_line_length() -> None:
+    """RFC 5321 4.5.3.1.6: 1000 octets "not counting the leading dot duplicated for
+    transparency". A 998-octet line that starts with a dot is 999 octets plus CRLF on the wire
+    and is accepted, however the stream is cut; 999 octets after unstuffing are refused."""
+    fits = b"." + b"a" * 997
+    for chunks in split_everywhere(b"." + fits + b"\r\n" + END[2:] + b"NOOP\r\n"):
+        fed = Fed(chunks)
+        assert (fed.result, fed.output, fed.rest) == (DataResult.OK, fits + b"\r\n", b"NOOP\r\n")
+    for chunks in split_everywhere(b"." + fits + b"a\r\n" + END[2:] + b"NOOP\r\n"):
+        fed = Fed(chunks)
+        assert (fed.result, fed.rest) == (DataResult.LINE_TOO_LONG, b"NOOP\r\n")
+
+
+def test_only_the_stuffed_dot_is_free() -> None:
+    """Two leading dots on the wire are one stored dot: the second one counts."""
+    assert Fed([b".." + b"a" * 997 + b"\r\n" + END[2:]]).result is DataResult.OK
+    assert Fed([b".." + b"a" * 998 + b"\r\n" + END[2:]]).result is DataResult.LINE_TOO_LONG
+
+
+def test_a_normalized_bare_lf_counts_as_the_crlf_it_becomes() -> None:
+    """Under ``normalize`` the stored line ends with CRLF, and that is what is measured."""
+    options = {"bare_newline": "normalize"}
+    assert Fed([b"a" * 998 + b"\n" + END[2:]], **options).result is DataResult.OK
+    assert Fed([b"a" * 999 + b"\n" + END[2:]], **options).result is DataResult.LINE_TOO_LONG
 
 
 def test_custom_line_limit_and_no_limit() -> None:
@@ -328,7 +353,9 @@ def reference(
         result = DataResult.TOO_BIG
     elif has_bare:
         result = DataResult.BARE_NEWLINE
-    elif max_line_length and re.search(b"[^\\n]{%d}" % max_line_length, body):
+    elif max_line_length and re.search(b"[^\\n]{%d}" % max_line_length, output):
+        # Lines as stored (unstuffed, normalized), CRLF included: a run of max_line_length
+        # octets without LF is a line of max_line_length + 1 octets or more.
         result = DataResult.LINE_TOO_LONG
     else:
         result = DataResult.OK
@@ -375,3 +402,43 @@ def test_random_bytes_never_end_early(prefix: bytes, suffix: bytes) -> None:
     expected_end = (b"\r\n" + data).find(END)
     assert fed.done
     assert fed.rest == (b"\r\n" + data)[expected_end + 5 :]
+
+
+# -- NUL octets and BINARYMIME ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunking", ["whole", "bytewise"])
+def test_nul_policies(chunking: str) -> None:
+    """accept: stored as sent; reject: drained to the real end, then refused; strip: removed
+    from what is stored (and from the size)."""
+    data = b"a\0b\r\n\0\r\n.\0\r\n" + END[2:] + b"NOOP\r\n"
+    chunks = [data] if chunking == "whole" else bytewise(data)
+    accepted = Fed(chunks, nul=NulPolicy.ACCEPT)
+    assert (accepted.result, accepted.output) == (DataResult.OK, b"a\0b\r\n\0\r\n\0\r\n")
+    refused = Fed(chunks, nul="reject")
+    assert (refused.result, refused.rest, refused.output) == (DataResult.NUL, b"NOOP\r\n", b"")
+    stripped = Fed(chunks, nul="strip")
+    assert (stripped.result, stripped.output) == (DataResult.OK, b"ab\r\n\r\n\r\n")
+    assert stripped.decoder.size == len(stripped.output)
+
+
+def test_stripping_nul_never_makes_an_end_of_data() -> None:
+    """CRLF NUL . CRLF is content; stripped it is a stored line "." (stuffed again by any
+    relay), and the real end is still the only end."""
+    fed = Fed([b"a\r\n\0.\r\nb\r\n.\r\nQUIT\r\n"], nul="strip")
+    assert (fed.output, fed.rest) == (b"a\r\n.\r\nb\r\n", b"QUIT\r\n")
+
+
+def test_binary_content_is_octets_not_lines() -> None:
+    """BINARYMIME (RFC 3030): NUL, bare CR and LF, lines of any length, stored exactly;
+    only the size limit applies."""
+    writes: list[bytes] = []
+    content = bytes(range(256)) * 40 + b"\n" + b"x" * 5000 + b"\r"
+    decoder = DataDecoder(writes.append, unstuff=False, binary=True, nul="reject", max_size=0)
+    for i in range(0, len(content), 333):
+        decoder.feed_chunk(content[i : i + 333])
+    decoder.finish()
+    assert (decoder.result, b"".join(writes)) == (DataResult.OK, content)
+    small = DataDecoder(writes.append, unstuff=False, binary=True, max_size=100)
+    small.feed_chunk(b"\0" * 101)
+    assert small.result is DataResult.TOO_BIG

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimta_tx import data as data_module
-from slimta_tx.data import BareNewlinePolicy, DataDecoder
+from slimta_tx.data import BareNewlinePolicy, DataDecoder, NulPolicy
 from tests.support.decoding import Outcome, decode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,9 @@ def assert_same(chunks: list[bytes], bdat: bool = False, **options: object) -> O
 
 # An alphabet where every dangerous sequence is likely: CR, LF, dots, and a little text.
 hostile = st.lists(
-    st.sampled_from([b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"a", b"xyz", b".."]),
+    st.sampled_from(
+        [b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"a", b"xyz", b"..", b"\0"]
+    ),
     max_size=60,
 ).map(b"".join)
 options = st.fixed_dictionaries(
@@ -49,6 +51,7 @@ options = st.fixed_dictionaries(
         "bare_newline": st.sampled_from([BareNewlinePolicy.REJECT, BareNewlinePolicy.NORMALIZE]),
         "max_line_length": st.sampled_from([0, 3, 4, 5, 8, 1000]),
         "max_size": st.sampled_from([0, 1, 7, 40, 10_000]),
+        "nul": st.sampled_from(list(NulPolicy)),
     }
 )
 
@@ -76,7 +79,7 @@ def test_bdat_decodes_alike(data: bytes, cuts: list[int], opts: dict[str, object
 def test_random_stress_alike() -> None:
     """20,000 seeded random messages over the hostile alphabet, chunked at random."""
     rng = random.Random(20261124)
-    pieces = [b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"a", b"x" * 7, b".."]
+    pieces = [b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"a", b"x" * 7, b"..", b"\0"]
     for _ in range(20_000):
         body = b"".join(rng.choice(pieces) for _ in range(rng.randrange(80)))
         cuts = [rng.randrange(len(body) + 1) for _ in range(rng.randrange(5))]
@@ -84,6 +87,7 @@ def test_random_stress_alike() -> None:
             "bare_newline": rng.choice(list(BareNewlinePolicy)),
             "max_line_length": rng.choice([0, 3, 5, 9, 1000]),
             "max_size": rng.choice([0, 5, 30, 1000]),
+            "nul": rng.choice(list(NulPolicy)),
         }
         assert_same(split(body, cuts), bdat=rng.random() < 0.3, **opts)
 
@@ -112,6 +116,79 @@ def test_line_length_boundary_alike(length: int, chunk: int) -> None:
     chunks = [wire[i : i + chunk] for i in range(0, len(wire), chunk)]
     outcome = assert_same(chunks, max_line_length=1000)
     assert outcome.result == ("ok" if length <= 998 else "line-too-long")
+
+
+def stored_line_too_long(lines: list[bytes], limit: int, bdat: bool) -> bool:
+    """The rule, written plainly: a line as stored (unstuffed for DATA), CRLF included, over
+    ``limit``; in BDAT a last line without CRLF counts the CRLF a next hop adds."""
+    for line in lines:
+        stored = line[1:] if not bdat and line.startswith(b".") else line
+        if len(stored if stored.endswith(b"\r\n") else stored + b"\r\n") > limit:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("bdat", [False, True], ids=["DATA", "BDAT"])
+@pytest.mark.parametrize("dots", [0, 1, 2])
+@pytest.mark.parametrize("stored", [997, 998, 999, 1000])
+def test_line_limit_border_with_dots_alike(bdat: bool, dots: int, stored: int) -> None:
+    """A line of ``stored`` octets plus CRLF as stored, starting with ``dots`` dots (DATA:
+    stuffed, one more on the wire), cut in two at every point near its ends: both decoders
+    agree, and exactly the lines over 1000 octets with CRLF are refused."""
+    content = b"." * dots + b"b" * (stored - dots)
+    line = (b"." + content if dots and not bdat else content) + b"\r\n"
+    wire = b"a\r\n" + line + (b"c\r\n" if bdat else b"c\r\n.\r\nNOOP\r\n")
+    edges = [*range(0, 8), *range(len(line) - 6, len(line) + 8)]
+    for cut in edges:
+        outcome = assert_same([wire[:cut], wire[cut:]], bdat=bdat, max_line_length=1000)
+        assert outcome.result == ("ok" if stored <= 998 else "line-too-long"), cut
+        if not bdat:
+            assert outcome.rest == b"NOOP\r\n"
+        if stored <= 998:
+            assert outcome.stored == b"a\r\n" + content + b"\r\nc\r\n"
+
+
+@pytest.mark.parametrize("length", [997, 998, 999, 1000])
+def test_bdat_last_line_without_crlf_alike(length: int) -> None:
+    """BDAT: a last line without CRLF is measured with the CRLF a next hop will add."""
+    wire = b"a\r\n" + b"b" * length
+    for chunk in (1, 7, 999, 1000, 65536):
+        chunks = [wire[i : i + chunk] for i in range(0, len(wire), chunk)]
+        outcome = assert_same(chunks, bdat=True, max_line_length=1000)
+        assert outcome.result == ("ok" if length <= 998 else "line-too-long")
+
+
+# Lines close to a small limit, some with leading dots, some without CRLF at the very end.
+border_line = st.tuples(
+    st.integers(min_value=0, max_value=3), st.integers(min_value=-3, max_value=2)
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.lists(border_line, min_size=1, max_size=6),
+    st.sampled_from([6, 9, 1000]),
+    st.booleans(),
+    st.booleans(),
+    st.lists(st.integers(min_value=0, max_value=6000), max_size=6),
+)
+def test_lines_at_the_limit_alike(
+    shapes: list[tuple[int, int]], limit: int, bdat: bool, open_end: bool, cuts: list[int]
+) -> None:
+    """Lines of limit-3 .. limit+2 stored octets (CRLF included) with 0-3 leading dots, cut
+    anyhow: both decoders agree with each other and with the rule written plainly."""
+    lines = []
+    for dots, delta in shapes:
+        stored = max(limit + delta - 2, dots)  # octets before the CRLF, as stored
+        content = b"." * dots + b"x" * (stored - dots)
+        lines.append((b"." + content if dots and not bdat else content) + b"\r\n")
+    if bdat and open_end:
+        lines[-1] = lines[-1][:-2]
+    body = b"".join(lines)
+    wire = body if bdat else body + b".\r\n"
+    outcome = assert_same(split(wire, cuts), bdat=bdat, max_line_length=limit)
+    too_long = stored_line_too_long(lines, limit, bdat)
+    assert outcome.result == ("line-too-long" if too_long else "ok")
 
 
 # -- the C function itself -------------------------------------------------------------------
@@ -152,6 +229,11 @@ def test_scan_reports_long_lines() -> None:
         True,
     )
     assert scan(b"\r\n" + b"a" * 8 + b"\r\n", 2, True, True, 10)[3] is False  # type: ignore[index]
+    # A stuffed dot is not part of the stored line (RFC 5321 4.5.3.1.6)...
+    assert scan(b"\r\n." + b"a" * 8 + b"\r\n", 2, True, True, 10)[3] is False  # type: ignore[index]
+    assert scan(b"\r\n." + b"a" * 9 + b"\r\n", 2, True, True, 10)[3] is True  # type: ignore[index]
+    # ... but without unstuffing (BDAT) the dot is content.
+    assert scan(b"\r\n." + b"a" * 8 + b"\r\n", 2, False, False, 10)[3] is True  # type: ignore[index]
 
 
 @pytest.mark.parametrize(

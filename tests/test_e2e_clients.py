@@ -164,6 +164,29 @@ async def test_pipelined_groups_are_answered_in_order(server: Server) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_998_octet_line_starting_with_a_dot_is_accepted(server: Server) -> None:
+    """smtplib stuffs a 998-octet line that starts with a dot to 999 octets on the wire: the
+    line is 1000 octets with its CRLF once unstuffed (RFC 5321 4.5.3.1.6), so it is stored;
+    a line of 999 octets after unstuffing is refused with 500 5.5.6."""
+    fits = message("dot", b"." + b"d" * 997 + b"\r\n")
+    over = message("over", b"." + b"d" * 998 + b"\r\n")
+
+    def client() -> tuple[dict[str, Any], tuple[int, bytes]]:
+        with smtplib.SMTP("127.0.0.1", server.port) as smtp:
+            accepted = smtp.sendmail("a@example.com", ["b@example.com"], fits)
+            try:
+                smtp.sendmail("a@example.com", ["b@example.com"], over)
+            except smtplib.SMTPDataError as e:
+                return accepted, (e.smtp_code, e.smtp_error)
+            return accepted, (250, b"")
+
+    accepted, refused = await in_thread(client)
+    assert accepted == {}
+    assert refused == (500, b"5.5.6 Line too long in message")
+    assert [s.body for s in stored_messages(server.maildir)] == [fits]
+
+
+@pytest_twisted.ensureDeferred
 async def test_twisted_esmtp_client_delivers(server: Server) -> None:
     """Twisted's own ESMTP client (no TLS, no AUTH required) delivers a message."""
     body = message("from twisted", b"a line\r\n.a dotted line\r\n")

@@ -63,8 +63,9 @@ class EdgeSession:
             b"MAIL FROM:<a@example.com> BODY=8BITMIME\r\n"
             b"RCPT TO:<b@example.com>\r\n"
             b"RCPT TO:<c@example.com>\r\n"
-            b"DATA\r\n" + stuffed + b".\r\n"
+            b"DATA\r\n"
         )
+        replies += self.exchange(stuffed + b".\r\n")  # after the 354 (RFC 2920 3.1)
         assert [code for code, _ in replies[:4]] == ["250", "250", "250", "354"], replies
         [final] = replies[4:]
         return final

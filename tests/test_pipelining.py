@@ -37,13 +37,13 @@ def test_pending_bus_pauses_input_and_keeps_order() -> None:
     d = Driver(bus=bus)
     d.greet()
     d.send(GROUP)
-    assert d.send(b"body\r\n.\r\nRSET\r\nNOOP\r\nQUIT\r\n") == []
+    assert d.send(b"body\r\n.\r\nRSET\r\nMAIL FROM:<c@d.test>\r\nQUIT\r\n") == []
     assert d.transport.producerState == "paused"
     bus.pending[0][2].callback(Reply("250", "stored", "2.6.0"))
     assert d.read() == [
         ("250", "2.6.0 stored"),
         ("250", "2.0.0 Ok"),
-        ("250", "2.0.0 Ok"),
+        ("250", "2.1.0 Sender <c@d.test> ok"),
         ("221", "2.0.0 mx.test Bye"),
     ]
     assert d.closed

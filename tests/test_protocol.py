@@ -27,7 +27,8 @@ def test_custom_banner() -> None:
 
 
 def test_ehlo_advertises_extensions_without_enhanced_codes() -> None:
-    """EHLO lists PIPELINING, SIZE n, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, CHUNKING."""
+    """EHLO lists PIPELINING, SIZE n, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, CHUNKING,
+    BINARYMIME, DSN."""
     d = Driver()
     code, text = d.cmd("EHLO client.test")
     lines = text.split("\n")
@@ -40,6 +41,8 @@ def test_ehlo_advertises_extensions_without_enhanced_codes() -> None:
         "ENHANCEDSTATUSCODES",
         "SMTPUTF8",
         "CHUNKING",
+        "BINARYMIME",
+        "DSN",
     ]
 
 
@@ -166,8 +169,8 @@ def test_lowercase_commands_work() -> None:
         ("MAIL FROM:<a@b.test> FOO=bar", ("555", "5.5.4 Unsupported MAIL parameter FOO")),
         ("MAIL FROM:<a@b.test> SIZE=abc", ("501", "5.5.4 Syntax: SIZE=<number>")),
         (
-            "MAIL FROM:<a@b.test> BODY=BINARYMIME",
-            ("501", "5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME"),
+            "MAIL FROM:<a@b.test> BODY=BINARY",
+            ("501", "5.5.4 Syntax: BODY=7BIT, 8BITMIME or BINARYMIME"),
         ),
         ("MAIL FROM:<a@b.test> SMTPUTF8=yes", ("501", "5.5.4 SMTPUTF8 takes no value")),
         ("MAIL FROM:a@b.test", ("501", "5.5.4 Syntax: FROM:<address> [parameters]")),
@@ -205,8 +208,15 @@ def test_mail_parameters_are_recorded() -> None:
 
 
 def test_rcpt_parameters_are_refused() -> None:
-    """DSN is not offered, so NOTIFY= and ORCPT= get 555 5.5.4."""
+    """RCPT parameters other than DSN's get 555 5.5.4; with DSN turned off, those too."""
     d = Driver()
+    d.greet()
+    d.cmd("MAIL FROM:<a@b.test>")
+    assert d.cmd("RCPT TO:<u@example.com> XFOO=1") == (
+        "555",
+        "5.5.4 Unsupported RCPT parameter XFOO",
+    )
+    d = Driver(policy=Policy(hostname="mx.test", accepted_domains=("example.com",), dsn=False))
     d.greet()
     d.cmd("MAIL FROM:<a@b.test>")
     assert d.cmd("RCPT TO:<u@example.com> NOTIFY=NEVER") == (

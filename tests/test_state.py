@@ -14,6 +14,7 @@ OPEN = {State.CONNECTED, State.READY, State.MAIL, State.RCPT, State.CHUNKING}
 ALLOWED: dict[str, set[State]] = {
     "EHLO": OPEN,
     "HELO": OPEN,
+    "LHLO": OPEN,  # LMTP's greeting (RFC 2033)
     "RSET": OPEN,
     "NOOP": OPEN,
     "QUIT": OPEN,
@@ -108,14 +109,14 @@ def test_unimplemented_commands_are_known_but_not_in_the_table() -> None:
 # -- after ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("verb", ["EHLO", "HELO"])
+@pytest.mark.parametrize("verb", ["EHLO", "HELO", "LHLO"])
 @pytest.mark.parametrize("state", sorted(OPEN), ids=lambda s: s.value)
 def test_greeting_success_resets_to_ready(verb: str, state: State) -> None:
     """A successful EHLO/HELO greets the client and abandons any open transaction."""
     assert after(state, verb, OK) is State.READY
 
 
-@pytest.mark.parametrize("verb", ["EHLO", "HELO"])
+@pytest.mark.parametrize("verb", ["EHLO", "HELO", "LHLO"])
 @pytest.mark.parametrize("reply", [FAIL, TEMP], ids=["5xx", "4xx"])
 @pytest.mark.parametrize("state", sorted(OPEN), ids=lambda s: s.value)
 def test_greeting_refused_keeps_the_state(verb: str, reply: Reply, state: State) -> None:
@@ -208,7 +209,7 @@ def test_table_agrees_with_a_model_of_the_session(steps: list[tuple[str, str]]) 
         reply = _REPLY[outcome]
         state = after(state, verb, reply)
         ok = reply.code[0] in "23"
-        if verb in ("EHLO", "HELO") and ok:
+        if verb in ("EHLO", "HELO", "LHLO") and ok:
             greeted, has_mail, has_rcpt = True, False, False
         elif verb == "RSET":
             has_mail = has_rcpt = False

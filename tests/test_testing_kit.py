@@ -16,8 +16,16 @@ from slimta_tx.testing import BUS_FAILURE, FailingBus, RecordingBus, connect, pa
 from tests.support.logs import captured_events
 
 POLICY = Policy(hostname="mx.test", accepted_domains=("example.com",))
-TRANSACTION = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n"
+# As a client that waits where RFC 2920 says wait: EHLO alone, then a group closed by DATA,
+# then the content after the 354 (else 554 5.5.0, improper pipelining).
+TRANSACTION = (b"EHLO c\r\n", b"MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n")
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n.\r\n"
+
+
+def transact(proto: object, *more: bytes) -> None:
+    """The transaction, then ``more``, each as the client sends it: after the last reply."""
+    for data in (*TRANSACTION, *more):
+        proto.dataReceived(data)  # type: ignore[attr-defined]
 
 
 def test_failing_bus_answers_what_the_edge_answers_for_a_broken_bus() -> None:
@@ -26,7 +34,7 @@ def test_failing_bus_answers_what_the_edge_answers_for_a_broken_bus() -> None:
     bus = FailingBus()
     proto, transport = connect(SmtpEdge(bus, POLICY, reactor=Clock()))
     with captured_events() as events:
-        proto.dataReceived(TRANSACTION + MESSAGE)
+        transact(proto, MESSAGE)
     assert parse_replies(transport.value())[-1] == (
         "451",
         "4.3.0 Temporary local problem, try again later",
@@ -39,7 +47,7 @@ def test_failing_bus_with_an_error_raises_it_and_the_edge_logs_it() -> None:
     error = ValueError("disk on fire")
     proto, transport = connect(SmtpEdge(FailingBus(error), POLICY, reactor=Clock()))
     with captured_events() as events:
-        proto.dataReceived(TRANSACTION + MESSAGE)
+        transact(proto, MESSAGE)
     assert parse_replies(transport.value())[-1][0] == "451"
     assert [e["log_failure"].value for e in events if "log_failure" in e] == [error]
 
@@ -60,7 +68,7 @@ def test_connect_never_puts_a_timer_in_the_real_reactor() -> None:
     before = set(reactor.getDelayedCalls())  # type: ignore[attr-defined]
     proto, transport = connect(SmtpEdge(RecordingBus(), POLICY))
     assert isinstance(proto.clock, Clock) and proto.clock is not reactor
-    proto.dataReceived(TRANSACTION + MESSAGE + b"QUIT\r\n")
+    transact(proto, MESSAGE, b"QUIT\r\n")
     assert [code for code, _ in parse_replies(transport.value())][-2:] == ["250", "221"]
     assert set(reactor.getDelayedCalls()) == before  # type: ignore[attr-defined]
     proto.clock.advance(POLICY.command_timeout)  # the idle timeout is the test's to run
@@ -77,22 +85,28 @@ NEW_USER_TESTS = textwrap.dedent(
     from slimta_tx.testing import FailingBus, RecordingBus, connect, parse_replies
 
     POLICY = Policy(hostname="mx.test", accepted_domains=("example.com",))
-    SESSION = (
-        b"EHLO c\\r\\nMAIL FROM:<a@b.test>\\r\\nRCPT TO:<u@example.com>\\r\\nDATA\\r\\n"
-        b"Subject: hi\\r\\n\\r\\nhello\\r\\n.\\r\\n"
+    SESSION = (  # each part after the reply to the one before, as clients send them
+        b"EHLO c\\r\\n",
+        b"MAIL FROM:<a@b.test>\\r\\nRCPT TO:<u@example.com>\\r\\nDATA\\r\\n",
+        b"Subject: hi\\r\\n\\r\\nhello\\r\\n.\\r\\n",
     )
+
+
+    def send(proto, parts):
+        for part in parts:
+            proto.dataReceived(part)
 
 
     class Checks:
         def test_failing_bus(self):
             proto, transport = connect(SmtpEdge(FailingBus(), POLICY))
-            proto.dataReceived(SESSION)
+            send(proto, SESSION)
             self.assertEqual(parse_replies(transport.value())[-1][0], "451")
 
         def test_edge_without_a_clock(self):
             bus = RecordingBus()
             proto, transport = connect(SmtpEdge(bus, POLICY))
-            proto.dataReceived(SESSION)
+            send(proto, SESSION)
             self.assertEqual(parse_replies(transport.value())[-1][0], "250")
             self.assertEqual(len(bus.messages), 1)
 
@@ -137,7 +151,7 @@ def test_trial_still_catches_what_the_test_did_not_expect(tmp_path: Path) -> Non
             """
             def test_raising_bus_not_flushed(self):
                 proto, transport = connect(SmtpEdge(FailingBus(RuntimeError("x")), POLICY))
-                proto.dataReceived(SESSION)
+                send(proto, SESSION)
 
             def test_timer_left_behind(self):
                 from twisted.internet import reactor

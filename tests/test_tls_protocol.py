@@ -48,9 +48,10 @@ def test_starttls_advertised_on_plaintext_only(context: ServerTLS) -> None:
 
 
 def test_plaintext_after_starttls_is_never_answered(context: ServerTLS) -> None:
-    """'STARTTLS\\r\\nNOOP\\r\\n' in one packet: only the 220 goes out, the NOOP is dropped
-    and nothing is answered after the handshake either (CVE-2011-0411)."""
-    d = TLSDriver(make_edge(context))
+    """'STARTTLS\\r\\nNOOP\\r\\n' in one packet from a trusted client (not held to the
+    pipelining discipline): only the 220 goes out, the NOOP is dropped and nothing is answered
+    after the handshake either (CVE-2011-0411)."""
+    d = TLSDriver(make_edge(context), peer=("127.0.0.1", 41000))
     d.ehlo_keywords()
     d.proto.dataReceived(b"STARTTLS\r\nNOOP\r\nMAIL FROM:<evil@attacker.test>\r\n")
     assert d.transport.plaintext == b"220 2.0.0 Ready to start TLS\r\n"
@@ -60,6 +61,17 @@ def test_plaintext_after_starttls_is_never_answered(context: ServerTLS) -> None:
     assert d.proto.session.envelope is None
     d.ehlo_keywords()
     assert d.cmd("RCPT TO:<u@example.com>") == ("503", "5.5.1 Need MAIL before RCPT")
+
+
+def test_commands_pipelined_after_starttls_end_the_session(context: ServerTLS) -> None:
+    """From an untrusted client the same packet is improper pipelining (RFC 3207: STARTTLS
+    ends a group): 554 5.5.0 and the connection closes; TLS never starts."""
+    d = TLSDriver(make_edge(context))
+    d.ehlo_keywords()
+    replies = d.send(b"STARTTLS\r\nNOOP\r\nMAIL FROM:<evil@attacker.test>\r\n")
+    assert replies == [("554", "5.5.0 Error: SMTP protocol synchronization")]
+    assert d.transport.tls_context is None
+    assert d.transport.disconnecting
 
 
 def test_injection_split_across_writes_is_dropped_too(context: ServerTLS) -> None:
@@ -133,7 +145,8 @@ def test_transport_without_tls_gets_454(context: ServerTLS) -> None:
     proto: Any
     proto, transport = connect(edge)
     assert isinstance(transport, StringTransport)
-    proto.dataReceived(b"EHLO c\r\nSTARTTLS\r\n")
+    proto.dataReceived(b"EHLO c\r\n")
+    proto.dataReceived(b"STARTTLS\r\n")
     replies = parse_replies(transport.value())
     assert replies[-1] == ("454", "4.7.0 TLS not available due to temporary reason")
 

@@ -68,8 +68,8 @@ def test_workers_builds_the_parent_with_everything_it_needs(tmp_path: Path) -> N
     assert isinstance(service, WorkersService)
     assert service.argv == args
     assert service.listeners == [
-        ("tcp:0:interface=127.0.0.1", False),
-        ("haproxy:tcp6:0:interface=\\:\\:1", False),
+        ("tcp:0:interface=127.0.0.1", "listen"),
+        ("haproxy:tcp6:0:interface=\\:\\:1", "listen"),
     ]
     assert service.pool.count == 3
     assert service.pool.tracker.limits == RestartLimits(max_restarts=2, window=30.0)
@@ -121,7 +121,7 @@ def test_listener_descriptions_for_the_workers() -> None:
 def test_the_parent_binds_without_accepting() -> None:
     """The parent's socket listens with the large backlog and is not read by the parent (a
     connection waits in the kernel for a worker); the worker gets the family to adopt it."""
-    bound = bind(global_reactor, "tcp:0:interface=127.0.0.1", False, 1)
+    bound = bind(global_reactor, "tcp:0:interface=127.0.0.1", "listen", 1)
     try:
         assert bound.worker_description == "systemd:domain=INET:index=1"
         sock = socket.socket(fileno=os.dup(bound.fileno()))
@@ -132,7 +132,7 @@ def test_the_parent_binds_without_accepting() -> None:
         ]
     finally:
         bound.port.stopListening()
-    six = bind(global_reactor, "haproxy:tcp6:0:interface=\\:\\:1", True, 0)
+    six = bind(global_reactor, "haproxy:tcp6:0:interface=\\:\\:1", "tls-listen", 0)
     six.port.stopListening()
     assert six.worker_description == "haproxy:systemd:domain=INET6:index=0"
 
@@ -142,7 +142,7 @@ def test_a_port_in_use_is_cannot_listen() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(CannotListenError):
-            bind(global_reactor, f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1", False, 0)
+            bind(global_reactor, f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1", "listen", 0)
 
 
 @pytest.mark.slow

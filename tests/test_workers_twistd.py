@@ -496,3 +496,29 @@ def test_a_haproxy_listener_is_shared_by_the_workers(tmp_path: Path) -> None:
         assert len(re.findall(rf"\[worker-\d.*\] .* starting on {port}", twistd.output)) == 2
     finally:
         twistd.stop()
+
+
+def test_lmtp_listeners_are_bound_by_the_parent_and_served_by_every_worker(
+    tmp_path: Path,
+) -> None:
+    """--lmtp-listen with --workers: one socket, bound once by the parent (a worker binding it
+    itself would find the port taken), and each worker answers LMTP on it."""
+    from support.process import free_port
+
+    maildir = tmp_path / "Maildir"
+    lmtp_port = free_port()
+    argv = twistd_argv(
+        maildir, "--workers", "2", "--lmtp-listen", f"tcp:{lmtp_port}:interface=127.0.0.1"
+    )
+    with running_twistd(argv) as twistd:
+        pids = ready_pids(twistd)
+        for other in (2, 1):  # worker 1 serves, then worker 2
+            with paused(pids[other]), smtplib.LMTP("127.0.0.1", lmtp_port, timeout=10) as lmtp:
+                code, _ = lmtp.ehlo("client.test")  # smtplib's LMTP sends LHLO here
+                assert code == 250
+                lmtp.mail("a@sender.test")
+                lmtp.rcpt("postmaster")
+                code, text = lmtp.data(MESSAGE)
+                assert code == 250, text
+        assert "Address already in use" not in twistd.output
+    assert names_by_pid(maildir) == {pids[1]: 1, pids[2]: 1}

@@ -18,6 +18,14 @@ the connection fails or drops, the bus reconnects after ``0.5, 1, 2, 4, ...`` se
 by ``max_backoff``, with jitter). While a connection attempt is in progress a message waits for
 it (within its timeout); while the broker is known to be down, messages get 451 at once.
 
+Per recipient (``per_recipient=True``, ``--amqp-per-recipient``): one message per recipient,
+each with the envelope JSON of that recipient alone, ``message_id`` ``<queue id>.<n>`` (n from
+1, in RCPT order) and, to an exchange, the routing key with ``{domain}`` and ``{recipient}``
+filled in; each is confirmed (or returned, or refused) on its own and the bus answers one reply
+per recipient (see :mod:`slimta_tx.results`: an LMTP client hears each, an SMTP client their
+fold). So a topic exchange can route by domain and an unroutable domain fails only its
+recipients.
+
 AMQP carries a message in one frame set, so the body is read from the spool into memory for
 the publish. ``max_message_size`` rejects larger messages with 552 5.3.4 (keep it at or under
 the broker's own ``max_message_size``), and ``max_inflight_bytes`` caps the memory held by
@@ -30,9 +38,9 @@ import json
 import random
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -43,6 +51,7 @@ from slimta_tx.bus.amqp_link import AmqpLink, PublishFailed, Target, describe_er
 from slimta_tx.envelope import Envelope
 from slimta_tx.interfaces import IBus
 from slimta_tx.reply import Reply
+from slimta_tx.results import BusResult
 
 __all__ = ["DEFAULT_URL", "AmqpBus", "PublishFailed", "Target", "message_properties"]
 
@@ -54,14 +63,14 @@ class BrokerUnavailable(Exception):
     """No usable connection to the broker right now."""
 
 
-def message_properties(envelope: Envelope) -> Any:
+def message_properties(envelope: Envelope, message_id: str | None = None) -> Any:
     """The AMQP properties of ``envelope``'s message (see the module docstring)."""
     import pika
 
     return pika.BasicProperties(
         content_type="message/rfc822",
         delivery_mode=2,
-        message_id=envelope.queue_id,
+        message_id=message_id or envelope.queue_id,
         timestamp=int(envelope.received_at),
         app_id="slimta_tx",
         headers={
@@ -125,6 +134,8 @@ class AmqpBus:
     :param connect: ``() -> Deferred[AmqpLink]``; replaces the real connection (tests).
     :param run_in_thread: ``f -> Deferred`` to read file-spooled bodies off the reactor thread;
         by default the reactor's thread pool when it has one, else inline.
+    :param per_recipient: publish one message per recipient and answer one reply each (see
+        the module docstring); ``{domain}`` and ``{recipient}`` in ``routing_key`` are filled.
     """
 
     log = Logger()
@@ -148,6 +159,7 @@ class AmqpBus:
         connect: Connector | None = None,
         run_in_thread: Callable[[Callable[[], Any]], Deferred[Any]] | None = None,
         rng: random.Random | None = None,
+        per_recipient: bool = False,
     ) -> None:
         if (queue is None) == (exchange is None):
             raise ValueError("AmqpBus needs exactly one of queue= or exchange=")
@@ -173,6 +185,7 @@ class AmqpBus:
         self.max_backoff = max_backoff
         self.jitter = jitter
         self._rng = rng or random.Random()
+        self.per_recipient = per_recipient
         self._connect: Connector = connect or self._open_link
         if run_in_thread is None and hasattr(reactor, "getThreadPool"):
 
@@ -188,7 +201,7 @@ class AmqpBus:
         self._failures = 0
         self._started = False
         self._stopped = False
-        self._inflight: set[Deferred[Reply]] = set()
+        self._inflight: set[Deferred[BusResult]] = set()
         self.last_error: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -224,7 +237,7 @@ class AmqpBus:
 
     # -- IBus ------------------------------------------------------------------------------
 
-    def send(self, envelope: Envelope) -> Deferred[Reply]:
+    def send(self, envelope: Envelope) -> Deferred[BusResult]:
         if envelope.message is None:
             raise ValueError("envelope has no message")
         size = envelope.message.size
@@ -242,23 +255,53 @@ class AmqpBus:
         d.addBoth(self._done, d)
         return d
 
-    def _done(self, result: Reply, d: Deferred[Reply]) -> Reply:
+    def _done(self, result: BusResult, d: Deferred[BusResult]) -> BusResult:
         self._inflight.discard(d)
         return result
 
-    async def _publish(self, envelope: Envelope, size: int) -> Reply:
+    async def _publish(self, envelope: Envelope, size: int) -> BusResult:
         link = await self._ready_link()
         await self._budget.acquire(size)
         try:
             body = await self._read_body(envelope)
             if not link.is_open:  # it went while the body was read
                 link = await self._ready_link()
+            if self.per_recipient:
+                return await self._publish_each(link, envelope, body)
             await link.publish(
                 self.target.exchange, self.target.routing_key, body, message_properties(envelope)
             )
         finally:
             self._budget.release(size)
         return Reply("250", f"Message queued as {envelope.queue_id}", "2.6.0")
+
+    async def _publish_each(self, link: AmqpLink, envelope: Envelope, body: bytes) -> BusResult:
+        """One message per recipient, confirmed each on its own: one reply each."""
+        sends = []
+        for index, rcpt in enumerate(envelope.recipients):
+            properties = message_properties(
+                envelope.subset([index]), message_id=f"{envelope.queue_id}.{index + 1}"
+            )
+            key = self.target.routing_key
+            if self.target.queue is None:  # an exchange: route by the recipient
+                domain = rcpt.rpartition("@")[2].lower()
+                key = key.replace("{domain}", domain).replace("{recipient}", rcpt)
+            sends.append(maybeDeferred(link.publish, self.target.exchange, key, body, properties))
+        results = await DeferredList(sends, consumeErrors=True)
+        replies: list[Reply] = []
+        for rcpt, (ok, value) in zip(envelope.recipients, results, strict=True):
+            if ok:
+                replies.append(Reply("250", f"Message queued as {envelope.queue_id}", "2.6.0"))
+                continue
+            failure = cast(Failure, value)
+            if failure.check(PublishFailed):
+                replies.append(self._refusal(envelope, f"<{rcpt}>: {failure.value}"))
+            else:
+                self.log.failure(
+                    "AMQP publish of {queue_id} failed", failure, queue_id=envelope.queue_id
+                )
+                replies.append(self._refusal(envelope, "internal error"))
+        return replies
 
     def _failed(self, failure: Failure, envelope: Envelope) -> Reply:
         if failure.check(BrokerUnavailable, PublishFailed):

@@ -20,6 +20,13 @@ copy failed). :class:`TeeBus` sends to every member concurrently and waits for a
 optional ones included, because no member may still be reading the spooled message when the
 edge discards it.
 
+Per-recipient results (see :mod:`slimta_tx.results`): when a member answers one reply per
+recipient, the rule holds recipient by recipient, and the composition answers one reply per
+recipient too (a recipient's verdict is its first required refusal, else the last required
+member's reply for it). :class:`ChainBus` hands each next member only the recipients that every
+earlier required member accepted (:meth:`Envelope.subset`); it stops when none is left. When
+every member answers one reply, so does the composition, as before.
+
 Both forward ``start()`` and ``stop()`` to members that have them (see
 :mod:`slimta_tx.bus.loader`).
 """
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union, cast
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
@@ -38,10 +45,14 @@ from zope.interface import implementer
 from slimta_tx.envelope import Envelope
 from slimta_tx.interfaces import IBus
 from slimta_tx.reply import Reply
+from slimta_tx.results import per_recipient
 
 __all__ = ["ChainBus", "Member", "TeeBus", "optional"]
 
 _LOCAL_ERROR = ("451", "Local error in processing; try again later", "4.3.0")
+Result = Union[Reply, list[Reply]]
+# A member, what it answered, and the recipients (indices in the envelope) it was given.
+_Answer = tuple["Member", Result, list[int]]
 
 
 @dataclass(frozen=True)
@@ -80,8 +91,9 @@ class _Composed:
     def __init__(self, buses: Sequence[Any]) -> None:
         self.members = _members(buses)
 
-    def _send_one(self, member: Member, envelope: Envelope) -> Deferred[Reply]:
-        """One member's reply; an exception or a non-reply becomes 451 4.3.0 (logged)."""
+    def _send_one(self, member: Member, envelope: Envelope) -> Deferred[Result]:
+        """One member's reply (or one per recipient); an exception or anything else becomes
+        451 4.3.0 (logged)."""
 
         def failed(failure: Failure) -> Reply:
             self.log.failure(
@@ -92,46 +104,58 @@ class _Composed:
             )
             return Reply(*_LOCAL_ERROR)
 
-        def checked(reply: object) -> Reply:
-            if not isinstance(reply, Reply):
-                self.log.error(
-                    "bus {member} answered {reply!r}, not a Reply",
-                    member=member.label,
-                    reply=reply,
-                )
+        def checked(result: object) -> Result:
+            if isinstance(result, Reply):
+                return result
+            try:
+                return per_recipient(result, len(envelope.recipients))
+            except TypeError as e:
+                self.log.error("bus {member}: {problem}", member=member.label, problem=str(e))
                 return Reply(*_LOCAL_ERROR)
-            return reply
 
-        d: Deferred[Reply] = maybeDeferred(member.bus.send, envelope)
+        d: Deferred[Result] = maybeDeferred(member.bus.send, envelope)
         return d.addCallbacks(checked, failed)
 
-    def send(self, envelope: Envelope) -> Deferred[Reply]:
+    def send(self, envelope: Envelope) -> Deferred[Result]:
         return Deferred.fromCoroutine(self._send(envelope))
 
-    async def _send(self, envelope: Envelope) -> Reply:
+    async def _send(self, envelope: Envelope) -> Result:
         raise NotImplementedError
 
-    def _verdict(self, envelope: Envelope, replies: list[tuple[Member, Reply]]) -> Reply:
-        """The first refusal of a required member, else the last required member's reply."""
-        answer: Reply | None = None
-        for member, reply in replies:
-            self._note(member, envelope, reply)
+    def _verdict(self, envelope: Envelope, answers: list[_Answer]) -> Result:
+        """Recipient by recipient: the first refusal of a required member, else the last
+        required member's reply. One reply when every member gave one."""
+        count = len(envelope.recipients)
+        verdict: list[Reply | None] = [None] * count
+        refused = [False] * count
+        for member, result, indices in answers:
+            self._note(member, envelope, result)
             if not member.required:
                 continue
-            if not reply.code.startswith("2"):
-                return reply
-            answer = reply
-        assert answer is not None  # at least one required member
-        return answer
+            for index, reply in zip(indices, per_recipient(result, len(indices)), strict=True):
+                if refused[index]:
+                    continue
+                verdict[index] = reply
+                refused[index] = not reply.code.startswith("2")
+        if all(isinstance(result, Reply) for _, result, _ in answers):
+            # As before per-recipient results: the first required refusal, else the last
+            # required member's reply.
+            for member, result, _ in answers:
+                if member.required and not cast(Reply, result).code.startswith("2"):
+                    return cast(Reply, result)
+            return [result for member, result, _ in answers if member.required][-1]
+        assert all(reply is not None for reply in verdict)
+        return cast(list[Reply], verdict)
 
-    def _note(self, member: Member, envelope: Envelope, reply: Reply) -> None:
-        if not reply.code.startswith("2"):
+    def _note(self, member: Member, envelope: Envelope, result: Result) -> None:
+        refusals = [str(r) for r in _replies(result) if not r.code.startswith("2")]
+        if refusals:
             self.log.warn(
                 "{kind} bus {member} refused {queue_id}: {reply}",
                 kind="required" if member.required else "optional",
                 member=member.label,
                 queue_id=envelope.queue_id,
-                reply=str(reply),
+                reply=" | ".join(refusals),
             )
 
     def start(self) -> None:
@@ -160,20 +184,30 @@ class ChainBus(_Composed):
     ``ChainBus([MaildirBus(path), relay])``: a local copy, then the next hop.
     """
 
-    async def _send(self, envelope: Envelope) -> Reply:
-        replies: list[tuple[Member, Reply]] = []
+    async def _send(self, envelope: Envelope) -> Result:
+        answers: list[_Answer] = []
+        alive = list(range(len(envelope.recipients)))
         for member in self.members:
-            reply = await self._send_one(member, envelope)
-            replies.append((member, reply))
-            if member.required and not reply.code.startswith("2"):
-                break  # later members never see a message the chain refused
-        return self._verdict(envelope, replies)
+            target = envelope if len(alive) == len(envelope.recipients) else envelope.subset(alive)
+            result = await self._send_one(member, target)
+            answers.append((member, result, alive))
+            if member.required:
+                replies = per_recipient(result, len(alive))
+                alive = [i for i, r in zip(alive, replies, strict=True) if r.code.startswith("2")]
+                if not alive:
+                    break  # later members never see a message the chain refused
+        return self._verdict(envelope, answers)
 
 
 @implementer(IBus)
 class TeeBus(_Composed):
     """Send to every member at once; wait for all; 2xx only if all required members said 2xx."""
 
-    async def _send(self, envelope: Envelope) -> Reply:
+    async def _send(self, envelope: Envelope) -> Result:
+        everyone = list(range(len(envelope.recipients)))
         sent = [(member, self._send_one(member, envelope)) for member in self.members]
-        return self._verdict(envelope, [(member, await d) for member, d in sent])
+        return self._verdict(envelope, [(member, await d, everyone) for member, d in sent])
+
+
+def _replies(result: Result) -> list[Reply]:
+    return [result] if isinstance(result, Reply) else list(result)

@@ -17,24 +17,22 @@ import base64
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import chain
 from typing import Any, Literal, cast
 
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from slimta_tx.bus import replies
+from slimta_tx.bus import relay_transaction, replies
+from slimta_tx.bus.outbound import NextHop
 from slimta_tx.bus.pool import ConnectionPool, PoolClosed, PoolTimeout
 from slimta_tx.bus.smtp_client import (
     Extensions,
-    NextHopClosed,
     NextHopError,
     NextHopProtocolError,
     NextHopTimeout,
@@ -43,6 +41,7 @@ from slimta_tx.bus.smtp_client import (
 from slimta_tx.envelope import Envelope
 from slimta_tx.interfaces import IBus
 from slimta_tx.reply import Reply
+from slimta_tx.results import BusResult
 
 __all__ = ["RelayBus", "TLSMode", "next_hop_endpoint", "parse_next_hop"]
 
@@ -58,16 +57,14 @@ class NextHopUnavailable(Exception):
         self.reply = reply
 
 
-class _RetryOnFresh(Exception):
-    """A reused connection was dead before it answered anything of this transaction."""
-
-
 @dataclass(eq=False)
 class NextHopConnection:
     """A connection set up (greeting, EHLO/LHLO, STARTTLS, AUTH) and ready for MAIL."""
 
     client: SmtpClientProtocol
     extensions: Extensions
+    verified_tls: bool = False  # TLS with the certificate checked (tls="required")
+    remote_name: str = "unknown"  # the name in its greeting (for Remote-MTA in notices)
     transactions: int = 0
     clean: bool = True
 
@@ -185,7 +182,9 @@ class RelayBus:
             wait_timeout=timeout,
         )
 
-    def send(self, envelope: Envelope) -> Deferred[Reply]:
+    def send(self, envelope: Envelope) -> Deferred[BusResult]:
+        """One reply, or one per recipient for an LMTP listener's envelope (see
+        :mod:`slimta_tx.bus.relay_transaction`)."""
         return Deferred.fromCoroutine(self._send(envelope))
 
     def close(self) -> None:
@@ -199,7 +198,7 @@ class RelayBus:
 
     # -- one message ------------------------------------------------------------------------
 
-    async def _send(self, envelope: Envelope) -> Reply:
+    async def _send(self, envelope: Envelope) -> BusResult:
         for attempt in (1, 2):
             try:
                 conn = await self.pool.acquire()
@@ -212,9 +211,12 @@ class RelayBus:
             reused = conn.transactions > 0
             conn.transactions += 1
             conn.clean = False
+            hop = NextHop(conn.extensions, conn.verified_tls)
             try:
-                reply, conn.clean = await self._transaction(conn, envelope, reused)
-            except _RetryOnFresh:
+                reply, conn.clean = await relay_transaction.run(
+                    conn.client, hop, envelope, reused, self.lmtp, self.hostname, conn.remote_name
+                )
+            except relay_transaction.RetryOnFresh:
                 self.pool.release(conn, reusable=False)
                 if attempt == 1:
                     continue
@@ -229,96 +231,15 @@ class RelayBus:
             return self._done(envelope, reply, "")
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _done(self, envelope: Envelope, reply: Reply, why: str) -> Reply:
+    def _done(self, envelope: Envelope, reply: BusResult, why: str) -> BusResult:
         self.log.info(
             "relay {queue_id} to {hop}: {reply}{why}",
             queue_id=envelope.queue_id,
             hop=self.name,
-            reply=str(reply),
+            reply=str(reply) if isinstance(reply, Reply) else " | ".join(map(str, reply)),
             why=f" ({why})" if why else "",
         )
         return reply
-
-    async def _transaction(
-        self, conn: NextHopConnection, envelope: Envelope, reused: bool
-    ) -> tuple[Reply, bool]:
-        """Returns our reply and whether the connection is clean for another message."""
-        message = envelope.message
-        assert message is not None, "the envelope has no message"
-        header = envelope.received_header()
-        size = len(header) + message.size
-        refusal = capability_refusal(envelope, conn.extensions, size)
-        if refusal is not None:
-            return refusal, True
-        client, ext = conn.client, conn.extensions
-        commands = [b"RSET"] if reused else []
-        commands.append(mail_command(envelope, ext, size))
-        commands += [
-            rcpt_command(rcpt, params, ext)
-            for rcpt, params in zip(envelope.recipients, envelope.rcpt_params, strict=True)
-        ]
-        commands.append(b"DATA")
-        answers = await self._exchange(client, commands, "PIPELINING" in ext, reused)
-        if reused:
-            rset = answers.pop(0)
-            if not rset.code.startswith("2"):
-                raise _RetryOnFresh()
-        mail = answers[0]
-        rcpts = answers[1 : 1 + len(envelope.recipients)]
-        data = answers[1 + len(envelope.recipients)] if len(answers) > len(rcpts) + 1 else None
-        # A 354 to DATA that we will not follow with a message: drop the connection, so the
-        # next hop discards the transaction.
-        clean = data is None or data.code != "354"
-        if not mail.code.startswith("2"):
-            return replies.from_next_hop(mail), clean
-        rcpt_refusal = replies.combine_recipients(envelope.recipients, rcpts, delivered=False)
-        if rcpt_refusal is not None:
-            return rcpt_refusal, clean
-        assert data is not None
-        if data.code != "354":
-            return replies.from_next_hop(data), True
-        await client.send_body(chain((header,), message.chunks()))
-        if self.lmtp:
-            finals = [await client.expect() for _ in envelope.recipients]
-            refused = replies.combine_recipients(envelope.recipients, finals, delivered=True)
-            return refused or replies.success(finals[-1]), True
-        final = await client.expect()
-        if final.code.startswith("2"):
-            return replies.success(final), True
-        return replies.from_next_hop(final), True
-
-    async def _exchange(
-        self, client: SmtpClientProtocol, commands: list[bytes], pipelined: bool, reused: bool
-    ) -> list[Reply]:
-        """Send the commands up to DATA; their replies (fewer when stopping early without
-        PIPELINING: after a refused RSET/MAIL, or before DATA when a RCPT was refused)."""
-        if pipelined:
-            results = await DeferredList(client.send_lines(commands), consumeErrors=True)
-            if reused and results[0][0] and not results[0][1].code.startswith("2"):
-                raise _RetryOnFresh()  # e.g. a 421 to RSET: the next hop hung up on us
-            answers: list[Reply] = []
-            for index, (ok, value) in enumerate(results):
-                if not ok:
-                    failure = cast(Failure, value)
-                    if index == 0 and reused and failure.check(NextHopClosed):
-                        raise _RetryOnFresh()
-                    failure.raiseException()
-                answers.append(value)
-            return answers
-        answers = []
-        for index, line in enumerate(commands):
-            if line == b"DATA" and not all(a.code.startswith("2") for a in answers):
-                break
-            try:
-                answer = await client.command(line)
-            except NextHopClosed:
-                if index == 0 and reused:
-                    raise _RetryOnFresh() from None
-                raise
-            answers.append(answer)
-            if line[:4] in (b"RSET", b"MAIL") and not answer.code.startswith("2"):
-                break
-        return answers
 
     # -- setting up a connection ------------------------------------------------------------
 
@@ -363,7 +284,12 @@ class RelayBus:
                 )
         if self.credentials is not None:
             await self._authenticate(client, ext)
-        return NextHopConnection(client, ext)
+        return NextHopConnection(
+            client,
+            ext,
+            verified_tls=client.tls and self.tls == "required",
+            remote_name=(greeting.message.split() or ["unknown"])[0],
+        )
 
     async def _hello(self, client: SmtpClientProtocol) -> Extensions:
         verb = b"LHLO " if self.lmtp else b"EHLO "
@@ -400,49 +326,6 @@ class RelayBus:
             )
         if answer.code != "235":
             raise NextHopUnavailable(_setup_refusal("AUTH", answer, "7.0"))
-
-
-def capability_refusal(envelope: Envelope, ext: Extensions, size: int) -> Reply | None:
-    """Refuse what the next hop said it cannot take, before sending anything."""
-    if envelope.smtputf8 and "SMTPUTF8" not in ext:
-        return Reply("554", "Next hop does not support SMTPUTF8", "5.6.7")
-    body = (envelope.mail_params.get("BODY") or "").upper()
-    if body == "8BITMIME" and "8BITMIME" not in ext:
-        return Reply("554", "Next hop does not support 8BITMIME", "5.6.3")
-    if body == "BINARYMIME":
-        return Reply("554", "Relaying BINARYMIME is not supported", "5.6.3")
-    limit = ext.max_size
-    if limit is not None and size > limit:
-        return Reply("552", f"Message too big for next hop (limit {limit} bytes)", "5.3.4")
-    return None
-
-
-def mail_command(envelope: Envelope, ext: Extensions, size: int) -> bytes:
-    """``MAIL FROM:<sender>`` with the parameters the next hop understands."""
-    params: list[str] = []
-    if "SIZE" in ext:
-        params.append(f"SIZE={size}")
-    body = envelope.mail_params.get("BODY")
-    if body and "8BITMIME" in ext:
-        params.append(f"BODY={body.upper()}")
-    if envelope.smtputf8:
-        params.append("SMTPUTF8")
-    if "DSN" in ext:
-        params += _dsn_params(envelope.mail_params, ("RET", "ENVID"))
-    return _command("MAIL FROM", envelope.sender, params)
-
-
-def rcpt_command(rcpt: str, rcpt_params: dict[str, str | None], ext: Extensions) -> bytes:
-    params = _dsn_params(rcpt_params, ("NOTIFY", "ORCPT")) if "DSN" in ext else []
-    return _command("RCPT TO", rcpt, params)
-
-
-def _dsn_params(params: dict[str, str | None], keys: tuple[str, ...]) -> list[str]:
-    return [f"{key}={params[key]}" for key in keys if params.get(key)]
-
-
-def _command(verb: str, address: str, params: list[str]) -> bytes:
-    return " ".join([f"{verb}:<{address}>", *params]).encode("utf-8")
 
 
 def _setup_refusal(stage: str, answer: Reply, detail: str = "4.1") -> Reply:

@@ -182,14 +182,27 @@ class DotStuffer:
         return b"\r\n.\r\n"
 
 
+class _Verbatim:
+    """A :class:`DotStuffer` that changes nothing and adds nothing (BDAT)."""
+
+    def encode(self, chunk: bytes) -> bytes:
+        return chunk
+
+    def finish(self) -> bytes:
+        return b""
+
+
 @implementer(IPullProducer)
 class _BodyProducer:
     """Writes the next chunk each time the transport's buffer has room (pull producer)."""
 
-    def __init__(self, client: SmtpClientProtocol, chunks: Iterator[bytes]) -> None:
+    def __init__(
+        self, client: SmtpClientProtocol, chunks: Iterator[bytes], stuff: bool = True
+    ) -> None:
         self.client = client
         self.chunks = chunks
-        self.stuffer = DotStuffer()
+        # BDAT content goes as it is (RFC 3030): no stuffing, no end marker.
+        self.stuffer: DotStuffer | _Verbatim = DotStuffer() if stuff else _Verbatim()
         self.done: Deferred[None] = Deferred()
 
     def resumeProducing(self) -> None:
@@ -317,6 +330,17 @@ class SmtpClientProtocol(Protocol):
         assert self.transport is not None
         producer = self.producer = _BodyProducer(self, iter(chunks))
         # A real transport pulls at once: a small body may be all written before this returns.
+        cast(IConsumer, self.transport).registerProducer(producer, False)
+        return producer.done
+
+    def send_bdat(self, chunks: Iterable[bytes], size: int) -> Deferred[None]:
+        """``BDAT <size> LAST`` and the ``size`` octets of ``chunks`` as they are (RFC 3030);
+        fires when all is written (the reply comes as usual, through :meth:`expect`)."""
+        if self._failure is not None:
+            return fail(self._failure)
+        assert self.transport is not None
+        self.transport.write(b"BDAT %d LAST\r\n" % size)
+        producer = self.producer = _BodyProducer(self, iter(chunks), stuff=False)
         cast(IConsumer, self.transport).registerProducer(producer, False)
         return producer.done
 

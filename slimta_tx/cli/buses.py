@@ -11,6 +11,15 @@ from slimta_tx.interfaces import IBus
 
 
 class OptionGroup:
+    optFlags: list[list[Any]] = [
+        [
+            "amqp-per-recipient",
+            None,
+            "With --amqp: one message per recipient, confirmed each ('{domain}' and "
+            "'{recipient}' in --amqp-routing-key are filled in).",
+        ],
+    ]
+
     def opt_also_maildir(self, path: str) -> None:
         """Store a copy here first; 250 only if both copy and bus succeed (repeatable)"""
         self["also-maildir"].append(path)  # type: ignore[index]
@@ -102,6 +111,8 @@ def _validate_amqp_and_plugin(config: Any) -> None:
     if not config["amqp"]:
         if config["amqp-queue"] is not None or config["amqp-exchange"] is not None:
             raise usage.UsageError("--amqp-queue and --amqp-exchange need --amqp URL")
+        if config["amqp-per-recipient"]:
+            raise usage.UsageError("--amqp-per-recipient needs --amqp URL")
         return
     if not config["amqp"].lower().startswith(("amqp://", "amqps://")):
         raise usage.UsageError("--amqp takes a URL like amqp://user:password@host:5672/vhost")
@@ -152,6 +163,7 @@ def _chosen_bus(config: Any, reactor: Any) -> IBus:
             timeout=config["amqp-timeout"],
             max_message_size=config["max-size"],
             reactor=reactor,
+            per_recipient=bool(config["amqp-per-recipient"]),
         )
     return MaildirBus(config["maildir"], reactor=reactor)
 

@@ -54,7 +54,7 @@ def parse_restarts(text: str) -> RestartLimits:
 
 
 def validate(config: Any) -> None:
-    from slimta_tx.workers import split_listener
+    from slimta_tx.workers import LISTENER_OPTIONS, split_listener
 
     if config["workers"] > MAX_WORKERS:
         raise usage.UsageError(f"--workers must be at most {MAX_WORKERS}")
@@ -63,7 +63,7 @@ def validate(config: Any) -> None:
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
     if config["workers"] > 1:
-        for description in [*config["listen"], *config.get("tls-listen", [])]:
+        for description in [d for option in LISTENER_OPTIONS for d in config.get(option, [])]:
             try:
                 split_listener(description)
             except ValueError as e:

@@ -22,7 +22,7 @@ import atheris
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from slimta_tx.data import BareNewlinePolicy, DataDecoder
+from slimta_tx.data import BareNewlinePolicy, DataDecoder, NulPolicy
 from tests.support.decoding import decode
 
 for method in ("_decode", "_emit", "_account", "_keep", "_end", "_flush_partial_line", "finish"):
@@ -44,6 +44,7 @@ def load_scan():  # type: ignore[no-untyped-def]
 
 SCAN = load_scan()
 POLICIES = list(BareNewlinePolicy)
+NULS = list(NulPolicy)
 LINE_LIMITS = [0, 1, 2, 3, 4, 5, 9, 1000]
 SIZE_LIMITS = [0, 1, 5, 30, 1000]
 
@@ -54,6 +55,7 @@ def one_input(raw: bytes) -> None:
         "bare_newline": POLICIES[fdp.ConsumeIntInRange(0, len(POLICIES) - 1)],
         "max_line_length": LINE_LIMITS[fdp.ConsumeIntInRange(0, len(LINE_LIMITS) - 1)],
         "max_size": SIZE_LIMITS[fdp.ConsumeIntInRange(0, len(SIZE_LIMITS) - 1)],
+        "nul": NULS[fdp.ConsumeIntInRange(0, len(NULS) - 1)],
     }
     bdat = fdp.ConsumeBool()
     cuts = sorted(fdp.ConsumeIntInRange(0, 4096) for _ in range(fdp.ConsumeIntInRange(0, 6)))
