@@ -129,6 +129,10 @@ class Envelope:
     queue_id: str = field(default_factory=new_queue_id)
     received_at: float = field(default_factory=time.time)
     message: Spool | None = None
+    #: What the milters did to this message: ``{"milter", "action", "detail"}`` each.
+    milter_actions: list[dict[str, str]] = field(default_factory=list)
+    #: Why a milter quarantined the message (the bus stores it, marked), or None.
+    quarantine: str | None = None
 
     @classmethod
     def start(cls, session: Session, sender: str, params: dict[str, str | None]) -> Envelope:
@@ -219,6 +223,8 @@ class Envelope:
             "receiver": self.receiver,
             "received_at": self.received_at,
             "size": self.message.size if self.message is not None else None,
+            **({"milter_actions": self.milter_actions} if self.milter_actions else {}),
+            **({"quarantine": self.quarantine} if self.quarantine is not None else {}),
         }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -17,6 +17,7 @@ from slimta_tx.address import MailArgument
 from slimta_tx.envelope import Envelope, Session
 from slimta_tx.extensions import ehlo_keywords
 from slimta_tx.interfaces import IBus
+from slimta_tx.milter import Milter, Milters, parse_milter
 from slimta_tx.policy import Policy
 from slimta_tx.protocol import ESMTPServerProtocol
 from slimta_tx.reply import Reply
@@ -44,11 +45,20 @@ class SmtpEdge(ServerFactory):
         there and its reply goes to the client.
     :param policy: limits and relay rules (:class:`~slimta_tx.policy.Policy`).
     :param reactor: the reactor (and clock) to use; the global reactor when None.
+    :param milters: mail filters (:class:`slimta_tx.milter.Milter`, or their text form
+        ``"inet:HOST:PORT"``/``"unix:PATH"``), told about each session in this order (see
+        docs/filtering.md).
     """
 
     log = Logger()
 
-    def __init__(self, bus: IBus, policy: Policy | None = None, reactor: Any = None) -> None:
+    def __init__(
+        self,
+        bus: IBus,
+        policy: Policy | None = None,
+        reactor: Any = None,
+        milters: Sequence[Milter | str] = (),
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
@@ -59,6 +69,9 @@ class SmtpEdge(ServerFactory):
         self.policy = policy if policy is not None else Policy()
         self.reactor: IReactorTime = reactor
         self.validators = Validators()
+        self.milters = Milters(
+            [m if isinstance(m, Milter) else parse_milter(m) for m in milters], reactor
+        )
         self.spool_factory = SpoolFactory(
             self.policy.spool_directory, self.policy.spool_memory_limit
         )
