@@ -271,8 +271,8 @@ class MilterSession:
             if not await self._open(link):
                 verdict = link.verdict
             else:
-                data = codec.connect_packet(hostname, family, port, ip)
-                verdict = await self._event(link, codec.SMFIC_CONNECT, data, context)
+                packet = codec.connect_packet(hostname, family, port, ip)
+                verdict = await self._event(link, codec.SMFIC_CONNECT, packet, context)
             if verdict is not None:
                 break
         if isinstance(verdict, Reply):
@@ -304,19 +304,21 @@ class MilterSession:
 
     async def _rcpt(self, reply: Reply, rcpt: str, params: dict[str, str | None]) -> Reply:
         args = [f"<{rcpt}>"] + [k if v is None else f"{k}={v}" for k, v in params.items()]
-        data = codec.args_packet(codec.SMFIC_RCPT, args)
+        packet = codec.args_packet(codec.SMFIC_RCPT, args)
         if not reply.is_positive:
             # Rejected already: only to milters that asked to see it, their answer unused.
             context = MacroContext(self.session, recipient=rcpt, rcpt_refusal=reply)
             for link in self.links:
                 if link.flag(codec.SMFIP_RCPT_REJ) and self._in_message(link):
-                    await self._event(link, codec.SMFIC_RCPT, data, context)
+                    await self._event(link, codec.SMFIC_RCPT, packet, context)
             return reply
         context = MacroContext(self.session, recipient=rcpt)
-        return self._reply(await self._each(codec.SMFIC_RCPT, data, context), reply)
+        return self._reply(await self._each(codec.SMFIC_RCPT, packet, context), reply)
 
     async def _data(self, reply: Reply) -> Reply:
-        return self._reply(await self._each(codec.SMFIC_DATA, b""), reply)
+        return self._reply(
+            await self._each(codec.SMFIC_DATA, codec.packet(codec.SMFIC_DATA)), reply
+        )
 
     async def _unknown(self, reply: Reply, line: str) -> Reply:
         # Milters may only answer an unknown command with a refusal; only a 4xx is used (a
@@ -334,7 +336,7 @@ class MilterSession:
     async def _each(
         self,
         command: bytes,
-        data: bytes,
+        packet: bytes,
         context: MacroContext | None = None,
         abort_first: bool = False,
         starts_transaction: bool = False,
@@ -355,7 +357,7 @@ class MilterSession:
                 self._abort(link)
             elif command != codec.SMFIC_UNKNOWN and not self._in_message(link):
                 continue
-            verdict = await self._event(link, command, data, context)
+            verdict = await self._event(link, command, packet, context)
             if starts_transaction and link.state == "open" and verdict is None:
                 link.in_transaction = True
             if verdict is not None:
@@ -363,7 +365,7 @@ class MilterSession:
         return None
 
     async def _event(
-        self, link: _Link, command: bytes, data: bytes, context: MacroContext | None
+        self, link: _Link, command: bytes, packet: bytes, context: MacroContext | None
     ) -> Verdict:
         """Macros and the event to one milter, and its answer (unless it said none comes)."""
         connection = link.connection
@@ -380,7 +382,7 @@ class MilterSession:
         if link.skip is not None and link.skip != command:
             link.skip = None
         if not skipped:
-            out += codec.packet(command, data)
+            out += packet
         try:
             if out:
                 connection.send(out)
