@@ -218,6 +218,8 @@ class MilterSession:
                 link.wants(codec.SMFIC_RCPT) and link.flag(codec.SMFIP_RCPT_REJ)
                 for link in self.links
             )
+        if name == "UNKNOWN":
+            return any(link.wants(codec.SMFIC_UNKNOWN) for link in self.links)
         if not reply.is_positive:
             return False
         if name == "BANNER" or self.discarded:
@@ -280,7 +282,7 @@ class MilterSession:
             if verdict.code == "421":
                 return Reply("421", f"{hostname} Service unavailable - try again later", "4.7.0")
             if verdict.code.startswith("5"):
-                return Reply("554", f"{hostname} ESMTP not accepting connections")
+                return Reply("554", f"{hostname} ESMTP not accepting connections", "5.7.1")
         return reply  # a 4xx holds for MAIL and what follows, as in Postfix
 
     async def _helo(self, reply: Reply, name: str) -> Reply:
@@ -357,9 +359,9 @@ class MilterSession:
                 self._abort(link)
             elif command != codec.SMFIC_UNKNOWN and not self._in_message(link):
                 continue
+            if starts_transaction:
+                link.in_transaction = True  # until a refusal or an accept ends it
             verdict = await self._event(link, command, packet, context)
-            if starts_transaction and link.state == "open" and verdict is None:
-                link.in_transaction = True
             if verdict is not None:
                 return verdict
         return None

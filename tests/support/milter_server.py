@@ -125,7 +125,7 @@ class ScriptedMilter(Protocol):
             self.negotiate()
             return
         if command == b"D":
-            strings = split_strings(data[1:])
+            strings = [s.decode() for s in split_strings(data[1:])]
             self.macros[data[:1]] = dict(zip(strings[::2], strings[1::2], strict=False))
             return
         if command in (b"A", b"Q", b"K") or self.hanging:
