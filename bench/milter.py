@@ -7,7 +7,8 @@ Usage::
     python bench/milter.py --postfix            # also Postfix with the same Rspamd (root)
 
 Cases, all in one run on 127.0.0.1 with free ports, each a fresh ``twistd -n slimta`` (discard
-bus: ``--bus slimta_tx.bus.simple:DiscardBus``, so the milter is what is measured):
+bus: ``--bus slimta_tx.bus.simple:DiscardBus``, so the milter is what is measured; with
+``--slimta-bus maildir`` the fsynced Maildir instead, to compare with Postfix's fsynced queue):
 
 - ``none``: no milter;
 - ``noop``: one milter that wants every event and answers ``continue`` to each (a small
@@ -155,9 +156,13 @@ def run_slimta(case: str, milter_spec: str | None, milter_pids: list[int], args:
     argv = [
         *(TWISTD, "-n", "--pidfile=", "--logfile=/dev/null", "slimta"),
         *("--listen", f"tcp:{port}:interface=127.0.0.1", "--hostname", "edge.bench"),
-        *("--bus", "slimta_tx.bus.simple:DiscardBus", "--trusted-network", "127.0.0.0/8"),
-        *("--max-size", str(max(args.size * 2, 1 << 20))),
+        *("--trusted-network", "127.0.0.0/8", "--max-size", str(max(args.size * 2, 1 << 20))),
     ]
+    scratch = tempfile.TemporaryDirectory(prefix="bench-maildir-")
+    if args.slimta_bus == "maildir":
+        argv += ["--maildir", scratch.name]
+    else:
+        argv += ["--bus", "slimta_tx.bus.simple:DiscardBus"]
     if milter_spec:
         argv += ["--milter", f"{milter_spec},max_connections={args.connections * 2}"]
     server = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL)
@@ -171,6 +176,7 @@ def run_slimta(case: str, milter_spec: str | None, milter_pids: list[int], args:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(5)
+        scratch.cleanup()
 
 
 def measure(
@@ -202,7 +208,7 @@ def run_postfix(case: str, milter_spec: str | None, milter_pids: list[int], args
 
     postfix = Postfix()
     extra = (
-        "virtual_mailbox_domains = example.test, server.example\n"
+        "relay_domains = server.example\n"
         "transport_maps = inline:{ server.example=discard: }\n"
         "smtpd_client_connection_count_limit = 0\n"
         "default_process_limit = 200\n"
@@ -228,6 +234,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--time-limit", type=float, default=30.0)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--slimta-bus",
+        choices=("discard", "maildir"),
+        default="discard",
+        help="maildir: fsynced, as Postfix's queue (compare with --postfix)",
+    )
     parser.add_argument("--serve-noop", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_noop:
@@ -263,7 +275,9 @@ def main() -> None:
                 results.append(result)
                 print(json.dumps(result), flush=True)
     print()
-    print(f"{args.connections} connections x {args.size} B, lockstep, discard bus")
+    print(
+        f"{args.connections} connections x {args.size} B, lockstep, slimta bus: {args.slimta_bus}"
+    )
     print(
         f"{'case':<16}{'msgs/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'srv us/msg':>12}"
         f"{'milter us/msg':>15}{'load':>6}"
