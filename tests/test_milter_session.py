@@ -3,12 +3,16 @@ SMTP client on a StringTransport. Every action, every negotiation flag, every fa
 
 from __future__ import annotations
 
+import smtplib
 import struct
 from typing import Any
 
 import pytest
+import pytest_twisted
 from smtp_driver import ReplyReader
-from twisted.internet.task import Clock
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.threads import deferToThread
 
 from slimta_tx import Policy, SmtpEdge
 from slimta_tx.milter import Milter
@@ -640,3 +644,47 @@ def test_a_big_body_is_streamed_in_chunks_with_flow_control() -> None:
     chunks = s.milter().data_of(b"B")
     assert max(map(len, chunks)) <= 65535
     assert b"".join(chunks) == b"body line\r\n" + body
+
+
+# -- over real sockets ------------------------------------------------------------------------
+
+
+@pytest_twisted.inlineCallbacks
+def test_over_a_real_unix_socket_with_smtplib(tmp_path: Any) -> Any:
+    """The real connector (UNIXClientEndpoint) and the real reactor: the scripted milter on a
+    unix socket adds a header; smtplib's message is stored with it; the milter gets QUIT."""
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Factory
+
+    servers: list[ScriptedMilter] = []
+
+    def build() -> ScriptedMilter:
+        milter = ScriptedMilter(
+            MilterScript(on_event=on(b"E", [add_header("X-Unix", "1"), ACCEPT]))
+        )
+        servers.append(milter)
+        return milter
+
+    path = str(tmp_path / "milter.sock")
+    listening = reactor.listenUNIX(path, Factory.forProtocol(build))  # type: ignore[attr-defined]
+    bus = RecordingBus()
+    edge = SmtpEdge(bus, POLICY, reactor=reactor, milters=[f"unix:{path},name=unix"])
+    port = yield edge.listen(TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1"))
+
+    def client() -> Any:
+        with smtplib.SMTP("127.0.0.1", port.getHost().port, timeout=20) as c:
+            return c.sendmail("a@sender.test", ["u@example.com"], MESSAGE)
+
+    try:
+        assert (yield deferToThread(client)) == {}
+        for _ in range(200):  # QUIT reaches the milter just after the client's
+            if servers and b"Q" in servers[0].events():
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+    finally:
+        yield edge.close()
+        yield listening.stopListening()
+    assert bus.messages[0].data.startswith(b"From: Alice")
+    assert b"X-Unix: 1\r\n\r\nbody line" in bus.messages[0].data
+    assert servers[0].events()[-1] == b"Q"
+    assert edge.milters.connector.in_use(edge.milters.milters[0]) == 0
