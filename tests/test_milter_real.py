@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.mailbox import stored_messages
-from tests.support.milters import GTUBE, dkim_verify, opendkim, rspamd
+from tests.support.milters import GTUBE, dkim_verify, opendkim, opendmarc, rspamd
 from tests.support.process import running_twistd, twistd_argv
 
 pytestmark = pytest.mark.slow
@@ -51,6 +51,34 @@ def test_opendkim_signs_and_the_signature_verifies(tmp_path: Path) -> None:
     assert stored.envelope is not None
     assert stored.envelope["milter_actions"] == [
         {"milter": "opendkim", "action": "insert_header", "detail": "DKIM-Signature"}
+    ]
+
+
+def test_opendkim_then_opendmarc_in_order(tmp_path: Path) -> None:
+    """Two real milters, in the order given: both act on the stored message, and the
+    envelope records which did what, in that order."""
+    maildir = tmp_path / "maildir"
+    (tmp_path / "dkim").mkdir()
+    (tmp_path / "dmarc").mkdir()
+    with opendkim(tmp_path / "dkim") as dkim, opendmarc(tmp_path / "dmarc") as dmarc:
+        argv = twistd_argv(
+            maildir,
+            *("--milter", f"{dkim.spec},name=opendkim"),
+            *("--milter", f"{dmarc.spec},name=opendmarc"),
+        )
+        with running_twistd(argv) as server:
+            assert send(server.port, CLEAN) == {}
+    [stored] = stored_messages(maildir)
+    head = stored.body.split(b"\r\n\r\n")[0]
+    assert (
+        b"Authentication-Results: mx.test; dmarc=none (p=none dis=none) header.from=sender.test"
+        in head
+    )
+    assert head.count(b"DKIM-Signature: ") == 1
+    assert stored.envelope is not None
+    assert [(a["milter"], a["detail"]) for a in stored.envelope["milter_actions"]] == [
+        ("opendkim", "DKIM-Signature"),
+        ("opendmarc", "Authentication-Results"),
     ]
 
 

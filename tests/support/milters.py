@@ -4,6 +4,7 @@
   ``sender.test`` with a key made for the test (selector ``sel``); :func:`dkim_verify` checks a
   stored message with ``opendkim -t`` in verify mode, the public key read from a file
   (``TestPublicKeys``): no DNS.
+- OpenDMARC: adds its ``Authentication-Results:`` (``dmarc=none``: no DNS here).
 - Rspamd: only its proxy worker, in milter mode, scanning itself (``self_scan``), with a
   configuration generated here: no network (DNS points at a closed loopback port), a two-line
   TLD list (the stock one takes a minute to compile), its own run/db/log directories, and the
@@ -32,7 +33,7 @@ from pathlib import Path
 import pytest
 
 STARTUP_TIMEOUT = 60.0
-HOW = "run .ci/services (as root) to install rspamd, opendkim and opendkim-tools"
+HOW = "run .ci/services (as root) to install rspamd, opendkim, opendkim-tools and opendmarc"
 
 
 def require(binary: str) -> str:
@@ -166,6 +167,36 @@ def dkim_verify(root: Path, message: bytes) -> str:
         check=False,
     )
     return (done.stdout + done.stderr).decode(errors="replace").strip()
+
+
+# -- OpenDMARC ----------------------------------------------------------------------------------
+
+DMARC_CONF = """\
+Socket inet:{port}@127.0.0.1
+AuthservID {authserv_id}
+TrustedAuthservIDs {authserv_id}
+PidFile {root}/opendmarc.pid
+Syslog false
+Background false
+SPFIgnoreResults true
+SPFSelfValidate false
+IgnoreHosts {root}/ignore-hosts
+"""
+
+
+@contextmanager
+def opendmarc(root: Path, authserv_id: str = "mx.test") -> Iterator[Running]:
+    """OpenDMARC adding its Authentication-Results (``IgnoreHosts`` empty, so mail from
+    127.0.0.1 is checked too). Its policy lookups fail without DNS (``.test`` has none either):
+    the verdict is ``dmarc=none``."""
+    binary = require("opendmarc")
+    (root / "ignore-hosts").write_text("")
+    port = free_port()
+    conf = root / "opendmarc.conf"
+    conf.write_text(DMARC_CONF.format(root=root, port=port, authserv_id=authserv_id))
+    argv = [binary, "-f", "-c", str(conf)]
+    with _process(argv, root, root / "opendmarc.log", port, "opendmarc") as running:
+        yield running
 
 
 # -- Rspamd -----------------------------------------------------------------------------------
