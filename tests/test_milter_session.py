@@ -635,6 +635,38 @@ def test_connection_limit_makes_sessions_wait_then_times_out() -> None:
     assert connector.connects == 2
 
 
+def test_a_client_gone_mid_step_leaves_nothing_behind() -> None:
+    """The client drops while the milter thinks about MAIL: the milter connection is closed,
+    its slot freed, and no failure is logged for it."""
+    s = Session(script(on_event=on(b"M", HANG)))
+    s.send(b"EHLO c\r\n")
+    s.proto.dataReceived(b"MAIL FROM:<a@sender.test>\r\n")
+    settle(s.clock)
+    with captured_events() as events:
+        s.proto.connectionLost(None)
+        settle(s.clock)
+    milter = s.edge.milters.milters[0]
+    assert s.edge.milters.connector.in_use(milter) == 0
+    assert not [e for e in events if "failed" in e.get("log_format", "")]
+    assert s.clock.getDelayedCalls() == []
+
+
+def test_many_sessions_never_open_more_than_max_connections() -> None:
+    """20 sessions against max_connections=3: 3 sockets, 17 sessions waiting; each one that
+    ends lets the next in."""
+    clock = Clock()
+    milter = Milter("inet:m:1", name="m", max_connections=3)
+    edge = SmtpEdge(RecordingBus(), POLICY, reactor=clock, milters=[milter])
+    connector = MemoryConnector(clock, {"m": MilterScript()})
+    edge.milters.connector = Connector(clock, connector)
+    sessions = [Session(edge=edge, connector=connector, clock=clock) for _ in range(20)]
+    assert connector.connects == 3 and edge.milters.connector.waiting(milter) == 17
+    for done in sessions[:5]:
+        done.send(b"QUIT\r\n")
+    settle(clock)
+    assert connector.connects == 8 and edge.milters.connector.in_use(milter) == 3
+
+
 def test_a_big_body_is_streamed_in_chunks_with_flow_control() -> None:
     """A 1 MB body goes out in chunks of at most 65,535 bytes, and the client waits for the
     socket buffer to drain between them (no reply expected: SMFIP_NR_BODY)."""
