@@ -100,6 +100,20 @@ SMFIP_HDR_LEADSPC = 0x100000
 #: Everything this client understands (all of protocol version 6).
 MTA_PROTOCOL = 0x1FFFFF
 
+#: Each event: the flag that says "do not send it" and the flag that says "no reply to it".
+EVENT_FLAGS = {
+    SMFIC_CONNECT: (SMFIP_NOCONNECT, SMFIP_NR_CONN),
+    SMFIC_HELO: (SMFIP_NOHELO, SMFIP_NR_HELO),
+    SMFIC_MAIL: (SMFIP_NOMAIL, SMFIP_NR_MAIL),
+    SMFIC_RCPT: (SMFIP_NORCPT, SMFIP_NR_RCPT),
+    SMFIC_DATA: (SMFIP_NODATA, SMFIP_NR_DATA),
+    SMFIC_UNKNOWN: (SMFIP_NOUNKNOWN, SMFIP_NR_UNKN),
+    SMFIC_HEADER: (SMFIP_NOHDRS, SMFIP_NR_HDR),
+    SMFIC_EOH: (SMFIP_NOEOH, SMFIP_NR_EOH),
+    SMFIC_BODY: (SMFIP_NOBODY, SMFIP_NR_BODY),
+    SMFIC_BODYEOB: (0, 0),
+}
+
 # Actions the milter may ask for at the end of the message.
 SMFIF_ADDHDRS = 0x1
 SMFIF_CHGBODY = 0x2

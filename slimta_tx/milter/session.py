@@ -27,30 +27,23 @@ session goes on without it) and the reason is logged. Nothing here waits without
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from slimta_tx.address import ArgumentError, parse_rcpt_argument
 from slimta_tx.envelope import Envelope
 from slimta_tx.milter import codec
-from slimta_tx.milter.client import Connector, MilterConnection, MilterFailure, MilterTimeout
+from slimta_tx.milter.client import Connector, MilterConnection, MilterFailure
 from slimta_tx.milter.codec import Negotiated, ProtocolError, Response
 from slimta_tx.milter.config import Milter
+from slimta_tx.milter.content import DISCARD, Verdict, apply, send_message
 from slimta_tx.milter.macros import DEFAULT_MACROS, MacroContext, macro_values
 from slimta_tx.milter.message import (
-    MAX_HEAD_SIZE,
-    BodyWriter,
-    Edits,
-    Head,
     HeadTooBig,
-    body_chunks,
     read_head,
-    rewrite,
-    split_field,
 )
 from slimta_tx.reply import Reply
 from slimta_tx.spool import Spool
@@ -60,10 +53,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["MilterSession", "Milters"]
 
-#: Modification requests one milter may send at the end of one message.
-MAX_MODIFICATIONS = 10_000
-#: Bytes a batch of header packets may take before waiting for the socket to drain.
-_WRITE_BATCH = 64 * 1024
 
 _REJECT = Reply("550", "Command rejected", "5.7.1")
 _TEMPFAIL = Reply("451", "Service unavailable - try again later", "4.7.1")
@@ -72,32 +61,8 @@ _DEFAULT_REPLIES = {
     "tempfail": Reply("451", "Service unavailable - try again later", "4.7.1"),
     "reject": Reply("550", "Service unavailable", "5.7.1"),
 }
-_DISCARD = "discard"
-# Events sent with the reply each NR flag suppresses and the NO flag that skips them.
-_EVENT_FLAGS = {
-    codec.SMFIC_CONNECT: (codec.SMFIP_NOCONNECT, codec.SMFIP_NR_CONN),
-    codec.SMFIC_HELO: (codec.SMFIP_NOHELO, codec.SMFIP_NR_HELO),
-    codec.SMFIC_MAIL: (codec.SMFIP_NOMAIL, codec.SMFIP_NR_MAIL),
-    codec.SMFIC_RCPT: (codec.SMFIP_NORCPT, codec.SMFIP_NR_RCPT),
-    codec.SMFIC_DATA: (codec.SMFIP_NODATA, codec.SMFIP_NR_DATA),
-    codec.SMFIC_UNKNOWN: (codec.SMFIP_NOUNKNOWN, codec.SMFIP_NR_UNKN),
-    codec.SMFIC_HEADER: (codec.SMFIP_NOHDRS, codec.SMFIP_NR_HDR),
-    codec.SMFIC_EOH: (codec.SMFIP_NOEOH, codec.SMFIP_NR_EOH),
-    codec.SMFIC_BODY: (codec.SMFIP_NOBODY, codec.SMFIP_NR_BODY),
-    codec.SMFIC_BODYEOB: (0, 0),
-}
 # Events a milter speaking an older protocol version does not know.
 _SINCE_VERSION = {codec.SMFIC_UNKNOWN: 3, codec.SMFIC_DATA: 4}
-# What each modification needs to have been negotiated.
-_NEEDS = {
-    "add_header": codec.SMFIF_ADDHDRS,
-    "insert_header": codec.SMFIF_ADDHDRS,
-    "change_header": codec.SMFIF_CHGHDRS,
-    "change_from": codec.SMFIF_CHGFROM,
-    "delete_rcpt": codec.SMFIF_DELRCPT,
-    "replace_body": codec.SMFIF_CHGBODY,
-}
-Verdict = Reply | str | None  # a reply, "discard", or None: go on
 Handler = Callable[..., Coroutine[Any, Any, Reply]]
 
 
@@ -118,7 +83,7 @@ class Milters:
 
 
 @dataclass
-class _Link:
+class Link:
     """One milter within one SMTP session."""
 
     milter: Milter
@@ -145,20 +110,6 @@ class _Link:
         return self.negotiated.macros.get(command, DEFAULT_MACROS.get(command, ()))
 
 
-@dataclass
-class _Modifications:
-    """What one milter asked for at the end of one message."""
-
-    edits: Edits
-    body: BodyWriter | None = None
-    sender: tuple[str, tuple[str, ...]] | None = None
-    added: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)
-    deleted: list[str] = field(default_factory=list)
-    quarantine: str | None = None
-    actions: list[dict[str, str]] = field(default_factory=list)
-    count: int = 0
-
-
 class MilterSession:
     """The per-session driver (see the module docstring)."""
 
@@ -169,9 +120,9 @@ class MilterSession:
         self.proto = proto
         self.session = proto.session
         self.clock = milters.reactor
-        self.links = [_Link(m) for m in milters.milters]
+        self.links = [Link(m) for m in milters.milters]
         self.discarded = False  # the current message is to be accepted and dropped
-        self._spools: list[Spool] = []  # rewritten messages of this transaction
+        self.spools: list[Spool] = []  # rewritten messages of this transaction
         self._notes: list[dict[str, str]] = []  # what milters did, for the envelope
         self._closed = False
         self._handlers: dict[str, Handler] = {
@@ -233,7 +184,7 @@ class MilterSession:
             self._abort(link)
         self.discarded = False
         self._notes = []
-        spools, self._spools = self._spools, []
+        spools, self.spools = self.spools, []
         for spool in spools:
             spool.close()
 
@@ -254,7 +205,7 @@ class MilterSession:
             if link.state == "open":
                 link.state = "done"
 
-    def _abort(self, link: _Link) -> None:
+    def _abort(self, link: Link) -> None:
         if link.in_transaction and link.connection is not None and link.state == "open":
             try:
                 link.connection.send(codec.packet(codec.SMFIC_ABORT))
@@ -332,7 +283,7 @@ class MilterSession:
 
     # -- events ------------------------------------------------------------------------------
 
-    def _in_message(self, link: _Link) -> bool:
+    def _in_message(self, link: Link) -> bool:
         return link.in_transaction and not link.message_done
 
     async def _each(
@@ -367,14 +318,14 @@ class MilterSession:
         return None
 
     async def _event(
-        self, link: _Link, command: bytes, packet: bytes, context: MacroContext | None
+        self, link: Link, command: bytes, packet: bytes, context: MacroContext | None
     ) -> Verdict:
         """Macros and the event to one milter, and its answer (unless it said none comes)."""
         connection = link.connection
         assert connection is not None
         if not link.wants(command):
             return link.verdict
-        no_event, no_reply = _EVENT_FLAGS[command]
+        no_event, no_reply = codec.EVENT_FLAGS[command]
         out = b""
         if context is not None:
             macros = macro_values(link.macros(command), context)
@@ -390,12 +341,12 @@ class MilterSession:
                 connection.send(out)
             if skipped or link.flag(no_reply):
                 return None
-            response = await self._answer(link, command, link.milter.command_timeout)
+            response = await self.answer(link, command, link.milter.command_timeout)
         except (MilterFailure, ProtocolError) as e:
             return self._fail(link, command, e)
-        return self._decide(link, command, response)
+        return self.decide(link, command, response)
 
-    async def _answer(self, link: _Link, command: bytes, timeout: float) -> Response:
+    async def answer(self, link: Link, command: bytes, timeout: float) -> Response:
         """The milter's decision on ``command``: progress waits on, quarantine is noted."""
         connection = link.connection
         assert connection is not None
@@ -412,7 +363,7 @@ class MilterSession:
                 raise ProtocolError(f"{response.kind} is only allowed at the end of the message")
             return response
 
-    def _decide(self, link: _Link, command: bytes, response: Response) -> Verdict:
+    def decide(self, link: Link, command: bytes, response: Response) -> Verdict:
         """What a final answer means (see the module docstring)."""
         kind = response.kind
         session_event = command in (codec.SMFIC_CONNECT, codec.SMFIC_HELO)
@@ -431,13 +382,13 @@ class MilterSession:
             return None
         if kind == "discard":
             if session_event:
-                self._warn(link, command, "discard is not allowed at connect or HELO")
+                self.warn(link, command, "discard is not allowed at connect or HELO")
                 return None
             link.message_done = True
             link.in_transaction = False
             self.discarded = True
-            self._note(link, "discard", "")
-            return _DISCARD
+            self.note(link, "discard", "")
+            return DISCARD
         reply: Reply
         if kind == "reject":
             reply = _REJECT.copy()
@@ -457,7 +408,7 @@ class MilterSession:
             self._drop(link)
         return reply
 
-    def _fail(self, link: _Link, command: bytes, error: Exception) -> Verdict:
+    def _fail(self, link: Link, command: bytes, error: Exception) -> Verdict:
         """The milter failed: log why, drop it, apply its default action."""
         self._drop(link)
         action = link.milter.default_action
@@ -475,7 +426,7 @@ class MilterSession:
             )
         return link.verdict
 
-    def _warn(self, link: _Link, command: bytes, what: str) -> None:
+    def warn(self, link: Link, command: bytes, what: str) -> None:
         self.log.warn(
             "{peer}: milter {milter} at {event}: {what}",
             peer=self.session.address,
@@ -484,7 +435,7 @@ class MilterSession:
             what=what,
         )
 
-    def _drop(self, link: _Link) -> None:
+    def _drop(self, link: Link) -> None:
         connection, link.connection = link.connection, None
         link.in_transaction = False
         if connection is not None:
@@ -493,7 +444,7 @@ class MilterSession:
     def _reply(self, verdict: Verdict, reply: Reply) -> Reply:
         return verdict if isinstance(verdict, Reply) else reply
 
-    def _note(self, link: _Link, action: str, detail: str) -> None:
+    def note(self, link: Link, action: str, detail: str) -> None:
         """Record in the envelope what ``link`` did (held until there is an envelope)."""
         self._notes.append({"milter": link.milter.name, "action": action, "detail": detail})
         envelope = self.session.envelope
@@ -503,7 +454,7 @@ class MilterSession:
 
     # -- connecting ------------------------------------------------------------------------
 
-    async def _open(self, link: _Link) -> bool:
+    async def _open(self, link: Link) -> bool:
         """Connect and negotiate; False (with the default action in place) on failure."""
         milter = link.milter
         try:
@@ -549,13 +500,13 @@ class MilterSession:
             if link.state != "open" or not self._in_message(link):
                 continue
             try:
-                verdict, changes = await self._send_message(link, envelope, head)
+                verdict, changes = await send_message(self, link, envelope, head)
             except (MilterFailure, ProtocolError) as e:
                 verdict, changes = self._fail(link, codec.SMFIC_BODYEOB, e), None
             link.in_transaction = False
-            if changes is not None and verdict in (None, _DISCARD):
-                head = self._apply(link, envelope, head, changes)
-            if verdict == _DISCARD:
+            if changes is not None and verdict in (None, DISCARD):
+                head = apply(self, link, envelope, head, changes)
+            if verdict == DISCARD:
                 return self._discard(reply, envelope)
             if isinstance(verdict, Reply):
                 return verdict
@@ -577,212 +528,6 @@ class MilterSession:
             sender=envelope.sender,
         )
         return reply
-
-    async def _send_message(
-        self, link: _Link, envelope: Envelope, head: Head
-    ) -> tuple[Verdict, _Modifications | None]:
-        connection = link.connection
-        negotiated = link.negotiated
-        assert connection is not None and negotiated is not None and envelope.message is not None
-        timeout = link.milter.content_timeout
-        deadline = [self.clock.seconds() + timeout]
-        context = MacroContext(self.session, envelope=envelope)
-        leading_space = link.flag(codec.SMFIP_HDR_LEADSPC)
-
-        async def answer(command: bytes) -> Verdict:
-            left = deadline[0] - self.clock.seconds()
-            if left <= 0:
-                raise MilterTimeout(f"message not filtered within {timeout:g} seconds")
-            response = await self._answer(link, command, left)
-            return self._decide(link, command, response)
-
-        async def drained() -> None:
-            d = connection.drained()
-            timer = self.clock.callLater(max(deadline[0] - self.clock.seconds(), 0.001), d.cancel)
-            try:
-                await d
-            except Exception:
-                raise MilterTimeout(f"message not filtered within {timeout:g} seconds") from None
-            finally:
-                if timer.active():
-                    timer.cancel()
-
-        # Headers.
-        if not link.flag(codec.SMFIP_NOHDRS):
-            replies = not link.flag(codec.SMFIP_NR_HDR)
-            batch = b""
-            for raw in head.fields:
-                if link.skip == codec.SMFIC_HEADER:
-                    break
-                name, value = split_field(raw, leading_space)
-                batch += codec.header_packet(name, value)
-                if replies:
-                    connection.send(batch)
-                    batch = b""
-                    verdict = await answer(codec.SMFIC_HEADER)
-                    if verdict is not None or link.message_done:
-                        return verdict, None
-                elif len(batch) >= _WRITE_BATCH:
-                    connection.send(batch)
-                    batch = b""
-                    await drained()
-            if batch:
-                connection.send(batch)
-        verdict = await self._message_event(link, codec.SMFIC_EOH, b"", context, answer)
-        if verdict is not None or link.message_done:
-            return verdict, None
-        # Body, from the spool in chunks.
-        if not link.flag(codec.SMFIP_NOBODY):
-            replies = not link.flag(codec.SMFIP_NR_BODY)
-            for chunk in body_chunks(envelope.message, head.body_offset):
-                if link.skip == codec.SMFIC_BODY:
-                    break
-                connection.send(codec.packet(codec.SMFIC_BODY, chunk))
-                if replies:
-                    verdict = await answer(codec.SMFIC_BODY)
-                    if verdict is not None or link.message_done:
-                        return verdict, None
-                else:
-                    await drained()
-        link.skip = None
-        # End of message: modifications, then the decision.
-        macros = macro_values(link.macros(codec.SMFIC_BODYEOB), context)
-        out = codec.macro_packet(codec.SMFIC_BODYEOB, macros) if macros else b""
-        connection.send(out + codec.packet(codec.SMFIC_BODYEOB))
-        changes = _Modifications(Edits(list(head.fields), leading_space))
-        while True:
-            left = deadline[0] - self.clock.seconds()
-            if left <= 0:
-                raise MilterTimeout(f"message not filtered within {timeout:g} seconds")
-            response = codec.parse_response(*await connection.next_packet(left))
-            if response.kind == "progress":
-                deadline[0] = self.clock.seconds() + timeout
-                continue
-            if response.kind == "quarantine":
-                if not negotiated.actions & codec.SMFIF_QUARANTINE:
-                    raise ProtocolError("quarantine without negotiating it")
-                changes.quarantine = response.text or "quarantined by milter"
-                changes.actions.append({"action": "quarantine", "detail": changes.quarantine})
-                continue
-            if response.is_modification:
-                self._modify(link, negotiated, response, changes)
-                continue
-            return self._decide(link, codec.SMFIC_BODYEOB, response), changes
-
-    async def _message_event(
-        self,
-        link: _Link,
-        command: bytes,
-        data: bytes,
-        context: MacroContext,
-        answer: Callable[[bytes], Awaitable[Verdict]],
-    ) -> Verdict:
-        connection = link.connection
-        assert connection is not None
-        macros = macro_values(link.macros(command), context)
-        out = codec.macro_packet(command, macros) if macros else b""
-        skipped = link.flag(_EVENT_FLAGS[command][0])
-        if not skipped:
-            out += codec.packet(command, data)
-        if out:
-            connection.send(out)
-        if skipped or link.flag(_EVENT_FLAGS[command][1]):
-            return None
-        return await answer(command)
-
-    def _modify(
-        self, link: _Link, negotiated: Negotiated, response: Response, changes: _Modifications
-    ) -> None:
-        kind = response.kind
-        needed = _NEEDS.get(kind)
-        if kind == "add_rcpt":
-            needed = codec.SMFIF_ADDRCPT_PAR
-            if not response.args:
-                needed |= codec.SMFIF_ADDRCPT
-        if needed is not None and not negotiated.actions & needed:
-            raise ProtocolError(f"{kind} without negotiating it")
-        changes.count += 1
-        if changes.count > MAX_MODIFICATIONS:
-            raise ProtocolError(f"more than {MAX_MODIFICATIONS} modifications")
-        if kind == "add_header":
-            changes.edits.add(response.name, response.value)
-        elif kind == "insert_header":
-            changes.edits.insert(response.index, response.name, response.value)
-        elif kind == "change_header":
-            changes.edits.change(response.index, response.name, response.value)
-        elif kind == "replace_body":
-            if changes.body is None:
-                limit = self.proto.policy.max_message_size
-                changes.body = BodyWriter(self.proto.edge.spool_factory(), limit)
-            changes.body.write(response.data)
-            if changes.count == 1 or changes.actions[-1]["action"] != "replace_body":
-                changes.actions.append({"action": "replace_body", "detail": ""})
-            return
-        elif kind == "change_from":
-            changes.sender = (_bare(response.address), response.args)
-        elif kind == "add_rcpt":
-            changes.added.append((_bare(response.address), response.args))
-        elif kind == "delete_rcpt":
-            changes.deleted.append(_bare(response.address))
-        if kind.endswith("_header") and sum(map(len, changes.edits.fields)) > MAX_HEAD_SIZE:
-            raise ProtocolError(f"header section grew past {MAX_HEAD_SIZE} bytes")
-        detail = (
-            response.name.decode("utf-8", "replace")
-            if kind.endswith("_header")
-            else _bare(response.address)
-        )
-        changes.actions.append({"action": kind, "detail": detail})
-
-    def _apply(self, link: _Link, envelope: Envelope, head: Head, changes: _Modifications) -> Head:
-        """Make one milter's accepted changes the message and envelope the rest see."""
-        for action in changes.actions:
-            self._note(link, action["action"], action["detail"])
-        if changes.quarantine is not None:
-            envelope.quarantine = changes.quarantine
-        if changes.sender is not None:
-            sender, args = changes.sender
-            envelope.sender = sender
-            for arg in args:
-                key, _, value = arg.partition("=")
-                envelope.mail_params[key.upper()] = value or None
-        for address in changes.deleted:
-            kept = [
-                (rcpt, params)
-                for rcpt, params in zip(envelope.recipients, envelope.rcpt_params, strict=True)
-                if rcpt.lower() != address.lower()
-            ]
-            envelope.recipients = [rcpt for rcpt, _ in kept]
-            envelope.rcpt_params = [params for _, params in kept]
-        for address, args in changes.added:
-            try:
-                parsed = parse_rcpt_argument(f"TO:<{address}>", utf8=True)
-            except ArgumentError:
-                self._warn(link, codec.SMFIC_BODYEOB, f"ignored invalid recipient {address!r}")
-                continue
-            params: dict[str, str | None] = {}
-            for arg in args:
-                key, _, value = arg.partition("=")
-                params[key.upper()] = value or None
-            envelope.add_recipient(parsed.address, params)
-        body = changes.body.finish() if changes.body is not None else None
-        if body is not None:
-            self._spools.append(body)
-        if not changes.edits.changed and body is None:
-            return head
-        assert envelope.message is not None
-        edited = Head(changes.edits.fields, head.body_offset, head.separator)
-        target = self.proto.edge.spool_factory()
-        self._spools.append(target)
-        edited = rewrite(target, edited, body, envelope.message)
-        envelope.message = target
-        return edited
-
-
-def _bare(address: str) -> str:
-    address = address.strip()
-    if address.startswith("<") and address.endswith(">"):
-        address = address[1:-1]
-    return address
 
 
 def _connect_facts(address: tuple[str, int], session: Any) -> tuple[str, bytes, int, str]:
