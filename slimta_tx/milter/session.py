@@ -302,7 +302,7 @@ class MilterSession:
         for link in self.links:
             if link.state in ("refused", "failed"):
                 if link.verdict is not None:
-                    return link.verdict
+                    return link.verdict.copy()  # (the caller may change its reply)
                 continue
             if link.state != "open":
                 continue
@@ -424,7 +424,7 @@ class MilterSession:
                 why=str(error) or type(error).__name__,
                 action=action,
             )
-        return link.verdict
+        return link.verdict.copy() if link.verdict is not None else None
 
     def warn(self, link: Link, command: bytes, what: str) -> None:
         self.log.warn(
@@ -495,7 +495,7 @@ class MilterSession:
         for link in links:
             if link.state in ("refused", "failed"):
                 if link.verdict is not None:
-                    return link.verdict
+                    return link.verdict.copy()
                 continue
             if link.state != "open" or not self._in_message(link):
                 continue
