@@ -15,6 +15,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
 
 from slimta_tx import Policy, SmtpEdge
+from slimta_tx.envelope import TLSInfo
 from slimta_tx.milter import Milter
 from slimta_tx.milter.client import Connector
 from slimta_tx.protocol import ESMTPServerProtocol
@@ -204,6 +205,23 @@ def test_macro_lists_the_milter_asks_for() -> None:
     assert m.macros[b"C"] == {"{client_addr}": "192.0.2.1"}
     assert m.macros[b"M"] == {"{mail_addr}": "a@sender.test"}  # no envelope yet, not authed
     assert "i" in m.macros[b"R"]  # other stages keep the defaults
+
+
+def test_tls_and_auth_macros() -> None:
+    """After STARTTLS and AUTH the HELO and MAIL macros carry the TLS facts and the login."""
+    s = Session()
+    session = s.proto.session
+    session.tls = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", server_name="mx.test")
+    session.security, session.authed, session.auth_mechanism = "TLS", "alice", "PLAIN"
+    assert s.transaction()[-1] == "250"
+    m = s.milter()
+    assert m.macros[b"H"] == {
+        "{tls_version}": "TLSv1.3",
+        "{cipher}": "TLS_AES_256_GCM_SHA384",
+        "{tls_sni}": "mx.test",
+    }
+    assert m.macros[b"M"]["{auth_authen}"] == "alice"
+    assert m.macros[b"M"]["{auth_type}"] == "PLAIN"
 
 
 def test_an_older_protocol_version_gets_no_data_or_unknown_events() -> None:
