@@ -738,3 +738,28 @@ def test_over_a_real_unix_socket_with_smtplib(tmp_path: Any) -> Any:
     assert b"X-Unix: 1\r\n\r\nbody line" in bus.messages[0].data
     assert servers[0].events()[-1] == b"Q"
     assert edge.milters.connector.in_use(edge.milters.milters[0]) == 0
+
+
+def test_a_milter_that_stops_reading_holds_one_chunk_and_times_out() -> None:
+    """A milter that stops reading mid-body (SMFIP_NR_BODY, so nothing to wait for but the
+    socket): the client stops writing once the socket buffer is full, so at most one chunk
+    more is queued; the content timeout then applies the default action."""
+    milters = [Milter("inet:m:1", name="m", content_timeout=60)]
+
+    def handle(m: ScriptedMilter, cmd: bytes, data: bytes) -> Any:
+        if cmd == b"B":
+            m.transport.pauseProducing()  # type: ignore[union-attr]
+            return HANG
+        return None
+
+    s = Session(script(protocol=0x80000, on_event=handle), milters=milters, high_water=10_000)
+    body = (b"z" * 998 + b"\r\n") * 1000
+    s.send(b"EHLO c\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n")
+    s.proto.dataReceived(MESSAGE + body + b".\r\n")
+    settle(s.clock)
+    queued = s.milter().transport.other.pending_size  # type: ignore[union-attr]
+    assert 0 < queued <= 10_000 + 65_535 + 5
+    assert s.read() == []
+    s.clock.advance(60)
+    settle(s.clock)
+    assert s.read() == [("451", "4.7.1 Service unavailable - try again later")]

@@ -204,7 +204,7 @@ class _MemoryTransport:
 
     def _deliver(self) -> None:
         if self.other is not None and self.other.reading_paused:
-            self.clock.callLater(0, self._deliver)
+            self.clock.callLater(1, self._deliver)  # a reader that stopped: try each second
             return
         data, self.pending, self.pending_size = b"".join(self.pending), [], 0
         if data and self.peer is not None and self.connected:
