@@ -146,6 +146,10 @@ class Envelope:
     received_at: float = field(default_factory=time.time)
     message: Spool | None = None
     _tls_required_no: bool | None = field(default=None, repr=False, compare=False)
+    #: What the milters did to this message: ``{"milter", "action", "detail"}`` each.
+    milter_actions: list[dict[str, str]] = field(default_factory=list)
+    #: Why a milter quarantined the message (the bus stores it, marked), or None.
+    quarantine: str | None = None
 
     @classmethod
     def start(cls, session: Session, sender: str, params: dict[str, str | None]) -> Envelope:
@@ -306,6 +310,8 @@ class Envelope:
             "received_at": self.received_at,
             "size": self.message.size if self.message is not None else None,
             **self._dsn_json(),
+            **({"milter_actions": self.milter_actions} if self.milter_actions else {}),
+            **({"quarantine": self.quarantine} if self.quarantine is not None else {}),
         }
 
     def _dsn_json(self) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -17,6 +17,7 @@ from slimta_tx.address import MailArgument
 from slimta_tx.envelope import Envelope, Session
 from slimta_tx.extensions import ehlo_keywords
 from slimta_tx.interfaces import IBus
+from slimta_tx.milter import Milter, Milters, parse_milter
 from slimta_tx.policy import Policy
 from slimta_tx.protocol import ESMTPServerProtocol
 from slimta_tx.reply import Reply
@@ -46,12 +47,20 @@ class SmtpEdge(ServerFactory):
     :param reactor: the reactor (and clock) to use; the global reactor when None.
     :param lmtp: speak LMTP (RFC 2033: LHLO, one reply per recipient) instead of ESMTP; see
         :mod:`slimta_tx.lmtp`, which also serves LMTP beside SMTP listeners of one edge.
+    :param milters: mail filters (:class:`slimta_tx.milter.Milter`, or their text form
+        ``"inet:HOST:PORT"``/``"unix:PATH"``), told about each session in this order (see
+        docs/filtering.md).
     """
 
     log = Logger()
 
     def __init__(
-        self, bus: IBus, policy: Policy | None = None, reactor: Any = None, lmtp: bool = False
+        self,
+        bus: IBus,
+        policy: Policy | None = None,
+        reactor: Any = None,
+        milters: Sequence[Milter | str] = (),
+        lmtp: bool = False,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -64,6 +73,9 @@ class SmtpEdge(ServerFactory):
         self.policy = policy if policy is not None else Policy()
         self.reactor: IReactorTime = reactor
         self.validators = Validators()
+        self.milters = Milters(
+            [m if isinstance(m, Milter) else parse_milter(m) for m in milters], reactor
+        )
         self.spool_factory = SpoolFactory(
             self.policy.spool_directory, self.policy.spool_memory_limit
         )

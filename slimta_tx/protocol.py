@@ -98,6 +98,8 @@ class ESMTPServerProtocol(Protocol):
         self._flush_pending = False  # a flush_now is due at the end of this reactor pass
         # policy.is_trusted(client address), remembered with the policy and address it is for.
         self._trusted: tuple[object, object, bool] = (None, None, False)
+        # The milters' driver for this session (slimta_tx.milter), None without milters.
+        self.milters = edge.milters.session(self) if edge.milters else None
 
     # -- transport events -----------------------------------------------------------------
 
@@ -166,6 +168,8 @@ class ESMTPServerProtocol(Protocol):
         if previous in _SPOOLING_STATES and not self._waiting:
             self._discard_spool()
         starttls.connection_lost(self, reason)
+        if self.milters is not None:
+            self.milters.close()
         self.edge.connection_lost(self)
         self.log.debug("{peer} disconnected", peer=self.session.address)
 
@@ -263,11 +267,15 @@ class ESMTPServerProtocol(Protocol):
                 self.pause_input()
 
     def call_hook(self, name: str, reply: Reply, *extra: Any) -> Deferred[Reply] | Reply:
-        """Run the checks and validator of hook ``name``; a plain Reply if there are none."""
+        """Run the checks and validator of hook ``name``, then the milters; a plain Reply if
+        there are none."""
         validators = self.edge.validators
-        if name not in validators.active:
-            return reply  # most hooks on a busy edge: no Deferred, no further call
-        return validators.run(name, self.session, reply, *extra)
+        hooked: Deferred[Reply] | Reply = reply  # most hooks on a busy edge: no Deferred
+        if name in validators.active:
+            hooked = validators.run(name, self.session, reply, *extra)
+        if self.milters is not None:
+            return self.milters.after_hook(name, hooked, *extra)
+        return hooked
 
     def client_trusted(self) -> bool:
         """``policy.is_trusted(client address)``, asked once per session (not per RCPT)."""
@@ -442,7 +450,7 @@ class ESMTPServerProtocol(Protocol):
             reply = Reply("502", "Command not implemented", "5.5.1")
         else:
             reply = Reply("500", "Command not recognized", "5.5.2")
-        if "UNKNOWN" in self.edge.validators:
+        if "UNKNOWN" in self.edge.validators or self.milters is not None:
             self.run_step(self.call_hook("UNKNOWN", reply, text), self.refuse)
         else:
             self.refuse(reply)
@@ -464,6 +472,8 @@ class ESMTPServerProtocol(Protocol):
     def reset_transaction(self) -> None:
         self._discard_spool()
         self.session.envelope = None
+        if self.milters is not None:
+            self.milters.reset()
 
     # -- the message body ---------------------------------------------------------------------
 
@@ -507,7 +517,7 @@ class ESMTPServerProtocol(Protocol):
             return
         envelope.refresh_from(self.session)
         envelope.message = spool
-        if "HAVE_DATA" not in self.edge.validators.active:
+        if "HAVE_DATA" not in self.edge.validators.active and self.milters is None:
             # Nothing could change the proposed 250: straight to the bus, whose Deferred gets
             # one pair of callbacks (which also check its reply).
             sent = maybeDeferred(self.edge.bus.send, envelope)
@@ -518,6 +528,8 @@ class ESMTPServerProtocol(Protocol):
         def deliver(reply: Reply) -> Deferred[Reply] | Reply:
             if not reply.code.startswith("2"):
                 return reply
+            if self.milters is not None and self.milters.discarded:
+                return reply  # accepted and dropped: a milter's discard (logged there)
             sent = maybeDeferred(self.edge.bus.send, envelope)
             return sent.addCallback(lambda result: self.client_reply(envelope, result))
 

@@ -10,11 +10,11 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from slimta_tx.cli import auth, buses, core, esmtp, lmtp, policies, proxy, tls, workers
+from slimta_tx.cli import auth, buses, core, esmtp, lmtp, milter, policies, proxy, tls, workers
 
 __all__ = ["Options", "makeService"]
 
-GROUPS = (core, tls, auth, policies, buses, esmtp, lmtp, proxy, workers)
+GROUPS = (core, tls, auth, policies, milter, buses, esmtp, lmtp, proxy, workers)
 
 
 class Options(
@@ -22,6 +22,7 @@ class Options(
     tls.OptionGroup,
     auth.OptionGroup,
     policies.OptionGroup,
+    milter.OptionGroup,
     buses.OptionGroup,
     esmtp.OptionGroup,
     lmtp.OptionGroup,
