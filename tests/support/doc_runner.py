@@ -371,14 +371,25 @@ def _group_members(pgid: int) -> dict[int, int]:
     return members
 
 
+def _is_worker(pid: int) -> bool:
+    """A worker of ``twistd slimta --workers N`` (its parent spawned it with this variable)."""
+    try:
+        return b"\0SLIMTA_TX_WORKER=" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+
+
 def _terminate_server(pgid: int) -> None:
     """SIGTERM the server itself: the processes of the group that started no other (the
     twistd under ``bash`` and ``make``), as a supervisor stops it. Signalling the whole group
-    would give twistd a second SIGTERM from ``make``, which Twisted logs as an error."""
+    would give twistd a second SIGTERM from ``make``, which Twisted logs as an error. The
+    workers of ``--workers N`` are not the server: their parent is, and it stops them (a
+    worker signalled alone drains, and its parent starts another)."""
     try:
         members = _group_members(pgid)
     except OSError:
         members = {}
+    members = {pid: parent for pid, parent in members.items() if not _is_worker(pid)}
     parents = set(members.values())
     leaves = [pid for pid in members if pid not in parents] or [pgid]
     for pid in leaves:
