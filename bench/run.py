@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
+import twistd_haproxy  # bench/twistd_haproxy.py: twistd slimta behind HAProxy
 import workers  # bench/workers.py: twistd slimta --workers 1 vs 2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,6 +53,7 @@ SERVERS: dict[str, str] = {
     # The load-balancer hop: slimta_tx discard behind HAProxy (send-proxy-v2), same run.
     "slimta-haproxy": "slimta_tx +HAProxy",
     **workers.SERVERS,
+    **twistd_haproxy.SERVERS,
 }
 SLIMTA = ("slimta-discard", "slimta-maildir")
 SMTP_SOURCE = "/usr/sbin/smtp-source"  # Postfix's test client: C, lockstep, HELO
@@ -98,10 +100,10 @@ def scenarios(quick: bool) -> list[Scenario]:
 # -- /proc ---------------------------------------------------------------------------------------
 
 
-def proc_status(pid: int) -> dict[str, int]:
+def proc_status(pid: int, children: bool = True) -> dict[str, int]:
     """VmRSS and VmHWM of ``pid`` (summed with its child processes: workers), in KiB."""
     out: dict[str, int] = {"VmRSS": 0, "VmHWM": 0}
-    for process in workers.tree(pid):
+    for process in workers.tree(pid) if children else [pid]:
         with open(f"/proc/{process}/status") as f:
             for line in f:
                 key, _, value = line.partition(":")
@@ -255,6 +257,10 @@ def run_one(
     errlog = os.path.join(scratch, f"{kind}-{scenario.key}.stderr")
     server: subprocess.Popen[str] | None = None
     load: subprocess.Popen[str] | None = None
+    front: subprocess.Popen[bytes] | None = None  # HAProxy, started here for twistd-haproxy
+    # The server's CPU and memory: with its child processes for twistd (workers), without them
+    # for servers.py (its only child is the HAProxy of slimta-haproxy, measured apart).
+    tree = kind in workers.SERVERS or kind in twistd_haproxy.SERVERS
     try:
         helpers: list[int] = []  # pids of processes in front of the server (HAProxy)
         if kind in workers.SERVERS:
@@ -262,6 +268,12 @@ def run_one(
                 server, port = workers.start(kind, maildir, errlog)
             except RuntimeError as e:
                 raise RunFailed(str(e)) from None
+        elif kind in twistd_haproxy.SERVERS:
+            try:
+                server, port, front = twistd_haproxy.start(scratch, errlog)
+            except RuntimeError as e:
+                raise RunFailed(str(e)) from None
+            helpers = [front.pid]
         else:
             with open(errlog, "w") as err:
                 server = subprocess.Popen(
@@ -300,7 +312,7 @@ def run_one(
         if source:
             load.communicate("go\n", timeout=30)
         result["peak_reset"] = reset_peak(server.pid)
-        before = proc_status(server.pid)
+        before = proc_status(server.pid, children=tree)
         helper_cpu = sum(proc_cpu(pid) for pid in helpers)
         if source:
             figures, server_cpu = run_smtp_source(
@@ -311,9 +323,9 @@ def run_one(
             )
             if server.poll() is not None:
                 raise RunFailed(f"the server died: {tail(errlog)}")
-            after = proc_status(server.pid)
+            after = proc_status(server.pid, children=tree)
         else:
-            cpu_before = proc_cpu(server.pid)
+            cpu_before = proc_cpu(server.pid, children=tree)
             parent_before = proc_cpu(server.pid, children=False)
             load.stdin.write("go\n")
             load.stdin.flush()
@@ -323,8 +335,8 @@ def run_one(
                 raise RunFailed("the load generator overran its hard limit; killed") from e
             if server.poll() is not None:
                 raise RunFailed(f"the server died: {tail(errlog)}")
-            after = proc_status(server.pid)
-            server_cpu = proc_cpu(server.pid) - cpu_before
+            after = proc_status(server.pid, children=tree)
+            server_cpu = proc_cpu(server.pid, children=tree) - cpu_before
             if kind in workers.SERVERS and kind.split("-")[1] != "w1":
                 result["parent_cpu"] = proc_cpu(server.pid, children=False) - parent_before
             if load.returncode != 0:
@@ -343,7 +355,7 @@ def run_one(
             result["helper_cpu"] = sum(proc_cpu(pid) for pid in helpers) - helper_cpu
         if result["messages"]:
             result["server_cpu_per_msg"] = server_cpu / result["messages"]
-        server_errors = "" if kind in workers.SERVERS else tail(errlog)
+        server_errors = "" if tree else tail(errlog)
         if server_errors:
             result["server_stderr"] = server_errors
     except RunFailed as e:
@@ -352,6 +364,7 @@ def run_one(
         for proc in (load, server):
             if proc is not None:
                 stop(proc)
+        twistd_haproxy.stop(front)
         if maildir is not None:
             shutil.rmtree(maildir, ignore_errors=True)
     return result
@@ -470,6 +483,7 @@ def ratio_lines(by_server: dict[str, dict[str, Any]]) -> list[str]:
         if r is not None:
             lines.append(f"  ratio twistd --workers 2 / --workers 1, {bus}: {r:.2f}x")
             lines.append("    " + workers.efficiency(by_server, bus))
+    lines += twistd_haproxy.hop_lines(by_server)
     return lines
 
 
@@ -636,7 +650,10 @@ def main() -> int:
                 # Rotate the order so no server always runs first (or after the heaviest).
                 shift = round_ % len(servers)
                 for kind in servers[shift:] + servers[:shift]:
-                    if not workers.applies(kind, scenario.key):
+                    if not (
+                        workers.applies(kind, scenario.key)
+                        and twistd_haproxy.applies(kind, scenario.key)
+                    ):
                         continue
                     profile = None
                     if args.profile and kind in SLIMTA:

@@ -7,6 +7,11 @@ every ``check_interval`` seconds. An admin socket in that directory answers ``sh
 :meth:`HAProxy.status` and :meth:`HAProxy.wait_status` read (bounded waits). Its log goes to
 ``haproxy.log`` there. :func:`running_haproxy` always stops it (SIGTERM, then SIGKILL).
 
+A configuration of your own (the one a docs page prints, say) runs the same way: pass
+``config``, a function of the admin socket's path and the frontends' ``(host, port)`` that
+returns the text (it must have that ``stats socket`` and bind those frontends), and ``backend``,
+the name of the backend whose servers :meth:`HAProxy.status` reports.
+
 Missing ``haproxy`` fails the test under ``CI=true`` and skips it elsewhere, saying how to get
 it (``.ci/services`` installs it). Root is not needed.
 
@@ -26,7 +31,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +123,10 @@ def haproxy_config(
     return CONFIG.format(admin=admin, frontends=bind, servers=lines, balance=balance)
 
 
+#: ``(admin socket path, frontends) -> configuration text``
+ConfigMaker = Callable[[Path, Sequence[tuple[str, int]]], str]
+
+
 class HAProxy:
     """One running HAProxy; use :func:`running_haproxy` to get one."""
 
@@ -129,6 +138,8 @@ class HAProxy:
         check_interval: float = 0.2,
         frontend_hosts: Sequence[str] = ("127.0.0.1",),
         balance: str = "roundrobin",
+        config: ConfigMaker | None = None,
+        backend: str = "smtp",
     ) -> None:
         binary = require_haproxy()
         self.directory = directory
@@ -137,12 +148,15 @@ class HAProxy:
         self.log_path = directory / "haproxy.log"
         self.frontends = [(host, free_port(host)) for host in frontend_hosts]
         self.servers = list(servers)
+        self.backend = backend
         self.config_path = directory / "haproxy.cfg"
-        self.config_path.write_text(
-            haproxy_config(
+        if config is None:
+            text = haproxy_config(
                 self.admin, self.frontends, self.servers, send_proxy, check_interval, balance
             )
-        )
+        else:
+            text = config(self.admin, self.frontends)
+        self.config_path.write_text(text)
         check = subprocess.run(
             [binary, "-c", "-f", str(self.config_path)], capture_output=True, text=True
         )
@@ -185,7 +199,7 @@ class HAProxy:
         return {
             row["svname"]: row[column]
             for row in rows
-            if row["pxname"] == "smtp" and row["svname"] not in ("FRONTEND", "BACKEND")
+            if row["pxname"] == self.backend and row["svname"] not in ("FRONTEND", "BACKEND")
         }
 
     def status(self) -> dict[str, str]:
@@ -238,9 +252,13 @@ def running_haproxy(
     frontend_hosts: Sequence[str] = ("127.0.0.1",),
     balance: str = "roundrobin",
     wait: bool = True,
+    config: ConfigMaker | None = None,
+    backend: str = "smtp",
 ) -> Iterator[HAProxy]:
     """Start HAProxy, wait until its servers are UP (``wait``), and always stop it."""
-    proxy = HAProxy(servers, directory, send_proxy, check_interval, frontend_hosts, balance)
+    proxy = HAProxy(
+        servers, directory, send_proxy, check_interval, frontend_hosts, balance, config, backend
+    )
     try:
         if wait:
             proxy.wait_ready()

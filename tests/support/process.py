@@ -28,7 +28,11 @@ _PORT_LINE = re.compile(r"SmtpEdge starting on (\d+)")
 class Twistd:
     """One ``twistd -n slimta`` process; use :func:`running_twistd` to get one."""
 
-    def __init__(self, argv: Sequence[str], cwd: str | None = None) -> None:
+    def __init__(
+        self, argv: Sequence[str], cwd: str | None = None, new_session: bool = False
+    ) -> None:
+        """``new_session``: in a process group of its own (its pid is the group's id), so that
+        it and its workers can be signalled together with ``os.killpg``."""
         self.argv = list(argv)
         self.proc = subprocess.Popen(
             self.argv,
@@ -36,6 +40,7 @@ class Twistd:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=cwd,
+            start_new_session=new_session,
         )
         self.pid = self.proc.pid
         self.lines: list[str] = []
