@@ -86,9 +86,19 @@ class Session(ReplyReader):
         self.banner = self.read()
 
     def send(self, data: bytes) -> list[tuple[str, str]]:
-        self.proto.dataReceived(data)
-        settle(self.clock)
-        return self.read()
+        """Send ``data`` as a client that pipelines as RFC 2920 allows: what follows an EHLO
+        goes after its reply (an untrusted client sending on ahead gets 554 5.5.0)."""
+        replies: list[tuple[str, str]] = []
+        parts, rest = [], b""
+        for line in data.splitlines(keepends=True):
+            rest += line
+            if line.startswith(b"EHLO "):
+                parts, rest = [*parts, rest], b""
+        for part in [*parts, rest] if rest else parts:
+            self.proto.dataReceived(part)
+            settle(self.clock)
+            replies += self.read()
+        return replies
 
     def milter(self, name: str = "m") -> ScriptedMilter:
         return self.connector.server(name)
