@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LISTEN ?= tcp:2525:interface=127.0.0.1
 MAILDIR ?= ./var/maildir
 
-.PHONY: run test services lint typecheck pytest test-lowest bench clean
+.PHONY: run test services lint typecheck pytest news test-lowest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,11 @@ pytest: $(VENV)/.installed-test
 services:
 	./.ci/services
 
-test: services lint typecheck pytest
+# A change to slimta_tx/ on a branch comes with a news fragment (compared with main).
+news:
+	$(PYTHON) .ci/check_newsfragment.py
+
+test: services lint news typecheck pytest
 
 # The oldest versions pyproject.toml allows, in a venv of their own: every ">=X" (build system,
 # dependencies, extras) pinned to "==X" by .ci/lowest_constraints.py, then lint, typecheck and
