@@ -54,9 +54,9 @@ news:
 test: services lint news typecheck pytest
 
 # The oldest versions pyproject.toml allows, in a venv of their own: every ">=X" (build system,
-# dependencies, extras) pinned to "==X" by .ci/lowest_constraints.py, then lint, typecheck and
-# the suite on them. `make test` tests the newest. The packaging test is left out here: it
-# builds a wheel and installs it with the newest dependencies from the index.
+# dependencies, every extra) pinned to "==X" by .ci/lowest_constraints.py, then `make lint
+# typecheck` and the suite on them. `make test` tests the newest. The packaging test is left out
+# here: it builds a wheel and installs it with the newest dependencies from the index.
 LOWEST := .venv-lowest
 LOWEST_TESTS ?= --ignore=tests/test_packaging.py
 
@@ -66,14 +66,12 @@ $(LOWEST)/.installed: $(BUILD_INPUTS) .ci/lowest_constraints.py
 	$(PYTHON) .ci/lowest_constraints.py >$(LOWEST)/constraints.txt
 	$(LOWEST)/bin/python -m pip install --quiet -c $(LOWEST)/constraints.txt pip hatchling
 	$(LOWEST)/bin/python -m pip install --quiet --no-build-isolation \
-	  -c $(LOWEST)/constraints.txt -e '.[test,bench,amqp]'
+	  -c $(LOWEST)/constraints.txt -e ".[$$($(PYTHON) .ci/lowest_constraints.py --extras)]"
 	$(LOWEST)/bin/python -m pip list --format=freeze >$(LOWEST)/installed.txt
-	touch $@
+	touch $@ $(LOWEST)/.installed-test $(LOWEST)/.installed-run
 
 test-lowest: $(LOWEST)/.installed
-	$(LOWEST)/bin/ruff check slimta_tx tests twisted bench hatch_build.py .ci
-	$(LOWEST)/bin/ruff format --check slimta_tx tests twisted bench hatch_build.py .ci
-	$(LOWEST)/bin/mypy
+	$(MAKE) lint typecheck VENV=$(LOWEST)
 	$(LOWEST)/bin/python -m pytest -q $(LOWEST_TESTS) $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test

@@ -9,7 +9,8 @@ is an error: a bound that is never tested is a guess. Pins are exact on purpose:
 declared floors cannot be installed together, pip refuses, instead of quietly testing a newer
 version than the one declared.
 
-Usage: ``python .ci/lowest_constraints.py [pyproject.toml] > constraints.txt``
+Usage: ``python .ci/lowest_constraints.py [pyproject.toml] > constraints.txt``; with
+``--extras``, print the names of all extras instead (``test,bench,...``: what to install).
 """
 
 from __future__ import annotations
@@ -89,9 +90,15 @@ def _strings(value: object) -> Iterable[str]:
 
 
 def main(argv: list[str]) -> int:
-    path = argv[1] if len(argv) > 1 else "pyproject.toml"
+    args = argv[1:]
+    extras_only = "--extras" in args
+    args = [arg for arg in args if arg != "--extras"]
+    path = args[0] if args else "pyproject.toml"
     with open(path, "rb") as f:
         pyproject = tomllib.load(f)
+    if extras_only:  # what to install: every extra, so that every floor is used
+        print(",".join(sorted(pyproject["project"].get("optional-dependencies", {}))))
+        return 0
     try:
         lines = constraints(pyproject)
     except ValueError as e:
