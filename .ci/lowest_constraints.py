@@ -4,8 +4,8 @@
 Reads ``[build-system] requires``, ``[project] dependencies`` and every
 ``[project.optional-dependencies]`` list of pyproject.toml and prints ``name==X`` for each
 ``name>=X`` (``make test-lowest`` installs with it, so CI tests the oldest versions we claim to
-support). A requirement without a lower bound
-is an error: a bound that is never tested is a guess. Pins are exact on purpose: when two
+support). A requirement without a lower bound is an error: a bound that is never tested is a
+guess. Pins are exact on purpose: when two
 declared floors cannot be installed together, pip refuses, instead of quietly testing a newer
 version than the one declared.
 
