@@ -153,6 +153,13 @@ y = ["pika>=1.2.0"]
         "twisted==26.4.0",
         "zope-interface==5.0",
     ]
+    extras = subprocess.run(
+        [sys.executable, str(SCRIPT), "--extras", str(tmp_path / "pyproject.toml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert extras.stdout == "x,y\n"  # what `make test-lowest` installs: every extra
 
 
 @pytest.mark.parametrize(
