@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 LISTEN ?= tcp:2525:interface=127.0.0.1
 MAILDIR ?= ./var/maildir
 
-.PHONY: run test services lint typecheck pytest trial docs bench clean
+.PHONY: run test services lint typecheck pytest trial docs news test-lowest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,8 @@ run: $(VENV)/.installed-run
 	$(BIN)/twistd -n --pidfile= slimta --listen $(LISTEN) --maildir $(MAILDIR)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check slimta_tx tests twisted bench examples docs/conf.py docs/_ext hatch_build.py
-	$(BIN)/ruff format --check slimta_tx tests twisted bench examples docs/conf.py docs/_ext hatch_build.py
+	$(BIN)/ruff check slimta_tx tests twisted bench examples docs/conf.py docs/_ext hatch_build.py .ci
+	$(BIN)/ruff format --check slimta_tx tests twisted bench examples docs/conf.py docs/_ext hatch_build.py .ci
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy
@@ -64,10 +64,35 @@ docs: $(VENV)/.installed-docs
 services:
 	./.ci/services
 
-test: services lint typecheck pytest trial docs
+# A change to slimta_tx/ on a branch comes with a news fragment (compared with main).
+news:
+	$(PYTHON) .ci/check_newsfragment.py
+
+test: services lint news typecheck pytest trial docs
+
+# The oldest versions pyproject.toml allows, in a venv of their own: every ">=X" (build system,
+# dependencies, every extra) pinned to "==X" by .ci/lowest_constraints.py, then `make lint
+# typecheck` and the suite on them. `make test` tests the newest. The packaging test is left out
+# here: it builds a wheel and installs it with the newest dependencies from the index.
+LOWEST := .venv-lowest
+LOWEST_TESTS ?= --ignore=tests/test_packaging.py
+
+$(LOWEST)/.installed: $(BUILD_INPUTS) .ci/lowest_constraints.py
+	rm -rf $(LOWEST)
+	$(PYTHON) -m venv $(LOWEST)
+	$(PYTHON) .ci/lowest_constraints.py >$(LOWEST)/constraints.txt
+	$(LOWEST)/bin/python -m pip install --quiet -c $(LOWEST)/constraints.txt pip hatchling
+	$(LOWEST)/bin/python -m pip install --quiet --no-build-isolation \
+	  -c $(LOWEST)/constraints.txt -e ".[$$($(PYTHON) .ci/lowest_constraints.py --extras)]"
+	$(LOWEST)/bin/python -m pip list --format=freeze >$(LOWEST)/installed.txt
+	touch $@ $(LOWEST)/.installed-test $(LOWEST)/.installed-run
+
+test-lowest: $(LOWEST)/.installed
+	$(MAKE) lint typecheck VENV=$(LOWEST)
+	$(LOWEST)/bin/python -m pytest -q $(LOWEST_TESTS) $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) var dist build docs/_build twisted/plugins/dropin.cache slimta_tx/_speedups*.so
+	rm -rf $(VENV) $(LOWEST) var dist build docs/_build twisted/plugins/dropin.cache slimta_tx/_speedups*.so

@@ -34,6 +34,7 @@ publishes in flight: further messages wait (on disk, in their spool) for room.
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 from collections import deque
@@ -172,6 +173,11 @@ class AmqpBus:
             self.target = Target.for_exchange(exchange, routing_key)
         if timeout <= 0 or connect_timeout <= 0:
             raise ValueError("timeouts must be more than 0 seconds")
+        if connect is None:  # without the extra, say so now rather than at each reconnection
+            try:
+                importlib.import_module("pika")
+            except ImportError:
+                raise ImportError("AmqpBus needs pika: pip install 'slimta_tx[amqp]'") from None
         if reactor is None:
             from twisted.internet import reactor as global_reactor
 
