@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from slimta_tx.envelope import Envelope
+from slimta_tx.envelope import Envelope, Session
 from slimta_tx.milter import codec
 from slimta_tx.milter.client import Connector, MilterConnection, MilterFailure
 from slimta_tx.milter.codec import Negotiated, ProtocolError, Response
@@ -118,8 +119,8 @@ class MilterSession:
     def __init__(self, milters: Milters, proto: ESMTPServerProtocol) -> None:
         self.milters = milters
         self.proto = proto
-        self.session = proto.session
-        self.clock = milters.reactor
+        self.session: Session = proto.session
+        self.clock: IReactorTime = milters.reactor
         self.links = [Link(m) for m in milters.milters]
         self.discarded = False  # the current message is to be accepted and dropped
         self.spools: list[Spool] = []  # rewritten messages of this transaction
