@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, cast
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ITCPTransport
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -52,6 +52,12 @@ _DATA_REFUSALS = {
 }
 # Replies that count as the client's errors (see refuse()).
 _REFUSAL_CODES = frozenset({"500", "501", "502", "503", "504", "555"})
+_REFUSAL_REASONS = {  # the smtp.reject event's reason (slimta_tx.events)
+    DataResult.TOO_BIG: "size",
+    DataResult.LINE_TOO_LONG: "line_length",
+    DataResult.BARE_NEWLINE: "bare_newline",
+}
+_DEBUG = LogLevel.debug
 _DATA_OK = DataResult.OK
 TEMPFAIL = Reply("451", "Temporary local problem, try again later", "4.3.0")
 
@@ -91,6 +97,8 @@ class ESMTPServerProtocol(Protocol):
         self._flush_pending = False  # a flush_now is due at the end of this reactor pass
         # policy.is_trusted(client address), remembered with the policy and address it is for.
         self._trusted: tuple[object, object, bool] = (None, None, False)
+        # When the body began (354 or first BDAT) and ended: the transaction event's timings.
+        self._data_at = self._dot_at = 0.0
 
     # -- transport events -----------------------------------------------------------------
 
@@ -102,7 +110,7 @@ class ESMTPServerProtocol(Protocol):
         self.session.address = (getattr(peer, "host", str(peer)), getattr(peer, "port", 0))
         self.session.server_address = (getattr(host, "host", ""), getattr(host, "port", 0))
         self.edge.connection_made(self)
-        self.log.debug("{peer} connected", peer=self.session.address)
+        self.edge.events.connection_opened(self.session)
         if starttls.begin_implicit(self):
             # TLS from the first byte (RFC 8314): the banner waits for the handshake.
             self.restart_timer(self.policy.command_timeout)
@@ -151,7 +159,7 @@ class ESMTPServerProtocol(Protocol):
             self._discard_spool()
         starttls.connection_lost(self, reason)
         self.edge.connection_lost(self)
-        self.log.debug("{peer} disconnected", peer=self.session.address)
+        self.edge.events.connection_closed(self.session)
 
     def handshakeCompleted(self) -> None:
         """TLS is up (IHandshakeListener): record its facts in the session."""
@@ -319,6 +327,9 @@ class ESMTPServerProtocol(Protocol):
     def refuse(self, reply: Reply) -> None:
         """Send an error caused by the client's input; too many of them end the session."""
         self.send(reply)
+        self.edge.events.rejected(
+            self.session, "sequence" if reply.code == "503" else "syntax", reply, _DEBUG
+        )
         self.bad_commands += 1
         if self.bad_commands >= self.policy.max_bad_commands and not self._closing:
             self.send(
@@ -373,9 +384,7 @@ class ESMTPServerProtocol(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
-        self.log.info(
-            "{peer} timed out in state {state}", peer=self.session.address, state=self.state.value
-        )
+        self.edge.events.timed_out(self.session, self.state.value)
         if self.state in _SPOOLING_STATES:
             self._discard_spool()
         self.send(
@@ -459,6 +468,7 @@ class ESMTPServerProtocol(Protocol):
             bare_newline=self.policy.bare_newline,
             unstuff=unstuff,
         )
+        self._data_at = self.clock.seconds()
         self.restart_timer(self.policy.data_timeout)
 
     def _data_bytes(self, data: bytes) -> None:
@@ -477,14 +487,11 @@ class ESMTPServerProtocol(Protocol):
         self.decoder = None
         result = decoder.result
         refusal = None if result is _DATA_OK else _DATA_REFUSALS.get(result)
+        self._dot_at = self.clock.seconds()
         if refusal is not None:
-            self.log.info(
-                "{peer} message refused: {why} ({size} bytes)",
-                peer=self.session.address,
-                why=decoder.result.value,
-                size=decoder.size,
-            )
-            self._complete_transaction(refusal.copy())
+            refusal = refusal.copy()
+            self.edge.events.rejected(self.session, _REFUSAL_REASONS[result], refusal)
+            self._complete_transaction(refusal)
             return
         envelope.refresh_from(self.session)
         envelope.message = spool
@@ -509,7 +516,14 @@ class ESMTPServerProtocol(Protocol):
         envelope = self.session.envelope
         self.session.transactions += 1
         if envelope is not None:
-            self.edge.log_transaction(self.session, envelope, reply)
+            dot_at = self._dot_at
+            self.edge.events.transaction(
+                self.session,
+                envelope,
+                reply,
+                dot_at - self._data_at,
+                self.clock.seconds() - dot_at,
+            )
         self.reset_transaction()
         self.state = _READY
         self.send(reply)
