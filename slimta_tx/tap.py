@@ -10,11 +10,11 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from slimta_tx.cli import auth, buses, core, policies, tls
+from slimta_tx.cli import auth, buses, core, logs, policies, tls
 
 __all__ = ["Options", "makeService"]
 
-GROUPS = (core, tls, auth, policies, buses)
+GROUPS = (core, tls, auth, policies, buses, logs)
 
 
 class Options(
@@ -23,6 +23,7 @@ class Options(
     auth.OptionGroup,
     policies.OptionGroup,
     buses.OptionGroup,
+    logs.OptionGroup,
     usage.Options,
 ):
     synopsis = "[options]"

@@ -1,0 +1,291 @@
+"""The log output of ``twistd slimta``: a level filter, text or JSON lines, batched writes.
+
+:class:`LogSink` is a ``twisted.logger`` observer. For each event it:
+
+1. drops it at once when its level is below the configured one (nothing is formatted);
+2. formats it: ``text`` is exactly what ``twistd``'s own log file holds
+   (``2026-11-24T06:49:30+0000 [namespace#level] message``), ``json`` one JSON object per line
+   (below);
+3. keeps the line, and writes what it kept once per reactor pass (a ``callLater(0)``, which the
+   reactor runs after it has handled every socket that was ready): one ``write`` system call
+   and one flush for all the lines of a pass, where ``twistd``'s observer writes and flushes
+   every event. A warning, an error or a critical event is written at once with everything
+   before it, and so is every event when the reactor is not running (start-up, shutdown) or
+   comes from another thread. At reactor shutdown what is kept is written.
+
+The usual events are formatted without ``twisted.logger``'s generic formatter: the sink keeps
+a table of known ``log_format`` strings (the transaction line, connection events; see
+:data:`FAST_FORMATS`) with a plain function each, and the time stamp is formatted once per
+second. Anything else goes through Twisted's own formatting, so the output is the same.
+
+The JSON format is for Loki, Vector, Elasticsearch and ``jq``: one object per line, UTF-8 safe
+(non-ASCII escaped), with ``time`` (RFC 3339, UTC, milliseconds), ``level``, ``namespace``,
+``message`` (the text line's message) and then the event's own fields (those not starting
+with ``log_``) as they are: strings, numbers, booleans, null, lists. Other values are written as
+their ``str()``. A field named like one of the first five gets a ``field_`` prefix. An event
+with a failure also has ``error`` (the exception's type and text) and ``traceback``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from twisted.logger import (
+    ILogObserver,
+    LogLevel,
+    formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
+)
+from twisted.python import threadable
+from zope.interface import implementer
+
+from slimta_tx import events
+
+__all__ = ["FAST_FORMATS", "FORMATS", "LogSink"]
+
+FORMATS = ("text", "json")
+_URGENT = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
+_LEVELS = list(LogLevel.iterconstants())
+# Write at once when this much is kept, whatever the pass (a burst must not grow memory).
+_MAX_KEPT = 64 * 1024
+_RESERVED = frozenset({"time", "level", "namespace", "message", "event"})
+_PLAIN = (str, int, float, bool, type(None))
+# What twisted.python.log's events (namespace log_legacy) carry besides their text.
+_LEGACY = frozenset({"message", "time", "isError", "format", "system", "why", "failure"})
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _transaction(event: dict[str, Any]) -> str:
+    return (
+        f"{event['client']} helo={event['helo']} from=<{event['sender']}> "
+        f"rcpts={event['rcpts']} size={event['size']} id={event['queue_id']} "
+        f"result={event['result']} {_seconds(event['seconds'])}s"
+    )
+
+
+def _opened(event: dict[str, Any]) -> str:
+    return f"{event['client']}:{event['client_port']} connected"
+
+
+def _closed(event: dict[str, Any]) -> str:
+    return (
+        f"{event['client']}:{event['client_port']} disconnected after "
+        f"{_seconds(event['seconds'])}s, {event['transactions']} messages"
+    )
+
+
+#: ``log_format`` -> a function giving the same text as ``formatEvent`` for that event.
+FAST_FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {
+    events.TRANSACTION_FORMAT: _transaction,
+    events.OPEN_FORMAT: _opened,
+    events.CLOSE_FORMAT: _closed,
+}
+
+
+class _Clock:
+    """Time stamps, each formatted once per second (the formats have no finer unit)."""
+
+    def __init__(self) -> None:
+        self._local_second = -1
+        self._local = ""
+        self._utc_second = -1
+        self._utc = ""
+
+    def local(self, when: float | None) -> str:
+        """As ``twisted.logger.formatTime``: local time with its UTC offset."""
+        if when is None:
+            return "-"
+        second = int(when)
+        if second != self._local_second:
+            self._local = formatTime(when)
+            self._local_second = second
+        return self._local
+
+    def utc(self, when: float) -> str:
+        """RFC 3339 in UTC with milliseconds, ``2026-11-24T06:49:30.123Z``."""
+        second = int(when // 1)
+        if second != self._utc_second:
+            self._utc = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._utc_second = second
+        return f"{self._utc}.{int((when - second) * 1000):03d}Z"
+
+
+@implementer(ILogObserver)
+class LogSink:
+    """Write log events at ``level`` or above to ``out`` as ``text`` or ``json`` lines.
+
+    :param out: a file-like object with ``write(str)`` and ``flush()`` (``sys.stdout``, a
+        ``twisted.python.logfile.LogFile``, an open text file).
+    :param level: the lowest level written (a ``twisted.logger.LogLevel``).
+    :param format: ``"text"`` (the default, as ``twistd`` writes) or ``"json"``.
+    :param reactor: the reactor whose passes batch the writes; the global one when None.
+    """
+
+    def __init__(
+        self,
+        out: IO[str] | Any,
+        level: LogLevel = LogLevel.info,
+        format: str = "text",
+        reactor: Any = None,
+    ) -> None:
+        if format not in FORMATS:
+            raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {format!r}")
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.out = out
+        self.level = level
+        self.format = format
+        self.reactor = reactor
+        self._enabled = frozenset(_LEVELS[_LEVELS.index(level) :])
+        self._format: Callable[[dict[str, Any], LogLevel], str | None] = (
+            self._text if format == "text" else self._json
+        )
+        self._clock = _Clock()
+        self._kept: list[str] = []
+        self._kept_size = 0
+        self._call: Any = None
+        self._lock = threading.Lock()
+        self._shutdown_trigger: Any = None
+        add_trigger = getattr(reactor, "addSystemEventTrigger", None)
+        if add_trigger is not None:
+            self._shutdown_trigger = add_trigger("after", "shutdown", self.flush)
+
+    # -- the observer --------------------------------------------------------------------------
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level", LogLevel.info)
+        if level not in self._enabled:
+            return
+        try:
+            line = self._format(event, level)
+        except Exception as e:  # a broken event must not break logging
+            line = self._broken(event, e)
+        if not line:
+            return
+        with self._lock:
+            self._kept.append(line)
+            self._kept_size += len(line)
+            if (
+                level in _URGENT
+                or self._kept_size >= _MAX_KEPT
+                or not getattr(self.reactor, "running", True)
+                or not threadable.isInIOThread()
+            ):
+                self._write_kept()
+            elif self._call is None:
+                self._call = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Write every kept line now."""
+        with self._lock:
+            self._write_kept()
+
+    def _write_kept(self) -> None:
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
+        kept = self._kept
+        if not kept:
+            return
+        self._kept = []
+        self._kept_size = 0
+        with contextlib.suppress(Exception):
+            # If the destination fails there is nowhere left to say so (this is the log): the
+            # lines are lost and logging goes on.
+            self.out.write(kept[0] if len(kept) == 1 else "".join(kept))
+            self.out.flush()
+
+    def stop(self) -> None:
+        """Write what is kept and stop watching for the reactor's shutdown."""
+        self.flush()
+        trigger, self._shutdown_trigger = self._shutdown_trigger, None
+        if trigger is not None:
+            try:
+                self.reactor.removeSystemEventTrigger(trigger)
+            except (ValueError, KeyError):
+                pass
+
+    # -- formats -------------------------------------------------------------------------------
+
+    def _message(self, event: dict[str, Any]) -> str | None:
+        fast = FAST_FORMATS.get(event.get("log_format"))  # type: ignore[arg-type]
+        if fast is not None:
+            return fast(event)
+        return formatEvent(event) if "log_format" in event else None
+
+    def _text(self, event: dict[str, Any], level: LogLevel) -> str | None:
+        fast = FAST_FORMATS.get(event.get("log_format"))  # type: ignore[arg-type]
+        if fast is None or "log_system" in event or "log_failure" in event:
+            return formatEventAsClassicLogText(event, self._clock.local)
+        message = fast(event)
+        if "\n" in message:
+            message = message.replace("\n", "\n\t")
+        return (
+            f"{self._clock.local(event.get('log_time'))} "
+            f"[{event.get('log_namespace', '-')}#{level.name}] {message}\n"
+        )
+
+    def _json(self, event: dict[str, Any], level: LogLevel) -> str | None:
+        when = event.get("log_time")
+        record: dict[str, Any] = {
+            "time": self._clock.utc(when if isinstance(when, float | int) else time.time()),
+            "level": level.name,
+            "namespace": event.get("log_namespace"),
+            "message": self._message(event) or "",
+        }
+        legacy = _LEGACY if event.get("log_namespace") == "log_legacy" else ()
+        for key, value in event.items():
+            if key[:4] == "log_" or key in legacy:
+                continue
+            if key in _RESERVED:
+                if key == "event":
+                    record["event"] = value if isinstance(value, str) else str(value)
+                    continue
+                key = f"field_{key}"
+            if not isinstance(value, _PLAIN):
+                value = _plain(value)
+            record[key] = value
+        failure = event.get("log_failure")
+        if failure is not None:
+            record["error"] = f"{getattr(failure.type, '__name__', failure.type)}: {failure.value}"
+            try:
+                record["traceback"] = failure.getTraceback()
+            except Exception:
+                record["traceback"] = None
+        return json.dumps(record, separators=(",", ":"), default=str) + "\n"
+
+    def _broken(self, event: dict[str, Any], error: Exception) -> str:
+        what = f"unformattable log event ({type(error).__name__}: {error})"
+        if self.format == "json":
+            record = {
+                "time": self._clock.utc(time.time()),
+                "level": "error",
+                "namespace": str(event.get("log_namespace")),
+                "message": what,
+            }
+            return json.dumps(record, separators=(",", ":")) + "\n"
+        return f"{self._clock.local(time.time())} [slimta_tx.logsink#error] {what}\n"
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready form of ``value``: lists and tuples of plain values stay lists."""
+    if isinstance(value, list | tuple) and all(isinstance(v, _PLAIN) for v in value):
+        return list(value)
+    if isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, _PLAIN) for k, v in value.items()
+    ):
+        return value
+    if isinstance(value, LogLevel):
+        return value.name
+    return str(value)
