@@ -14,6 +14,12 @@ and DATA as its last), so a message costs one round trip; a body still waits for
 Latency is per message: from writing MAIL to reading the reply to the final dot. Throughput is
 completed messages over the wall time from the first connect to the last close.
 
+With ``--per-connection N`` each connection sends at most N messages, then QUIT; it waits for
+the server to close (so the server, which closes first, holds the TIME_WAIT state, not the
+client's ephemeral ports) and a new connection takes its place while messages remain: with
+``--per-connection 1`` every message pays for a connection, banner, EHLO and QUIT, as most MX
+traffic does. ``connections_opened`` in the result counts them.
+
 The run is bounded by ``--messages`` (shared by all connections) and ``--time-limit`` (no new
 transaction starts after it) and ``--hard-limit`` (everything is closed). With ``--warmup N``
 one connection first sends N small messages, then the process prints ``warm`` and waits for a
@@ -118,6 +124,8 @@ class Shared:
     deadline: float
     message: Message
     pipelining: bool
+    per_connection: int = 0  # messages per connection at most; 0: no limit
+    connections_opened: int = 0
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     pipelined_connections: int = 0
@@ -141,8 +149,8 @@ MAX_LINE = 65536
 
 # Connection states: the reply each one waits for is EXPECT[state].
 CONNECTING, BANNER, EHLO_SENT, MAIL_SENT, RCPT_SENT = 0, 1, 2, 3, 4
-DATA_SENT, BODY, DOT_SENT, QUIT_SENT = 5, 6, 7, 8
-EXPECT = (b"", b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"221")
+DATA_SENT, BODY, DOT_SENT, QUIT_SENT, CLOSING = 5, 6, 7, 8, 9
+EXPECT = (b"", b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"221", b"")
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -174,6 +182,7 @@ class Conn:
         "next_started",
         "out",
         "pipelining",
+        "sent",
         "shared",
         "sock",
         "started",
@@ -194,6 +203,8 @@ class Conn:
         self.started = 0.0
         self.next_started = 0.0
         self.closed = False
+        self.sent = 0
+        shared.connections_opened += 1
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         # As asyncio does for every TCP transport: a command must not wait for an ACK.
@@ -227,7 +238,11 @@ class Conn:
             self.fail(e)
             return
         if not data:
-            self.fail(ProtocolError("connection closed by the server"))
+            if self.state == CLOSING:
+                self.close()
+                self.loop.replace()
+            else:
+                self.fail(ProtocolError("connection closed by the server"))
             return
         if self.buf:
             data = self.buf + data
@@ -272,7 +287,9 @@ class Conn:
             if not self.pipelining:
                 self.send(DATA)
         elif state == DATA_SENT:
-            self.more = more = shared.take()
+            self.sent += 1
+            per = shared.per_connection
+            self.more = more = (not per or self.sent < per) and shared.take()
             self.state = BODY
             loop = self.loop
             if loop.small is not None:
@@ -326,7 +343,10 @@ class Conn:
                 self.state = QUIT_SENT
                 self.send(QUIT)
         elif state == QUIT_SENT:
-            self.close()
+            if shared.per_connection:
+                self.state = CLOSING  # the server closes first; then a new connection
+            else:
+                self.close()
 
     def body_sent(self) -> None:
         """The whole body and its dot are written (or queued for the kernel)."""
@@ -405,7 +425,10 @@ class Conn:
 class Loop:
     """One level-triggered epoll over all connections of a run."""
 
-    def __init__(self, shared: Shared) -> None:
+    def __init__(self, shared: Shared, address: tuple[Any, ...] = (), family: int = 0) -> None:
+        self.shared = shared
+        self.address = address
+        self.family = family
         self.epoll = select.epoll()
         self.conns: dict[int, Conn] = {}
         self.writing: set[int] = set()
@@ -436,6 +459,13 @@ class Loop:
         elif fd in self.writing:
             self.writing.discard(fd)
             self.epoll.modify(fd, EPOLLIN)
+
+    def replace(self) -> None:
+        """A connection ended after its share (``--per-connection``): open the next one while
+        messages and time remain."""
+        shared = self.shared
+        if shared.messages > 0 and time.monotonic() < shared.deadline:
+            Conn(self, shared, self.address, self.family)
 
     def remove(self, conn: Conn) -> None:
         fd = conn.fd
@@ -486,7 +516,7 @@ def session_run(
     """Open ``connections`` sessions and run them to the end; ``loop.finished`` is False when
     the hard deadline stopped them."""
     family, address = address_of(host, port)
-    loop = Loop(shared)
+    loop = Loop(shared, address, family)
     for _ in range(connections):
         Conn(loop, shared, address, family)
     loop.finished = loop.run(hard_deadline)
@@ -503,7 +533,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print("warm", flush=True)
         sys.stdin.readline()
 
-    shared = Shared(args.messages, time.monotonic() + args.time_limit, message, args.pipelining)
+    shared = Shared(
+        args.messages,
+        time.monotonic() + args.time_limit,
+        message,
+        args.pipelining,
+        per_connection=args.per_connection,
+    )
     # Nothing here makes reference cycles; the collector would only add pauses.
     gc.collect()
     gc.disable()
@@ -556,6 +592,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # How much each epoll_wait returned: few events a call means the client mostly waits.
         "client_polls": polls,
         "client_events": events,
+        "per_connection": args.per_connection,
+        "connections_opened": shared.connections_opened,
     }
 
 
@@ -567,6 +605,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--pipelining", action="store_true")
+    parser.add_argument(
+        "--per-connection",
+        type=int,
+        default=0,
+        help="messages per connection at most, then QUIT and a new connection (0: no limit)",
+    )
     parser.add_argument("--time-limit", type=float, default=10.0)
     parser.add_argument("--hard-limit", type=float, default=60.0)
     parser.add_argument("--warmup", type=int, default=0)
