@@ -33,6 +33,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
+from threading import get_ident
 from typing import IO, Any
 
 from twisted.logger import (
@@ -56,6 +57,7 @@ _LEVELS = list(LogLevel.iterconstants())
 _MAX_KEPT = 64 * 1024
 _RESERVED = frozenset({"time", "level", "namespace", "message", "event"})
 _PLAIN = (str, int, float, bool, type(None))
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 # What twisted.python.log's events (namespace log_legacy) carry besides their text.
 _LEGACY = frozenset({"message", "time", "isError", "format", "system", "why", "failure"})
 
@@ -180,7 +182,7 @@ class LogSink:
                 level in _URGENT
                 or self._kept_size >= _MAX_KEPT
                 or not getattr(self.reactor, "running", True)
-                or not threadable.isInIOThread()
+                or (threadable.ioThread is not None and get_ident() != threadable.ioThread)
             ):
                 self._write_kept()
             elif self._call is None:
@@ -244,6 +246,12 @@ class LogSink:
             "namespace": event.get("log_namespace"),
             "message": self._message(event) or "",
         }
+        if event.get("log_format") in FAST_FORMATS:
+            # One of slimta_tx's own events (slimta_tx.events): plain values, no clashes.
+            for key, value in event.items():
+                if key[:4] != "log_":
+                    record[key] = value
+            return _ENCODER.encode(record) + "\n"
         legacy = _LEGACY if event.get("log_namespace") == "log_legacy" else ()
         for key, value in event.items():
             if key[:4] == "log_" or key in legacy:
@@ -263,7 +271,7 @@ class LogSink:
                 record["traceback"] = failure.getTraceback()
             except Exception:
                 record["traceback"] = None
-        return json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        return _ENCODER.encode(record) + "\n"
 
     def _broken(self, event: dict[str, Any], error: Exception) -> str:
         what = f"unformattable log event ({type(error).__name__}: {error})"
