@@ -107,7 +107,9 @@ class ESMTPServerProtocol(Protocol):
             self.transport.setTcpNoDelay(True)
         transport = cast(Any, self.transport)
         peer, host = transport.getPeer(), transport.getHost()
-        self.session.address = (getattr(peer, "host", str(peer)), getattr(peer, "port", 0))
+        # (not getattr(peer, "host", str(peer)): that formats the address every time)
+        peer_host = peer.host if hasattr(peer, "host") else str(peer)
+        self.session.address = (peer_host, getattr(peer, "port", 0))
         self.session.server_address = (getattr(host, "host", ""), getattr(host, "port", 0))
         self.edge.connection_made(self)
         self.edge.events.connection_opened(self.session)
@@ -313,12 +315,18 @@ class ESMTPServerProtocol(Protocol):
             and self.transport is not None
         ):
             self.transport.loseConnection()
-            # A client that never reads cannot hold the connection open.
-            self._abort_timer = self.clock.callLater(30, self._abort_if_open)
+            # A client that never reads cannot hold the connection open: the idle timer, if
+            # there is one, becomes that deadline (a reset instead of a new call per close).
+            timer, self._timer = self._timer, None
+            if timer is not None and timer.active():
+                timer.reset(30)
+                self._abort_timer = timer
+            else:
+                self._abort_timer = self.clock.callLater(30, self._abort_if_open)
 
     def close_after_flush(self) -> None:
         self._closing = True
-        self.cancel_timer()
+        self._timer_due = None  # the idle timer is kept: flush_now makes it the abort deadline
 
     def _abort_if_open(self) -> None:
         if self.state is not _CLOSED and self.transport is not None:
@@ -383,6 +391,9 @@ class ESMTPServerProtocol(Protocol):
         self._timer = None
 
     def _timed_out(self) -> None:
+        if self._closing:  # the idle timer, turned into the abort deadline by flush_now
+            self._abort_if_open()
+            return
         self._timer = None
         self.edge.events.timed_out(self.session, self.state.value)
         if self.state in _SPOOLING_STATES:
