@@ -117,9 +117,9 @@ class Reply:
             lines = message.split("\n")
             if all(line and line.isprintable() and line == line.strip() for line in lines):
                 code = self.code
-                last = lines.pop()
+                final = lines.pop()
                 return (
-                    "".join([f"{code}-{line}\r\n" for line in lines]) + f"{code} {last}\r\n"
+                    "".join([f"{code}-{line}\r\n" for line in lines]) + f"{code} {final}\r\n"
                 ).encode()
         code = self.code if _CODE.match(self.code) else "451"
         esc = self.effective_enhanced_code(with_enhanced)
