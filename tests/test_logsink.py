@@ -53,7 +53,7 @@ class Reactor(Clock):
 
     def shut_down(self) -> None:
         self.running = False
-        for phase, event, f in list(self.triggers):
+        for _phase, event, f in list(self.triggers):
             if event == "shutdown":
                 f()
 
@@ -205,7 +205,7 @@ def test_an_unformattable_event_is_reported_not_raised() -> None:
 
 def test_lines_of_one_reactor_pass_are_one_write() -> None:
     """Info lines wait for the end of the reactor pass, then go out in one write and flush."""
-    sink, out, reactor, log = sink_and_logger()
+    _sink, out, reactor, log = sink_and_logger()
     for i in range(5):
         log.info("line {i}", i=i)
     assert out.writes == []
@@ -217,7 +217,7 @@ def test_lines_of_one_reactor_pass_are_one_write() -> None:
 
 
 def test_warnings_and_errors_are_written_at_once_after_what_came_before() -> None:
-    sink, out, reactor, log = sink_and_logger()
+    _sink, out, reactor, log = sink_and_logger()
     log.info("first")
     log.warn("then a warning")
     assert len(out.writes) == 1
@@ -245,7 +245,7 @@ def test_events_from_other_threads_are_written_at_once(monkeypatch: pytest.Monke
     from twisted.python import threadable
 
     monkeypatch.setattr(threadable, "ioThread", threading.get_ident())
-    sink, out, reactor, log = sink_and_logger()
+    _sink, out, _reactor, log = sink_and_logger()
     log.info("from the reactor thread")
     assert out.writes == []
     worker = threading.Thread(target=lambda: log.info("from a worker thread"))
@@ -256,7 +256,7 @@ def test_events_from_other_threads_are_written_at_once(monkeypatch: pytest.Monke
 
 
 def test_a_burst_is_written_before_it_grows_large() -> None:
-    sink, out, reactor, log = sink_and_logger()
+    _sink, out, reactor, log = sink_and_logger()
     for i in range(2000):
         log.info("{i} " + "x" * 100, i=i)
     assert out.writes, "64 KiB kept: written without waiting for the end of the pass"
