@@ -46,7 +46,12 @@ def free_port() -> int:
 
 
 def command(
-    kind: str, port: int, logfile: str, maildir: str | None, profile: str | None = None
+    kind: str,
+    port: int,
+    logfile: str,
+    maildir: str | None,
+    profile: str | None = None,
+    extra: tuple[str, ...] = (),
 ) -> list[str]:
     """The twistd command line of ``kind`` (see the module docstring)."""
     twistd = [TWISTD, "-n", "--pidfile=", "-l", logfile]
@@ -69,7 +74,7 @@ def command(
         slimta += ["--log-format", "json"]
     elif kind == "twistd-nolog":
         slimta += ["--log-level", "critical"]
-    return twistd + slimta
+    return twistd + slimta + list(extra)
 
 
 def start(
@@ -79,13 +84,14 @@ def start(
     maildir: str | None = None,
     profile: str | None = None,
     timeout: float = 30.0,
+    extra: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[str], int, str]:
     """Start ``kind``; returns the process, its port and its log file once it greets."""
     port = free_port()
     logfile = os.path.join(scratch, f"{kind}-{port}.log")
     with open(errlog, "w") as err:
         proc = subprocess.Popen(
-            command(kind, port, logfile, maildir, profile),
+            command(kind, port, logfile, maildir, profile, extra),
             stdin=subprocess.DEVNULL,
             stdout=err,
             stderr=err,
