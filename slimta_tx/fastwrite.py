@@ -7,6 +7,13 @@ queued, sending straight away is safe (the kernel keeps the order) and saves all
 part the socket does not take, and every other case (TLS, a queue, a closing connection, a
 test transport), goes through ``transport.write`` as before.
 
+On a TLS connection the reply goes through Twisted's TLS layer as usual (``transport.write``
+encrypts it into the connection's write buffer and registers for writability); when that
+buffer was empty before, the connection's own ``doWrite`` then sends it at once, instead of the
+reactor doing so on its next pass (one ``epoll_wait`` wake-up and dispatch less per reply:
+each lockstep reply under TLS cost a reactor pass of its own). ``doWrite`` is what the reactor
+would call; anything it cannot send, or an error, is left for the reactor as before.
+
 Replies are also coalesced per reactor pass (:func:`flush_later`): the replies that the
 connections made ready in one pass of the reactor over its ready sockets go out together at
 the end of that pass (a ``callLater(0)``, run before the reactor polls again), each still
@@ -34,13 +41,17 @@ def write(transport: Any, data: bytes) -> None:
     """Write ``data`` to ``transport``, straight to its socket when that keeps the order."""
     if (
         isinstance(transport, tcp.Connection)
-        and not transport.TLS
         and transport.connected
         and not transport.disconnecting
         and transport.producer is None
         and getattr(transport, "_tempDataLen", 1) == 0
         and transport.offset == len(transport.dataBuffer)
     ):
+        if transport.TLS:
+            transport.write(data)  # encrypted into the (empty) write buffer
+            if transport._tempDataLen and transport.connected and not transport.disconnecting:
+                transport.doWrite()  # what the reactor would do on its next pass
+            return
         try:
             sent = transport.socket.send(data)
         except (BlockingIOError, InterruptedError):
