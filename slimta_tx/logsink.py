@@ -58,6 +58,7 @@ _MAX_KEPT = 64 * 1024
 _RESERVED = frozenset({"time", "level", "namespace", "message", "event"})
 _PLAIN = (str, int, float, bool, type(None))
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
+_quote = json.encoder.encode_basestring_ascii  # str -> "JSON string", ASCII only (C)
 # What twisted.python.log's events (namespace log_legacy) carry besides their text.
 _LEGACY = frozenset({"message", "time", "isError", "format", "system", "why", "failure"})
 
@@ -90,6 +91,46 @@ FAST_FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {
     events.TRANSACTION_FORMAT: _transaction,
     events.OPEN_FORMAT: _opened,
     events.CLOSE_FORMAT: _closed,
+}
+
+
+def _number(seconds: float | None) -> str:
+    """A duration already cut to the microsecond as a JSON number, without float repr's
+    shortest-digits search: ``0.000852``."""
+    if seconds is None:
+        return "null"
+    us = round(seconds * 1e6)
+    sign = "-" if us < 0 else ""
+    us = abs(us)
+    return f"{sign}{us // 1000000}.{us % 1000000:06d}"
+
+
+def _json_str(value: str | None) -> str:
+    return "null" if value is None else _quote(value)
+
+
+def _json_transaction(event: dict[str, Any], head: str) -> str:
+    """The ``smtp.transaction`` event as a JSON line, written out field by field (it is
+    written for every message). Client-controlled text is escaped; the rest is known to be
+    plain ASCII (addresses, hex ids, digits)."""
+    return (
+        f'{head},"message":{_quote(_transaction(event))},"event":"smtp.transaction",'
+        f'"client":{_json_str(event["client"])},"helo":{_json_str(event["helo"])},'
+        f'"sender":{_quote(event["sender"])},"rcpts":{event["rcpts"]},"size":{event["size"]},'
+        f'"queue_id":"{event["queue_id"]}","session_id":"{event["session_id"]}",'
+        f'"result":{_quote(event["result"])},"code":{_quote(event["code"])},'
+        f'"tls_version":{_json_str(event["tls_version"])},'
+        f'"tls_cipher":{_json_str(event["tls_cipher"])},"auth":{_json_str(event["auth"])},'
+        f'"seconds":{_number(event["seconds"])},'
+        f'"connect_to_mail_seconds":{_number(event["connect_to_mail_seconds"])},'
+        f'"data_seconds":{_number(event["data_seconds"])},'
+        f'"bus_seconds":{_number(event["bus_seconds"])}}}\n'
+    )
+
+
+#: ``log_format`` -> a JSON line writer for that event (given the line's head).
+FAST_JSON: dict[str, Callable[[dict[str, Any], str], str]] = {
+    events.TRANSACTION_FORMAT: _json_transaction,
 }
 
 
@@ -239,6 +280,8 @@ class LogSink:
         )
 
     def _json(self, event: dict[str, Any], level: LogLevel) -> str | None:
+        if event.get("log_format") in FAST_FORMATS:
+            return self._json_fast(event, level)
         when = event.get("log_time")
         record: dict[str, Any] = {
             "time": self._clock.utc(when if isinstance(when, float | int) else time.time()),
@@ -246,12 +289,6 @@ class LogSink:
             "namespace": event.get("log_namespace"),
             "message": self._message(event) or "",
         }
-        if event.get("log_format") in FAST_FORMATS:
-            # One of slimta_tx's own events (slimta_tx.events): plain values, no clashes.
-            for key, value in event.items():
-                if key[:4] != "log_":
-                    record[key] = value
-            return _ENCODER.encode(record) + "\n"
         legacy = _LEGACY if event.get("log_namespace") == "log_legacy" else ()
         for key, value in event.items():
             if key[:4] == "log_" or key in legacy:
@@ -272,6 +309,36 @@ class LogSink:
             except Exception:
                 record["traceback"] = None
         return _ENCODER.encode(record) + "\n"
+
+    def _json_fast(self, event: dict[str, Any], level: LogLevel) -> str:
+        """slimta_tx's own events (slimta_tx.events): known identifiers for keys, plain
+        values; written out directly (a third of the cost of building a record for the
+        encoder)."""
+        log_format = event["log_format"]
+        when = event.get("log_time")
+        head = (
+            f'{{"time":"{self._clock.utc(when if isinstance(when, float) else time.time())}",'
+            f'"level":"{level.name}","namespace":{_quote(event.get("log_namespace") or "-")}'
+        )
+        special = FAST_JSON.get(log_format)
+        if special is not None:
+            return special(event, head)
+        parts = [head, f',"message":{_quote(FAST_FORMATS[log_format](event))}']
+        append = parts.append
+        for key, value in event.items():
+            if key[:4] == "log_":
+                continue
+            kind = type(value)
+            if kind is str:
+                append(f',"{key}":{_quote(value)}')
+            elif value is None:
+                append(f',"{key}":null')
+            elif kind is int or kind is float:
+                append(f',"{key}":{value!r}')
+            else:
+                append(f',"{key}":{_ENCODER.encode(_plain(value))}')
+        append("}\n")
+        return "".join(parts)
 
     def _broken(self, event: dict[str, Any], error: Exception) -> str:
         what = f"unformattable log event ({type(error).__name__}: {error})"

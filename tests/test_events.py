@@ -83,7 +83,7 @@ def test_the_transaction_event_times_the_data_and_the_bus() -> None:
     event = only(events, "smtp.transaction")
     assert event["data_seconds"] == 1.75
     assert event["bus_seconds"] == 3
-    assert event["code"] == "250" and event["outcome"] == "accepted"
+    assert event["code"] == "250" and event["result"] == "250 2.6.0"
     assert event["helo"] == "client.test" and event["rcpts"] == 1
     assert event["size"] == len(MESSAGE)
 

@@ -98,7 +98,7 @@ def test_json_log_file_at_debug(tmp_path: Path) -> None:
     (transaction,) = [r for r in records if r.get("event") == "smtp.transaction"]
     assert transaction["helo"] == "json.client.test"
     assert transaction["sender"] == "a@sender.test"
-    assert transaction["code"] == "250" and transaction["outcome"] == "accepted"
+    assert transaction["code"] == "250" and transaction["result"] == "250 2.6.0"
     assert transaction["client"] == "127.0.0.1"
     assert re.fullmatch(r"[0-9A-F]{16}", transaction["queue_id"])
     for key in ("connect_to_mail_seconds", "data_seconds", "bus_seconds", "seconds"):
