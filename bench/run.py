@@ -37,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
+import product
 import twistd_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -572,8 +573,21 @@ def main() -> int:
         "the rest",
     )
     parser.add_argument("--output", default=None, help="JSON file (default: bench/results/)")
+    parser.add_argument(
+        "--product",
+        action="store_true",
+        help="issue 18's tables: twistd slimta as shipped vs twisted.mail, the log's cost, "
+        "medians of 3 rounds (see bench/product.py)",
+    )
     args = parser.parse_args()
 
+    if args.product:
+        if "--servers" not in " ".join(sys.argv):
+            args.servers = ",".join(product.SERVERS)
+        if not args.scenarios:
+            args.scenarios = ",".join(product.SCENARIOS)
+        if "--rounds" not in " ".join(sys.argv):
+            args.rounds = product.ROUNDS
     servers = [s for s in args.servers.split(",") if s]
     unknown = [s for s in servers if s not in SERVERS]
     if unknown:
@@ -628,6 +642,8 @@ def main() -> int:
                 # Rotate the order so no server always runs first (or after the heaviest).
                 shift = round_ % len(servers)
                 for kind in servers[shift:] + servers[:shift]:
+                    if args.product and product.skip(kind, scenario.key):
+                        continue
                     profile = None
                     if args.profile and (kind in SLIMTA or kind in TWISTD_KINDS):
                         profile = os.path.join(
@@ -640,8 +656,8 @@ def main() -> int:
                     )
                     if profile and os.path.exists(profile):
                         profile_summary(profile, profile[: -len(".prof")] + ".txt")
-            by_server = {kind: pick(runs[kind]) for kind in servers}
-            for kind in servers:
+            by_server = {kind: pick(runs[kind]) for kind in servers if runs[kind]}
+            for kind in by_server:
                 print(row(by_server[kind]), flush=True)
             results[scenario.key] = by_server
             loadavg[scenario.key] = list(os.getloadavg())
@@ -655,6 +671,14 @@ def main() -> int:
     print("\nTargets (issue 2):")
     for t in judged:
         print(describe_target(t))
+    if args.product:
+        lines, issue18 = product.report(results)
+        for line in lines:
+            print(line)
+        print("\nTargets (issue 18):")
+        for t in issue18:
+            print(describe_target(t))
+        judged += issue18
     took = time.monotonic() - started
     info["loadavg_end"] = os.getloadavg()
     info["seconds"] = round(took, 1)
