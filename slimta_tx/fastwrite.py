@@ -32,7 +32,7 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.logger import Logger
 
-__all__ = ["flush_later", "write"]
+__all__ = ["at_end_of_pass", "flush_later", "write"]
 
 log = Logger()
 
@@ -90,6 +90,15 @@ class _PassBatch:
 _batches: weakref.WeakKeyDictionary[Any, _PassBatch] = weakref.WeakKeyDictionary()
 
 
+def at_end_of_pass(reactor: Any, call: Callable[[], None]) -> None:
+    """Call ``call`` at the end of this reactor pass, with the replies' flushes (one
+    ``callLater(0)`` per pass for all of them: the log sink's writes share it)."""
+    batch = _batches.get(reactor)
+    if batch is None:
+        batch = _batches[reactor] = _PassBatch(reactor)
+    batch.add(call)
+
+
 def flush_later(transport: Any, flush: Callable[[], None]) -> bool:
     """Call ``flush`` at the end of this reactor pass, if ``transport`` is plain TCP.
 
@@ -102,8 +111,5 @@ def flush_later(transport: Any, flush: Callable[[], None]) -> bool:
     reactor = getattr(transport, "reactor", None)
     if reactor is None:
         return False
-    batch = _batches.get(reactor)
-    if batch is None:
-        batch = _batches[reactor] = _PassBatch(reactor)
-    batch.add(flush)
+    at_end_of_pass(reactor, flush)
     return True

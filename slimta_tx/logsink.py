@@ -47,6 +47,7 @@ from twisted.python import threadable
 from zope.interface import implementer
 
 from slimta_tx import events
+from slimta_tx.fastwrite import at_end_of_pass
 
 __all__ = ["FAST_FORMATS", "FORMATS", "LogSink"]
 
@@ -197,7 +198,7 @@ class LogSink:
         self._clock = _Clock()
         self._kept: list[str] = []
         self._kept_size = 0
-        self._call: Any = None
+        self._flush_due = False  # a flush is due at the end of this reactor pass
         self._lock = threading.Lock()
         self._shutdown_trigger: Any = None
         add_trigger = getattr(reactor, "addSystemEventTrigger", None)
@@ -226,8 +227,13 @@ class LogSink:
                 or (threadable.ioThread is not None and get_ident() != threadable.ioThread)
             ):
                 self._write_kept()
-            elif self._call is None:
-                self._call = self.reactor.callLater(0, self.flush)
+            elif not self._flush_due:
+                self._flush_due = True
+                at_end_of_pass(self.reactor, self._end_of_pass)
+
+    def _end_of_pass(self) -> None:
+        self._flush_due = False
+        self.flush()
 
     def flush(self) -> None:
         """Write every kept line now."""
@@ -235,9 +241,6 @@ class LogSink:
             self._write_kept()
 
     def _write_kept(self) -> None:
-        call, self._call = self._call, None
-        if call is not None and call.active():
-            call.cancel()
         kept = self._kept
         if not kept:
             return
