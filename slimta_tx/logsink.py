@@ -96,14 +96,9 @@ FAST_FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {
 
 
 def _number(seconds: float | None) -> str:
-    """A duration already cut to the microsecond as a JSON number, without float repr's
-    shortest-digits search: ``0.000852``."""
-    if seconds is None:
-        return "null"
-    us = round(seconds * 1e6)
-    sign = "-" if us < 0 else ""
-    us = abs(us)
-    return f"{sign}{us // 1000000}.{us % 1000000:06d}"
+    """A duration as a JSON number (``repr`` of a float cut to the microsecond is short and
+    quick: ``0.000852``, ``1.1e-05``), or null."""
+    return "null" if seconds is None else repr(seconds)
 
 
 def _json_str(value: str | None) -> str:
@@ -122,8 +117,8 @@ def _json_transaction(event: dict[str, Any], head: str) -> str:
         f'"result":{_quote(event["result"])},"code":{_quote(event["code"])},'
         f'"tls_version":{_json_str(event["tls_version"])},'
         f'"tls_cipher":{_json_str(event["tls_cipher"])},"auth":{_json_str(event["auth"])},'
-        f'"seconds":{_number(event["seconds"])},'
-        f'"connect_to_mail_seconds":{_number(event["connect_to_mail_seconds"])},'
+        f'"seconds":{event["seconds"]!r},'
+        f'"connect_to_mail_seconds":{event["connect_to_mail_seconds"]!r},'
         f'"data_seconds":{_number(event["data_seconds"])},'
         f'"bus_seconds":{_number(event["bus_seconds"])}}}\n'
     )
