@@ -37,7 +37,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
+import product  # bench/product.py: the issue 18 tables (--product)
 import twistd_haproxy  # bench/twistd_haproxy.py: twistd slimta behind HAProxy
+import twistd_server  # bench/twistd_server.py: twistd slimta as users run it
 import workers  # bench/workers.py: twistd slimta --workers 1 vs 2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,10 +58,16 @@ SERVERS: dict[str, str] = {
     **twistd_haproxy.SERVERS,
 }
 SLIMTA = ("slimta-discard", "slimta-maildir")
+PEERS = ("twisted", "aiosmtpd")
+PEERS_DEFAULT = PEERS
+# `twistd slimta` as users run it (bench/twistd_server.py): the product beside the library.
+SERVERS.update(twistd_server.KINDS)
+TWISTD_KINDS = tuple(twistd_server.KINDS)
+MAILDIR_KINDS = ("slimta-maildir", "twistd-maildir")
+DEFAULT_SERVERS = (*SLIMTA, "twistd-discard", "twistd-maildir", *PEERS_DEFAULT)
 SMTP_SOURCE = "/usr/sbin/smtp-source"  # Postfix's test client: C, lockstep, HELO
 # smtp-source's headers (From, To, Date, Message-Id) are about this long; its -l is the payload.
 SMTP_SOURCE_HEADERS = 160
-PEERS = ("twisted", "aiosmtpd")
 
 
 @dataclass(frozen=True)
@@ -72,10 +80,13 @@ class Scenario:
     time_limit: float
     hard_limit: float
     pipelining: bool = False
+    per_connection: int = 0  # messages per connection (then QUIT, reconnect); 0: no limit
 
 
 PIPE_TITLE = "50 connections x 2 KiB, PIPELINING"
 LOCKSTEP_TITLE = "50 connections x 2 KiB, no pipelining"
+ONCE_TITLE = "50 connections at once x 2 KiB, one message per connection"
+ONE_ONCE_TITLE = "1 connection at a time x 2 KiB, one message per connection"
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -85,6 +96,8 @@ def scenarios(quick: bool) -> list[Scenario]:
             Scenario("1x2k", "1 connection x 2 KiB", 1, 2048, 300, 1.0, 20),
             Scenario("50x2k-pipe", PIPE_TITLE, 50, 2048, 2000, 1.0, 20, pipelining=True),
             Scenario("50x2k", LOCKSTEP_TITLE, 50, 2048, 2000, 1.0, 20),
+            Scenario("50x2k-1", ONCE_TITLE, 50, 2048, 1000, 1.0, 20, per_connection=1),
+            Scenario("1x2k-1", ONE_ONCE_TITLE, 1, 2048, 300, 1.0, 20, per_connection=1),
             Scenario("10x1m", "10 connections x 1 MiB", 10, MiB, 40, 1.5, 30),
             Scenario("1x16m", "1 message of 16 MiB (quick stand-in)", 1, 16 * MiB, 1, 20, 40),
         ]
@@ -92,6 +105,8 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario("1x2k", "1 connection x 2 KiB", 1, 2048, 4000, 4.0, 40),
         Scenario("50x2k-pipe", PIPE_TITLE, 50, 2048, 20000, 5.0, 40, pipelining=True),
         Scenario("50x2k", LOCKSTEP_TITLE, 50, 2048, 20000, 5.0, 40),
+        Scenario("50x2k-1", ONCE_TITLE, 50, 2048, 10000, 5.0, 40, per_connection=1),
+        Scenario("1x2k-1", ONE_ONCE_TITLE, 1, 2048, 3000, 4.0, 40, per_connection=1),
         Scenario("10x1m", "10 connections x 1 MiB", 10, MiB, 500, 6.0, 60),
         Scenario("1x100m", "1 message of 100 MiB", 1, 100 * MiB, 1, 60, 90),
     ]
@@ -177,7 +192,8 @@ def run_smtp_source(
     seconds over the run."""
     command = [
         SMTP_SOURCE,
-        "-d",  # keep each session open for its next message
+        # -d: keep each session open for its next message; without: one message a connection
+        *([] if scenario.per_connection == 1 else ["-d"]),
         f"-s{scenario.connections}",
         f"-m{scenario.messages}",
         f"-l{max(scenario.size - SMTP_SOURCE_HEADERS, 1)}",
@@ -249,7 +265,7 @@ def run_one(
     result: dict[str, Any] = {"server": kind, "scenario": scenario.key}
     command = [PYTHON, os.path.join(HERE, "servers.py"), kind]
     maildir = None
-    if kind.endswith("maildir"):
+    if kind in MAILDIR_KINDS or kind.endswith("maildir"):
         maildir = tempfile.mkdtemp(prefix="maildir-", dir=scratch)
         command += ["--maildir", maildir]
     if profile and kind in SLIMTA:
@@ -261,6 +277,7 @@ def run_one(
     # The server's CPU and memory: with its child processes for twistd (workers), without them
     # for servers.py (its only child is the HAProxy of slimta-haproxy, measured apart).
     tree = kind in workers.SERVERS or kind in twistd_haproxy.SERVERS
+    logfile = None
     try:
         helpers: list[int] = []  # pids of processes in front of the server (HAProxy)
         if kind in workers.SERVERS:
@@ -274,6 +291,13 @@ def run_one(
             except RuntimeError as e:
                 raise RunFailed(str(e)) from None
             helpers = [front.pid]
+        elif kind in TWISTD_KINDS:
+            try:
+                server, port, logfile = twistd_server.start(
+                    kind, scratch, errlog, maildir, profile
+                )
+            except twistd_server.StartFailed as e:
+                raise RunFailed(f"{e}: {tail(errlog)}") from None
         else:
             with open(errlog, "w") as err:
                 server = subprocess.Popen(
@@ -298,6 +322,7 @@ def run_one(
                 f"--time-limit={scenario.time_limit}",
                 f"--hard-limit={scenario.hard_limit}",
                 f"--warmup={warmup}",
+                f"--per-connection={scenario.per_connection}",
                 *(["--pipelining"] if scenario.pipelining else []),
             ],
             stdin=subprocess.PIPE,
@@ -355,6 +380,8 @@ def run_one(
             result["helper_cpu"] = sum(proc_cpu(pid) for pid in helpers) - helper_cpu
         if result["messages"]:
             result["server_cpu_per_msg"] = server_cpu / result["messages"]
+        if logfile is not None:
+            result["log_bytes"] = twistd_server.log_bytes(logfile)
         server_errors = "" if tree else tail(errlog)
         if server_errors:
             result["server_stderr"] = server_errors
@@ -464,7 +491,9 @@ def ratio(by_server: dict[str, dict[str, Any]], mine: str, peer: str) -> float |
 
 def ratio_lines(by_server: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
-    for mine in SLIMTA:
+    for mine in SLIMTA + TWISTD_KINDS:
+        if mine not in by_server:
+            continue
         parts = []
         for peer in PEERS:
             r = ratio(by_server, mine, peer)
@@ -574,10 +603,24 @@ def profile_summary(path: str, out: str) -> None:
         f.write(buf.getvalue())
 
 
+def client_for(args: argparse.Namespace, scenario: Scenario) -> str:
+    """``--client auto``: smtp-source (no Python in the client) drives the lockstep 2 KiB
+    scenarios where it is installed; load.py the pipelined and large-message ones."""
+    if args.client != "auto":
+        return str(args.client)
+    if not scenario.pipelining and scenario.size <= 64 * 1024 and os.access(SMTP_SOURCE, os.X_OK):
+        return "smtp-source"
+    return "load"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
-    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated")
+    parser.add_argument(
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help=f"comma-separated, of {', '.join(SERVERS)}",
+    )
     parser.add_argument("--scenarios", default=None, help="comma-separated scenario keys")
     parser.add_argument(
         "--rounds",
@@ -588,14 +631,29 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile the slimta_tx servers")
     parser.add_argument(
         "--client",
-        choices=("load", "smtp-source"),
-        default="load",
+        choices=("auto", "load", "smtp-source"),
+        default="auto",
         help="the load generator: bench/load.py, or Postfix's smtp-source (C, lockstep "
-        "scenarios only; a cross-check of load.py's figures)",
+        "scenarios only; a cross-check of load.py's figures); auto (the default): "
+        "smtp-source for the lockstep 2 KiB scenarios where it is installed, load.py for "
+        "the rest",
     )
     parser.add_argument("--output", default=None, help="JSON file (default: bench/results/)")
+    parser.add_argument(
+        "--product",
+        action="store_true",
+        help="issue 18's tables: twistd slimta as shipped vs twisted.mail, the log's cost, "
+        "medians of 3 rounds (see bench/product.py)",
+    )
     args = parser.parse_args()
 
+    if args.product:
+        if "--servers" not in " ".join(sys.argv):
+            args.servers = ",".join(product.SERVERS)
+        if not args.scenarios:
+            args.scenarios = ",".join(product.SCENARIOS)
+        if "--rounds" not in " ".join(sys.argv):
+            args.rounds = product.ROUNDS
     servers = [s for s in args.servers.split(",") if s]
     unknown = [s for s in servers if s not in SERVERS]
     if unknown:
@@ -653,15 +711,17 @@ def main() -> int:
                     if not (
                         workers.applies(kind, scenario.key)
                         and twistd_haproxy.applies(kind, scenario.key)
-                    ):
+                    ) or (args.product and product.skip(kind, scenario.key)):
                         continue
                     profile = None
-                    if args.profile and kind in SLIMTA:
+                    if args.profile and (kind in SLIMTA or kind in TWISTD_KINDS):
                         profile = os.path.join(
                             RESULTS, f"profile-{stamp}-{kind}-{scenario.key}-{round_}.prof"
                         )
                     runs[kind].append(
-                        run_one(kind, scenario, warmup, scratch, profile, args.client)
+                        run_one(
+                            kind, scenario, warmup, scratch, profile, client_for(args, scenario)
+                        )
                     )
                     if profile and os.path.exists(profile):
                         profile_summary(profile, profile[: -len(".prof")] + ".txt")
@@ -680,6 +740,14 @@ def main() -> int:
     print("\nTargets (issues 2 and 10):")
     for t in judged:
         print(describe_target(t))
+    if args.product:
+        lines, issue18 = product.report(results)
+        for line in lines:
+            print(line)
+        print("\nTargets (issue 18):")
+        for t in issue18:
+            print(describe_target(t))
+        judged += issue18
     took = time.monotonic() - started
     info["loadavg_end"] = os.getloadavg()
     info["seconds"] = round(took, 1)
