@@ -15,7 +15,7 @@ from twisted.python.components import Componentized
 from slimta_tx.factory import SmtpEdge
 from slimta_tx.proxy import listener_service
 
-__all__ = ["EdgeService", "SighupReload"]
+__all__ = ["EdgeService", "SighupReload", "offer_log_observer"]
 
 
 class SighupReload(Service):
@@ -67,6 +67,18 @@ class SighupReload(Service):
         return super().stopService()
 
 
+def offer_log_observer(parent: Any, factory: Callable[[], object] | None) -> None:
+    """Give twistd's Application ``factory()`` as its ILogObserver component.
+
+    twistd adopts the service before it sets up logging, and then asks its Application for an
+    ILogObserver component: this is where a service's own observer (slimta_tx/cli/logs.py)
+    goes. Nothing happens without a factory, outside an Application, or when it has one.
+    """
+    if factory is not None and isinstance(parent, Componentized):
+        if parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, factory())
+
+
 class EdgeService(MultiService):
     """Listens on each endpoint description; on stop, drains sessions through ``edge.close``.
 
@@ -98,12 +110,7 @@ class EdgeService(MultiService):
         self.reloads.add(callback)
 
     def setServiceParent(self, parent: Any) -> None:
-        # twistd adopts the service before it sets up logging, and then asks its Application
-        # for an ILogObserver component: this is where ours goes.
-        factory = self.log_observer_factory
-        if factory is not None and isinstance(parent, Componentized):
-            if parent.getComponent(ILogObserver) is None:
-                parent.setComponent(ILogObserver, factory())
+        offer_log_observer(parent, self.log_observer_factory)
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
