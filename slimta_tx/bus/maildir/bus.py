@@ -1,0 +1,255 @@
+"""The embedded default bus: each accepted message becomes one file in a Maildir.
+
+Group commit: :meth:`MaildirBus.send` queues the message. While no commit runs, the queue is
+handed to the writer as one batch (:meth:`MaildirStore.commit
+<slimta_tx.bus.maildir.store.MaildirStore.commit>`); messages that reach their final dot while
+it runs wait and form the next batch. A batch costs one data sync and one directory sync
+whatever its size, so under load the syncs per message fall well below one, and a message
+alone (one client) pays exactly one of each.
+
+The writer is one thread of the bus's own (not the reactor's thread pool, which other buses
+and DNS share): one hand-over per batch, not per message or per system call. Each message gets
+``250 2.6.0`` only after its batch is durable, or ``451 4.3.0`` if anything in its batch
+failed (see docs/maildir.md).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from slimta_tx.bus.maildir.clean import DEFAULT_TMP_AGE, clean
+from slimta_tx.bus.maildir.store import MaildirStore
+from slimta_tx.envelope import Envelope
+from slimta_tx.interfaces import IBus
+from slimta_tx.reply import Reply
+
+__all__ = ["MaildirBus"]
+
+_LOCAL_ERROR = ("451", "Local error in processing; try again later", "4.3.0")
+#: How often a started bus runs :meth:`MaildirBus.clean` (seconds).
+CLEAN_INTERVAL = 3600.0
+
+Runner = Callable[[Callable[[], Any]], "Deferred[Any]"]
+
+
+class WriterThread:
+    """One daemon thread running submitted functions in order; results come back to the
+    reactor thread through ``reactor.callFromThread`` (one wake-up per function).
+
+    :param reactor: called for the reactor when the first result is ready (so that building a
+        bus never imports the global reactor).
+    """
+
+    def __init__(self, reactor: Callable[[], Any], name: str) -> None:
+        self._reactor = reactor
+        self._name = name
+        self._jobs: _Jobs | None = None
+
+    def __call__(self, function: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        if self._jobs is None:
+            self._jobs = queue.SimpleQueue()
+            thread = threading.Thread(
+                target=self._loop, args=(self._jobs,), name=self._name, daemon=True
+            )
+            thread.start()
+        self._jobs.put((function, d))
+        return d
+
+    def _loop(self, jobs: _Jobs) -> None:
+        call = None
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            function, d = job
+            try:
+                result = function()
+            except BaseException:
+                failure = Failure()
+                failure.cleanFailure()
+                outcome: tuple[Callable[..., Any], Any] = (d.errback, failure)
+            else:
+                outcome = (d.callback, result)
+            if call is None:
+                call = self._reactor().callFromThread
+            call(*outcome)
+
+    def stop(self) -> Deferred[None]:
+        """Let queued functions finish, then end the thread; fires when it has."""
+        jobs, self._jobs = self._jobs, None
+        done: Deferred[None] = Deferred()
+        if jobs is None:
+            done.callback(None)
+        else:
+            jobs.put((lambda: None, done))
+            jobs.put(None)
+        return done
+
+
+_Jobs = queue.SimpleQueue[tuple[Callable[[], Any], "Deferred[Any]"] | None]
+
+
+@implementer(IBus)
+class MaildirBus:
+    """Deliver into the Maildir at ``path`` (created if missing), with group commit.
+
+    :param reactor: provides ``callFromThread`` and the clock for periodic cleaning; the
+        global reactor if None.
+    :param run_in_thread: ``f -> Deferred`` running ``f()`` off the reactor thread, once per
+        batch; by default a writer thread of this bus. Tests pass a synchronous runner (each
+        message its own batch) or one they step by hand.
+    :param fsync: False only for benchmarks on throwaway storage.
+    :param sync_mode: ``auto`` (the default: ``journal`` on ext4 with a journal, else
+        ``per-file``), ``per-file`` or ``journal``; see docs/maildir.md.
+    :param clean_interval: seconds between :meth:`clean` runs once :meth:`start` was called
+        (``twistd slimta`` calls it); 0 for only the one at start-up.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        path: str,
+        reactor: Any = None,
+        run_in_thread: Runner | None = None,
+        fsync: bool = True,
+        sync_mode: str = "auto",
+        clean_interval: float = CLEAN_INTERVAL,
+    ) -> None:
+        self.store = MaildirStore(path, fsync=fsync, sync_mode=sync_mode)
+        self.path = self.store.path
+        self._reactor = reactor
+        self._writer: WriterThread | None = None
+        if run_in_thread is None:
+            self._writer = WriterThread(lambda: self.reactor, f"maildir-writer {self.path}")
+            run_in_thread = self._writer
+        self._run: Runner = run_in_thread
+        self.clean_interval = clean_interval
+        self._queue: list[tuple[Envelope, Deferred[Reply]]] = []
+        self._committing = False
+        self._cleaner: LoopingCall | None = None
+
+    @property
+    def reactor(self) -> Any:
+        if self._reactor is None:
+            from twisted.internet import reactor
+
+            self._reactor = reactor
+        return self._reactor
+
+    @property
+    def fsync(self) -> bool:
+        return self.store.fsync
+
+    @fsync.setter
+    def fsync(self, value: bool) -> None:
+        self.store.fsync = value
+
+    @property
+    def sync_mode(self) -> str:
+        """``per-file`` or ``journal``: how this Maildir's batches are made durable."""
+        return self.store.sync_mode
+
+    def send(self, envelope: Envelope) -> Deferred[Reply]:
+        d: Deferred[Reply] = Deferred()
+        self._queue.append((envelope, d))
+        if not self._committing:
+            self._commit_queued()
+        return d
+
+    def _commit_queued(self) -> None:
+        batch, self._queue = self._queue, []
+        self._committing = True
+        envelopes = [envelope for envelope, _ in batch]
+        d = self._run(lambda: self.store.commit(envelopes))
+        d.addBoth(self._committed, batch)
+
+    def _committed(self, result: object, batch: list[tuple[Envelope, Deferred[Reply]]]) -> None:
+        if isinstance(result, Failure):
+            self.log.failure(
+                "maildir delivery of {queue_ids} failed",
+                result,
+                queue_ids=" ".join(envelope.queue_id for envelope, _ in batch),
+            )
+            for _, d in batch:
+                d.callback(Reply(*_LOCAL_ERROR))
+        else:
+            for envelope, d in batch:
+                d.callback(Reply("250", f"Message queued as {envelope.queue_id}", "2.6.0"))
+        # Replies may make clients send again at once (send() queues meanwhile): only now
+        # may the next batch start, with everything that arrived.
+        self._committing = False
+        if self._queue:
+            self._commit_queued()
+
+    def deliver(self, envelope: Envelope) -> Reply:
+        """Blocking delivery of one message, in the calling thread (raises OSError)."""
+        self.store.commit([envelope])
+        return Reply("250", f"Message queued as {envelope.queue_id}", "2.6.0")
+
+    def unique_name(self, envelope: Envelope) -> str:
+        return self.store.unique_name(envelope)
+
+    # -- housekeeping -------------------------------------------------------------------
+
+    def clean(self, older_than: float = DEFAULT_TMP_AGE) -> int:
+        """Remove leftovers of interrupted or failed deliveries (blocking); returns how many
+        files went. See :mod:`slimta_tx.bus.maildir.clean` for what counts."""
+        return len(self._clean(older_than))
+
+    def _clean(self, older_than: float = DEFAULT_TMP_AGE) -> list[str]:
+        journal = self.store.journal
+        return clean(self.path, older_than, keep_segment=journal.name if journal else None)
+
+    def _clean_and_log(self) -> Deferred[None]:
+        def report(removed: list[str]) -> None:
+            if removed:
+                shown = ", ".join(removed[:10]) + (" ..." if len(removed) > 10 else "")
+                self.log.info(
+                    "maildir {path}: removed {count} leftover files: {files}",
+                    path=self.path,
+                    count=len(removed),
+                    files=shown,
+                    removed=removed,
+                )
+
+        def failed(failure: Failure) -> None:
+            self.log.failure("maildir {path}: cleaning failed", failure, path=self.path)
+
+        d: Deferred[None] = self._run(self._clean).addCallbacks(report, failed)
+        return d
+
+    def start(self) -> Deferred[None]:
+        """Clean up now (start-up recovery), then every ``clean_interval`` seconds."""
+        d = self._clean_and_log()
+        if self.clean_interval > 0 and self._cleaner is None:
+            self._cleaner = LoopingCall(self._clean_and_log)
+            self._cleaner.clock = self.reactor
+            self._cleaner.start(self.clean_interval, now=False)
+        return d
+
+    def stop(self) -> Deferred[None]:
+        """Stop cleaning; let the writer finish what it has, then close the files."""
+        if self._cleaner is not None and self._cleaner.running:
+            self._cleaner.stop()
+        self._cleaner = None
+        if self._writer is not None:
+            done = self._writer.stop()
+        else:
+            done = Deferred()
+            done.callback(None)
+
+        def close(_: object) -> None:
+            self.store.close()
+
+        return done.addCallback(close)

@@ -1,0 +1,189 @@
+"""The Maildir's writer: commits a batch of messages with one set of syncs (blocking).
+
+A batch, in order (each step is a function of :mod:`~slimta_tx.bus.maildir.fsops`):
+
+1. every message: create ``tmp/<name>``, write ``Return-Path:``, ``Received:`` and the body,
+   start its writeback;
+2. one ``write`` of the batch's envelope records to the envelope journal (a new segment's
+   name is made durable first);
+3. one data sync for the batch (the messages' files and the journal segment);
+4. every message: rename ``tmp/<name>`` to ``new/<name>``;
+5. one ``fsync`` of ``new/``.
+
+Only then does the bus answer 250. A message is in ``new/`` only after its bytes and its
+envelope are durable; any failure takes the whole batch back out (451 for each message). See
+docs/maildir.md for the crash story and why step 3 suffices on each file system.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import count
+
+from slimta_tx.bus.maildir import fsops
+from slimta_tx.bus.maildir.durability import MODES, detect
+from slimta_tx.bus.maildir.journal import EnvelopeJournal, record_line
+from slimta_tx.envelope import Envelope
+
+__all__ = ["CommitStats", "MaildirStore"]
+
+SUBDIRS = ("tmp", "new", "cur", "envelope")
+_deliveries = count(1)
+
+
+def safe_hostname(name: str) -> str:
+    """The host name as a Maildir name part (``/`` and ``:`` escaped as the spec says)."""
+    return name.replace("/", "\\057").replace(":", "\\072")
+
+
+@dataclass
+class CommitStats:
+    """What the store has done: batches and messages committed, syncs issued."""
+
+    batches: int = 0
+    messages: int = 0
+    failed_batches: int = 0
+    data_syncs: int = 0  # calls of fsops.sync_data (each covers a whole batch)
+    dir_syncs: int = 0  # fsyncs of new/ and envelope/
+
+
+class MaildirStore:
+    """Writes batches of messages into the Maildir at ``path`` (created if missing).
+
+    :param fsync: False only for benchmarks on throwaway storage (no sync at all).
+    :param sync_mode: ``auto`` (detect), ``per-file`` or ``journal``; see
+        :class:`~slimta_tx.bus.maildir.fsops.DataSync`. ``journal`` is only right on ext4
+        with a journal; ``auto`` picks it only there.
+
+    :meth:`commit` is blocking and serialised by a lock: call it from one writer thread.
+    """
+
+    def __init__(self, path: str, fsync: bool = True, sync_mode: str = "auto") -> None:
+        if sync_mode not in MODES:
+            raise ValueError(f"sync_mode must be one of {MODES}, not {sync_mode!r}")
+        self.path = os.path.abspath(path)
+        for sub in SUBDIRS:
+            os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
+        self.fsync = fsync
+        self.sync_mode = detect(self.path) if sync_mode == "auto" else sync_mode
+        self.hostname = safe_hostname(socket.gethostname())
+        self.stats = CommitStats()
+        self._lock = threading.Lock()
+        self._dirs: dict[str, int] = {}
+        self._data_sync: fsops.DataSync | None = None
+        self.journal: EnvelopeJournal | None = None
+
+    def _dir(self, sub: str) -> int:
+        fd = self._dirs.get(sub)
+        if fd is None:
+            fd = os.open(os.path.join(self.path, sub), os.O_RDONLY | os.O_DIRECTORY)
+            self._dirs[sub] = fd
+        return fd
+
+    def unique_name(self, envelope: Envelope) -> str:
+        now = time.time()
+        usec = int((now % 1) * 1_000_000)
+        return (
+            f"{int(now)}.M{usec}P{os.getpid()}Q{next(_deliveries)}"
+            f"R{envelope.queue_id}.{self.hostname}"
+        )
+
+    def commit(self, envelopes: Sequence[Envelope]) -> list[str]:
+        """Store every envelope's message durably; their names in ``new/``, in order.
+
+        Raises (OSError, usually) when any step fails; then none of them is in ``new/``.
+        """
+        with self._lock:
+            try:
+                names = self._commit(envelopes)
+            except BaseException:
+                self.stats.failed_batches += 1
+                raise
+            self.stats.batches += 1
+            self.stats.messages += len(names)
+            return names
+
+    def _commit(self, envelopes: Sequence[Envelope]) -> list[str]:
+        for envelope in envelopes:
+            if envelope.message is None:
+                raise ValueError(f"envelope {envelope.queue_id} has no message")
+        tmp, new = self._dir("tmp"), self._dir("new")
+        if self.journal is None:
+            self.journal = EnvelopeJournal(self._dir("envelope"), self.hostname, self.fsync)
+        journal = self.journal
+        if self._data_sync is None and self.fsync:
+            self._data_sync = fsops.DataSync(self.sync_mode)
+        names: list[str] = []
+        fds: list[int] = []
+        renamed = 0
+        try:
+            lines = []
+            for envelope in envelopes:
+                assert envelope.message is not None
+                name = self.unique_name(envelope)
+                fd = fsops.create_message(tmp, name)
+                names.append(name)
+                fds.append(fd)
+                head = envelope.return_path_header() + envelope.received_header()
+                fsops.write_message(fd, head, envelope.message)
+                if self.fsync:
+                    fsops.start_writeback(fd)
+                lines.append(record_line(name, envelope.to_json_dict()))
+            segment = journal.prepare()
+            journal.append(b"".join(lines))
+            if self._data_sync is not None:
+                fsops.sync_data(self._data_sync, [*fds, segment])
+                self.stats.data_syncs += 1
+            for fd in fds:
+                os.close(fd)
+            fds.clear()
+            for name in names:
+                fsops.rename_message(tmp, new, name)
+                renamed += 1
+            if self.fsync:
+                fsops.sync_new(new)
+                self.stats.dir_syncs += 1
+        except BaseException:
+            journal.abandon()
+            self._take_back(names, renamed)
+            raise
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return names
+
+    def _take_back(self, names: list[str], renamed: int) -> None:
+        """After a failure: nothing of the batch may stay where readers look, nor in tmp/.
+
+        The client is told 451 and sends the message again, so a copy that did reach ``new/``
+        goes; should even that removal not last (the disk is failing), the copy is complete
+        and has its envelope: the worst case is one duplicate, never a partial message.
+        """
+        for i, name in enumerate(names):
+            directory = self._dirs["new"] if i < renamed else self._dirs["tmp"]
+            try:
+                os.unlink(name, dir_fd=directory)
+            except OSError:
+                pass
+        if renamed and self.fsync:
+            try:
+                os.fsync(self._dirs["new"])
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self.journal is not None:
+                self.journal.close()
+                self.journal = None
+            if self._data_sync is not None:
+                self._data_sync.close()
+                self._data_sync = None
+            for fd in self._dirs.values():
+                os.close(fd)
+            self._dirs.clear()
