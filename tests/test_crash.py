@@ -8,6 +8,7 @@ A SIGTERM lets the transaction in progress finish.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -204,3 +205,30 @@ def test_sigterm_during_data_lets_the_transaction_finish(tmp_path: Path) -> None
     assert after[0] == "421"
     [stored] = stored_messages(maildir)
     assert stored.body == BODY
+
+
+def test_start_up_removes_what_a_crash_left_and_says_so(tmp_path: Path) -> None:
+    """twistd slimta cleans its Maildir when it starts: a message file left in tmp/ by a
+    killed delivery (old enough) and an envelope journal describing no stored message go,
+    and the log names them; delivered mail stays."""
+    maildir = tmp_path / "md"
+    with running_twistd(twistd_argv(maildir)) as server:
+        with WireClient(server.port) as client:
+            client.start_transaction()
+            assert client.command(BODY + b".")[0] == "250"
+    [kept] = stored_messages(maildir)
+    long_ago = time.time() - 3 * 24 * 3600
+    leftovers = [
+        maildir / "tmp" / "1.M1P1Q1Rkilled.host",
+        maildir / "envelope" / "1.M1P9Q1.host.jsonl",
+    ]
+    leftovers[0].write_bytes(b"Return-Path: <a@example.com>\r\npartial")
+    leftovers[1].write_bytes(b'{"maildir_name": "1.M1P1Q1Rkilled.host"}\n')
+    for path in leftovers:
+        os.utime(path, (long_ago, long_ago))
+    with running_twistd(twistd_argv(maildir)) as server:
+        line = server.wait_for_line(re.compile(r"removed 2 leftover files"))
+    assert "tmp/1.M1P1Q1Rkilled.host" in line
+    assert "envelope/1.M1P9Q1.host.jsonl" in line
+    assert not any(path.exists() for path in leftovers)
+    assert [s.name for s in stored_messages(maildir)] == [kept.name]

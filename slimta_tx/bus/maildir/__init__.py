@@ -9,6 +9,6 @@
 
 from slimta_tx.bus.maildir.bus import MaildirBus
 from slimta_tx.bus.maildir.journal import envelope_of, read_envelopes
-from slimta_tx.bus.maildir.store import MaildirStore
+from slimta_tx.bus.maildir.store import MaildirStore, StoredMessage
 
-__all__ = ["MaildirBus", "MaildirStore", "envelope_of", "read_envelopes"]
+__all__ = ["MaildirBus", "MaildirStore", "StoredMessage", "envelope_of", "read_envelopes"]

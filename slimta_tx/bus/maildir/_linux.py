@@ -15,6 +15,7 @@ Both return None (unavailable) where the platform lacks them: callers fall back 
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import platform
 import sys
@@ -112,6 +113,14 @@ class ParallelSync:
         self._ctx = ctypes.c_ulong(0)
         if libc.syscall(numbers["io_setup"], ctypes.c_uint(capacity), ctypes.byref(self._ctx)):
             _raise_errno("io_setup")
+        # Built once: a call only fills in the file descriptors.
+        self._blocks = (_Iocb * capacity)()
+        self._pointers = (ctypes.POINTER(_Iocb) * capacity)()
+        for i in range(capacity):
+            self._blocks[i].aio_lio_opcode = _IOCB_CMD_FDSYNC
+            self._blocks[i].aio_data = i
+            self._pointers[i] = ctypes.pointer(self._blocks[i])
+        self._events = (_IoEvent * capacity)()
 
     @classmethod
     def create(cls, capacity: int = 128) -> ParallelSync | None:
@@ -130,29 +139,25 @@ class ParallelSync:
 
     def _batch(self, fds: Sequence[int]) -> None:
         count = len(fds)
-        blocks = (_Iocb * count)()
-        pointers = (ctypes.POINTER(_Iocb) * count)()
+        blocks, events = self._blocks, self._events
         for i, fd in enumerate(fds):
-            blocks[i].aio_lio_opcode = _IOCB_CMD_FDSYNC
             blocks[i].aio_fildes = fd
-            blocks[i].aio_data = i
-            pointers[i] = ctypes.pointer(blocks[i])
-        submitted = self._libc.syscall(self._numbers["io_submit"], self._ctx, count, pointers)
+        syscall, numbers, ctx = self._libc.syscall, self._numbers, self._ctx
+        submitted = syscall(numbers["io_submit"], ctx, count, self._pointers)
         if submitted < 0:
             _raise_errno("io_submit")
-        events = (_IoEvent * max(submitted, 1))()
         done = 0
         while done < submitted:
-            got = self._libc.syscall(
-                self._numbers["io_getevents"],
-                self._ctx,
+            got = syscall(
+                numbers["io_getevents"],
+                ctx,
                 submitted - done,
                 submitted - done,
                 ctypes.byref(events, done * ctypes.sizeof(_IoEvent)),
                 None,
             )
             if got < 0:
-                if ctypes.get_errno() == 4:  # EINTR: a signal arrived; keep waiting
+                if ctypes.get_errno() == errno.EINTR:  # a signal arrived; keep waiting
                     continue
                 _raise_errno("io_getevents")
             done += got

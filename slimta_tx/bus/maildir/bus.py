@@ -198,7 +198,7 @@ class MaildirBus:
         return Reply("250", f"Message queued as {envelope.queue_id}", "2.6.0")
 
     def unique_name(self, envelope: Envelope) -> str:
-        return self.store.unique_name(envelope)
+        return self.store.unique_name(envelope.queue_id)
 
     # -- housekeeping -------------------------------------------------------------------
 

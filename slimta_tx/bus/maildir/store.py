@@ -24,13 +24,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import count
+from typing import Any
 
 from slimta_tx.bus.maildir import fsops
 from slimta_tx.bus.maildir.durability import MODES, detect
 from slimta_tx.bus.maildir.journal import EnvelopeJournal, record_line
 from slimta_tx.envelope import Envelope
+from slimta_tx.spool import Spool
 
-__all__ = ["CommitStats", "MaildirStore"]
+__all__ = ["CommitStats", "MaildirStore", "StoredMessage"]
 
 SUBDIRS = ("tmp", "new", "cur", "envelope")
 _deliveries = count(1)
@@ -39,6 +41,30 @@ _deliveries = count(1)
 def safe_hostname(name: str) -> str:
     """The host name as a Maildir name part (``/`` and ``:`` escaped as the spec says)."""
     return name.replace("/", "\\057").replace(":", "\\072")
+
+
+@dataclass
+class StoredMessage:
+    """One message for :meth:`MaildirStore.commit_messages`.
+
+    :ivar queue_id: goes into the file name (``...R<queue_id>.<host>``).
+    :ivar head: bytes written before the body (the trace headers).
+    :ivar body: the message.
+    :ivar record: its envelope record (``maildir_name`` is added in front).
+    """
+
+    queue_id: str
+    head: bytes
+    body: Spool
+    record: dict[str, Any]
+
+    @classmethod
+    def of(cls, envelope: Envelope) -> StoredMessage:
+        """What the edge stores: ``Return-Path:``, ``Received:``, the message as received."""
+        if envelope.message is None:
+            raise ValueError(f"envelope {envelope.queue_id} has no message")
+        head = envelope.return_path_header() + envelope.received_header()
+        return cls(envelope.queue_id, head, envelope.message, envelope.to_json_dict())
 
 
 @dataclass
@@ -85,22 +111,23 @@ class MaildirStore:
             self._dirs[sub] = fd
         return fd
 
-    def unique_name(self, envelope: Envelope) -> str:
+    def unique_name(self, queue_id: str) -> str:
         now = time.time()
         usec = int((now % 1) * 1_000_000)
-        return (
-            f"{int(now)}.M{usec}P{os.getpid()}Q{next(_deliveries)}"
-            f"R{envelope.queue_id}.{self.hostname}"
-        )
+        return f"{int(now)}.M{usec}P{os.getpid()}Q{next(_deliveries)}R{queue_id}.{self.hostname}"
 
     def commit(self, envelopes: Sequence[Envelope]) -> list[str]:
         """Store every envelope's message durably; their names in ``new/``, in order.
 
         Raises (OSError, usually) when any step fails; then none of them is in ``new/``.
         """
+        return self.commit_messages([StoredMessage.of(envelope) for envelope in envelopes])
+
+    def commit_messages(self, messages: Sequence[StoredMessage]) -> list[str]:
+        """:meth:`commit` for messages that did not come from the edge (e.g. a consumer)."""
         with self._lock:
             try:
-                names = self._commit(envelopes)
+                names = self._commit(messages)
             except BaseException:
                 self.stats.failed_batches += 1
                 raise
@@ -108,10 +135,7 @@ class MaildirStore:
             self.stats.messages += len(names)
             return names
 
-    def _commit(self, envelopes: Sequence[Envelope]) -> list[str]:
-        for envelope in envelopes:
-            if envelope.message is None:
-                raise ValueError(f"envelope {envelope.queue_id} has no message")
+    def _commit(self, messages: Sequence[StoredMessage]) -> list[str]:
         tmp, new = self._dir("tmp"), self._dir("new")
         if self.journal is None:
             self.journal = EnvelopeJournal(self._dir("envelope"), self.hostname, self.fsync)
@@ -123,17 +147,15 @@ class MaildirStore:
         renamed = 0
         try:
             lines = []
-            for envelope in envelopes:
-                assert envelope.message is not None
-                name = self.unique_name(envelope)
+            for message in messages:
+                name = self.unique_name(message.queue_id)
                 fd = fsops.create_message(tmp, name)
                 names.append(name)
                 fds.append(fd)
-                head = envelope.return_path_header() + envelope.received_header()
-                fsops.write_message(fd, head, envelope.message)
+                fsops.write_message(fd, message.head, message.body)
                 if self.fsync:
                     fsops.start_writeback(fd)
-                lines.append(record_line(name, envelope.to_json_dict()))
+                lines.append(record_line(name, message.record))
             segment = journal.prepare()
             journal.append(b"".join(lines))
             if self._data_sync is not None:
