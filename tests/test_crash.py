@@ -114,7 +114,7 @@ def clean_as_after_restart(maildir: Path) -> None:
 @pytest.mark.parametrize("step", DELIVERY_STEPS)
 def test_sigkill_at_each_delivery_step(tmp_path: Path, step: str) -> None:
     """Killed just before each file-system step of a delivery: the client never got a 250;
-    before the rename into new/ nothing is there, after it the message is complete with its
+    before the message is named in new/ nothing is there, after it the message is complete with its
     envelope; clean() then removes exactly the leftovers."""
     maildir = tmp_path / "md"
     MaildirBus(str(maildir))  # creates the layout
@@ -126,7 +126,7 @@ def test_sigkill_at_each_delivery_step(tmp_path: Path, step: str) -> None:
             with pytest.raises(ConnectionError):
                 client.reply()
             assert server.wait() == -signal.SIGKILL
-    visible = DELIVERY_STEPS.index(step) > DELIVERY_STEPS.index("rename message")
+    visible = DELIVERY_STEPS.index(step) > DELIVERY_STEPS.index("publish message")
     assert assert_complete_or_absent(maildir, BODY) == (1 if visible else 0)
 
     clean_as_after_restart(maildir)
@@ -140,14 +140,14 @@ def test_sigkill_at_each_delivery_step(tmp_path: Path, step: str) -> None:
 
 @pytest.mark.parametrize(
     ("step", "visible_of_batch"),
-    [("open message#3", 0), ("sync data#2", 0), ("rename message#3", 1), ("sync new/#2", 3)],
+    [("open message#3", 0), ("sync data#2", 0), ("publish message#3", 1), ("sync new/#2", 3)],
 )
 def test_sigkill_in_the_middle_of_a_batch(
     tmp_path: Path, step: str, visible_of_batch: int
 ) -> None:
     """Four clients send their final dot while the first message's commit is held: the
     other three form one batch, and the process is killed at a step inside it. Whatever a
-    client was told 250 is stored; of the killed batch, exactly the messages renamed before
+    client was told 250 is stored; of the killed batch, exactly the messages named in new/ before
     the kill are in new/, each complete with its envelope; nothing partial anywhere."""
     maildir = tmp_path / "md"
     MaildirBus(str(maildir))

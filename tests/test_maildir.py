@@ -18,7 +18,7 @@ import pytest
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 
-from slimta_tx.bus.maildir import MaildirBus, envelope_of, read_envelopes
+from slimta_tx.bus.maildir import MaildirBus, envelope_of, fsops, read_envelopes
 from slimta_tx.factory import SmtpEdge
 from slimta_tx.policy import Policy
 from slimta_tx.testing import connect, parse_replies
@@ -46,6 +46,15 @@ TRANSACTION = (
     )
     + b".\r\n"
 )
+
+
+@pytest.fixture(params=["nameless", "tmp-then-rename"])
+def naming(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a message gets its name: a nameless file (O_TMPFILE) linked into new/, and
+    where the system lacks that, tmp/<name> renamed into new/."""
+    if request.param == "tmp-then-rename":
+        monkeypatch.setattr(fsops, "tmpfile_supported", lambda tmp_dir: False)
+    return str(request.param)
 
 
 def run_now(f: Any) -> Deferred[Any]:
@@ -174,11 +183,11 @@ def test_envelope_record_is_in_the_journal_under_the_message_name(tmp_path: Path
 
 
 def test_one_message_takes_each_step_once_in_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, naming: str
 ) -> None:
     """The 250 comes only after the message file is written, the envelope journal (a new
     segment, its name synced) written, one data sync covered both files, the message was
-    renamed into new/ and new/ was synced."""
+    named in new/ and new/ was synced."""
     maildir = tmp_path / "md"
     spy = StepSpy()
     spy.install(monkeypatch.setattr)
@@ -209,7 +218,7 @@ def test_fsync_false_skips_every_sync_but_still_delivers(
     "error", [errno.ENOSPC, errno.EACCES, errno.EIO], ids=["ENOSPC", "EACCES", "EIO"]
 )
 def test_disk_error_at_any_step_is_451_and_leaves_nothing_visible(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, error: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, error: int, naming: str
 ) -> None:
     """Disk full, permission denied or an I/O error at any step: the client gets
     451 4.3.0, new/ and tmp/ hold nothing, and the next message on the same connection is
@@ -234,7 +243,7 @@ def test_disk_error_at_any_step_is_451_and_leaves_nothing_visible(
 
 
 def test_messages_arriving_during_a_commit_are_committed_together_in_the_next(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, naming: str
 ) -> None:
     """While one batch is being committed, the final dots of three more clients arrive: they
     wait (no reply yet) and then share one batch: one data sync for their three files and the
@@ -272,12 +281,12 @@ def test_messages_arriving_during_a_commit_are_committed_together_in_the_next(
 
 @pytest.mark.parametrize(
     ("step", "occurrence"),
-    [("write message", 2), ("sync data", 1), ("rename message", 2), ("sync new/", 1)],
+    [("write message", 2), ("sync data", 1), ("publish message", 2), ("sync new/", 1)],
 )
 def test_a_failure_in_a_batch_is_451_for_every_message_in_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, occurrence: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, occurrence: int, naming: str
 ) -> None:
-    """A disk error anywhere in a batch of three (even after the first of them was renamed
+    """A disk error anywhere in a batch of three (even after the first of them was named
     into new/) answers 451 4.3.0 to all three and leaves none of them in new/ or tmp/; the
     next batch is delivered."""
     maildir = tmp_path / "md"

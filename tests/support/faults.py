@@ -2,7 +2,7 @@
 
 :class:`StepSpy` wraps the functions of :mod:`slimta_tx.bus.maildir.fsops` (the store calls
 them through that module, one function per step) and gives each call a label such as
-``"sync data"`` or ``"rename message"``. Root can run the tests, so permissions cannot make
+``"sync data"`` or ``"publish message"``. Root can run the tests, so permissions cannot make
 the disk fail; an injected ``OSError(ENOSPC)`` can, at any step.
 """
 
@@ -23,7 +23,7 @@ STEP_FUNCTIONS = {
     "sync_journal_dir": "sync envelope/",
     "append_journal": "write envelope",
     "sync_data": "sync data",
-    "rename_message": "rename message",
+    "publish_message": "publish message",
     "sync_new": "sync new/",
 }
 
@@ -37,7 +37,7 @@ DELIVERY_STEPS = (
     "sync envelope/",
     "write envelope",
     "sync data",
-    "rename message",
+    "publish message",
     "sync new/",
 )
 

@@ -20,7 +20,7 @@ __all__ = [
     "append_journal",
     "create_journal",
     "create_message",
-    "rename_message",
+    "publish_message",
     "start_writeback",
     "sync_data",
     "sync_journal_dir",
@@ -30,10 +30,33 @@ __all__ = [
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 _APPEND = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC
+# Without O_EXCL: a file made with O_TMPFILE may then be linked into a directory.
+_TMPFILE = os.O_WRONLY | getattr(os, "O_TMPFILE", 0) | os.O_CLOEXEC
 
 
-def create_message(tmp_dir: int, name: str) -> int:
-    """``tmp/<name>``, new and empty (O_EXCL: a name is never reused)."""
+def tmpfile_supported(tmp_dir: int) -> bool:
+    """Whether files can be made nameless in ``tmp/`` and linked into place later (Linux
+    O_TMPFILE and /proc, on a file system that supports them)."""
+    if not getattr(os, "O_TMPFILE", 0):
+        return False
+    probe = f".tmpfile-probe.{os.getpid()}"
+    try:
+        fd = os.open(".", _TMPFILE, 0o600, dir_fd=tmp_dir)
+        try:
+            os.link(f"/proc/self/fd/{fd}", probe, dst_dir_fd=tmp_dir, follow_symlinks=True)
+            os.unlink(probe, dir_fd=tmp_dir)
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    return True
+
+
+def create_message(tmp_dir: int, name: str, nameless: bool) -> int:
+    """A new, empty message file in ``tmp/``: without a name (O_TMPFILE: nothing is left
+    behind if the process dies before :func:`publish_message`), or as ``tmp/<name>``."""
+    if nameless:
+        return os.open(".", _TMPFILE, 0o600, dir_fd=tmp_dir)
     return os.open(name, _CREATE, 0o600, dir_fd=tmp_dir)
 
 
@@ -69,8 +92,13 @@ def sync_data(strategy: DataSync, fds: Sequence[int]) -> None:
     strategy.sync(fds)
 
 
-def rename_message(tmp_dir: int, new_dir: int, name: str) -> None:
-    os.rename(name, name, src_dir_fd=tmp_dir, dst_dir_fd=new_dir)
+def publish_message(fd: int, tmp_dir: int, new_dir: int, name: str, nameless: bool) -> None:
+    """Give the complete file its name in ``new/`` (link a nameless file, or rename
+    ``tmp/<name>``): from now on readers see it."""
+    if nameless:
+        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=new_dir, follow_symlinks=True)
+    else:
+        os.rename(name, name, src_dir_fd=tmp_dir, dst_dir_fd=new_dir)
 
 
 def sync_new(new_dir: int) -> None:

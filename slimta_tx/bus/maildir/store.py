@@ -2,12 +2,13 @@
 
 A batch, in order (each step is a function of :mod:`~slimta_tx.bus.maildir.fsops`):
 
-1. every message: create ``tmp/<name>``, write ``Return-Path:``, ``Received:`` and the body,
-   start its writeback;
+1. every message: create a file in ``tmp/`` (nameless, O_TMPFILE, where the system allows;
+   else ``tmp/<name>``), write ``Return-Path:``, ``Received:`` and the body, start its
+   writeback;
 2. one ``write`` of the batch's envelope records to the envelope journal (a new segment's
    name is made durable first);
 3. one data sync for the batch (the messages' files and the journal segment);
-4. every message: rename ``tmp/<name>`` to ``new/<name>``;
+4. every message: link it into ``new/<name>`` (or rename ``tmp/<name>`` there);
 5. one ``fsync`` of ``new/``.
 
 Only then does the bus answer 250. A message is in ``new/`` only after its bytes and its
@@ -103,6 +104,9 @@ class MaildirStore:
         self._dirs: dict[str, int] = {}
         self._data_sync: fsops.DataSync | None = None
         self.journal: EnvelopeJournal | None = None
+        #: Messages are written as nameless files (O_TMPFILE) and linked into new/, rather
+        #: than written as tmp/<name> and renamed; None until the first commit finds out.
+        self.nameless: bool | None = None
 
     def _dir(self, sub: str) -> int:
         fd = self._dirs.get(sub)
@@ -137,6 +141,9 @@ class MaildirStore:
 
     def _commit(self, messages: Sequence[StoredMessage]) -> list[str]:
         tmp, new = self._dir("tmp"), self._dir("new")
+        if self.nameless is None:
+            self.nameless = fsops.tmpfile_supported(tmp)
+        nameless = self.nameless
         if self.journal is None:
             self.journal = EnvelopeJournal(self._dir("envelope"), self.hostname, self.fsync)
         journal = self.journal
@@ -144,12 +151,12 @@ class MaildirStore:
             self._data_sync = fsops.DataSync(self.sync_mode)
         names: list[str] = []
         fds: list[int] = []
-        renamed = 0
+        published = 0
         try:
             lines = []
             for message in messages:
                 name = self.unique_name(message.queue_id)
-                fd = fsops.create_message(tmp, name)
+                fd = fsops.create_message(tmp, name, nameless)
                 names.append(name)
                 fds.append(fd)
                 fsops.write_message(fd, message.head, message.body)
@@ -161,25 +168,22 @@ class MaildirStore:
             if self._data_sync is not None:
                 fsops.sync_data(self._data_sync, [*fds, segment])
                 self.stats.data_syncs += 1
-            for fd in fds:
-                os.close(fd)
-            fds.clear()
-            for name in names:
-                fsops.rename_message(tmp, new, name)
-                renamed += 1
+            for fd, name in zip(fds, names, strict=True):
+                fsops.publish_message(fd, tmp, new, name, nameless)
+                published += 1
             if self.fsync:
                 fsops.sync_new(new)
                 self.stats.dir_syncs += 1
         except BaseException:
             journal.abandon()
-            self._take_back(names, renamed)
+            self._take_back(names, published, nameless)
             raise
         finally:
             for fd in fds:
                 os.close(fd)
         return names
 
-    def _take_back(self, names: list[str], renamed: int) -> None:
+    def _take_back(self, names: list[str], published: int, nameless: bool) -> None:
         """After a failure: nothing of the batch may stay where readers look, nor in tmp/.
 
         The client is told 451 and sends the message again, so a copy that did reach ``new/``
@@ -187,12 +191,14 @@ class MaildirStore:
         and has its envelope: the worst case is one duplicate, never a partial message.
         """
         for i, name in enumerate(names):
-            directory = self._dirs["new"] if i < renamed else self._dirs["tmp"]
+            if i >= published and nameless:
+                continue  # no name anywhere: gone with its descriptor
+            directory = self._dirs["new"] if i < published else self._dirs["tmp"]
             try:
                 os.unlink(name, dir_fd=directory)
             except OSError:
                 pass
-        if renamed and self.fsync:
+        if published and self.fsync:
             try:
                 os.fsync(self._dirs["new"])
             except OSError:
