@@ -14,9 +14,12 @@ from typing import Any
 
 import pytest
 
-from slimta_tx.bus.maildir import _linux, durability, fsops
+from slimta_tx.bus.maildir import MaildirBus, _linux, durability, fsops
 from slimta_tx.bus.maildir.bus import WriterThread
 from slimta_tx.bus.maildir.journal import EnvelopeJournal, envelope_of, read_envelopes
+from slimta_tx.envelope import Envelope
+from slimta_tx.reply import Reply
+from slimta_tx.spool import Spool
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux calls")
 
@@ -284,3 +287,26 @@ def test_writer_thread_runs_functions_in_order_off_the_caller_thread() -> None:
     writer.stop()
     reactor.run_when(5)
     assert seen[-1] == "test-writer"
+
+
+class NoThreadPoolReactor(FakeReactor):
+    def getThreadPool(self) -> Any:
+        raise AssertionError("the Maildir bus must not use the reactor's thread pool")
+
+
+def test_the_bus_commits_in_its_own_thread_not_the_reactor_pool(tmp_path: Path) -> None:
+    """The default writer is a thread of the bus (the reactor's pool, which the AMQP bus and
+    name resolution use, is never asked for): a message sent without a runner is stored from
+    that thread and its 250 comes back through callFromThread."""
+    reactor = NoThreadPoolReactor()
+    bus = MaildirBus(str(tmp_path / "md"), reactor=reactor)
+    envelope = Envelope(sender="a@example.com", recipients=["b@example.com"], rcpt_params=[{}])
+    envelope.message = Spool()
+    envelope.message.write(b"Subject: own thread\r\n\r\nbody\r\n")
+    replies: list[Reply] = []
+    bus.send(envelope).addCallback(replies.append)
+    reactor.run_when(1)
+    bus.stop()
+    reactor.run_when(2)
+    assert [r.code for r in replies] == ["250"]
+    assert len(os.listdir(tmp_path / "md" / "new")) == 1
