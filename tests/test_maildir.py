@@ -62,7 +62,7 @@ def run_now(f: Any) -> Deferred[Any]:
 
 
 class SteppedRunner:
-    """A writer that runs each submitted batch only when the test says so."""
+    """The bus's two threads (writer, syncer), run a step at a time when the test says so."""
 
     def __init__(self) -> None:
         self.pending: list[tuple[Any, Deferred[Any]]] = []
@@ -72,9 +72,25 @@ class SteppedRunner:
         self.pending.append((f, d))
         return d
 
-    def run_next(self) -> None:
-        f, d = self.pending.pop(0)
+    @staticmethod
+    def label(f: Any) -> str:
+        """``write N`` (a batch of N messages) or ``sync N`` (the names of N batches)."""
+        kind = {"write_envelopes": "write", "sync_names": "sync"}[f.func.__name__]
+        return f"{kind} {len(f.args[0])}"
+
+    def labels(self) -> list[str]:
+        return [self.label(f) for f, _ in self.pending]
+
+    def run(self, label: str) -> None:
+        """Run the first pending job that is ``label``."""
+        index = self.labels().index(label)
+        f, d = self.pending.pop(index)
         maybeDeferred(f).chainDeferred(d)
+
+    def run_all(self) -> None:
+        while self.pending:
+            f, d = self.pending.pop(0)
+            maybeDeferred(f).chainDeferred(d)
 
 
 class Client:
@@ -245,9 +261,10 @@ def test_disk_error_at_any_step_is_451_and_leaves_nothing_visible(
 def test_messages_arriving_during_a_commit_are_committed_together_in_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, naming: str
 ) -> None:
-    """While one batch is being committed, the final dots of three more clients arrive: they
+    """While one batch is being written, the final dots of three more clients arrive: they
     wait (no reply yet) and then share one batch: one data sync for their three files and the
-    journal, one sync of new/. Four messages, two batches, two syncs of each kind."""
+    journal. The writer writes it while the syncer makes the first batch's name durable;
+    every reply comes only after its batch's fsync of new/."""
     maildir = tmp_path / "md"
     runner = SteppedRunner()
     bus = MaildirBus(str(maildir), run_in_thread=runner)
@@ -257,26 +274,60 @@ def test_messages_arriving_during_a_commit_are_committed_together_in_the_next(
     spy.install(monkeypatch.setattr)
 
     assert clients[0].send_message() == []
-    assert len(runner.pending) == 1  # the first message's batch is in flight
+    assert runner.labels() == ["write 1"]  # the first message's batch is being written
     for client in clients[1:]:
         assert client.send_message() == []  # queued behind it: no reply yet
-    assert len(runner.pending) == 1
+    assert runner.labels() == ["write 1"]
 
-    runner.run_next()
+    runner.run("write 1")
+    assert runner.labels() == ["sync 1", "write 3"]  # both stages at once
+    assert all(client.replies()[4:] == [] for client in clients)
+    runner.run("sync 1")
     assert [code for code, _ in clients[0].replies()[4:]] == ["250"]
     assert all(client.replies()[4:] == [] for client in clients[1:])
-    assert len(runner.pending) == 1  # the other three, as one batch
-
-    runner.run_next()
+    runner.run("write 3")
+    assert all(client.replies()[4:] == [] for client in clients[1:])
+    runner.run("sync 1")
     for client in clients[1:]:
         assert [code for code, _ in client.replies()[4:]] == ["250"]
     data_syncs = [args for label, args in spy.calls if label == "sync data"]
     assert [len(fds) for _, fds in data_syncs] == [2, 4]
-    assert spy.count("sync new/") == 2
+    assert spy.steps.count("sync new/") == 2
+    assert spy.steps.index("sync new/") < spy.steps.index("sync data", 8)  # one before two
     assert (bus.store.stats.batches, bus.store.stats.messages) == (2, 4)
     stored = stored_messages(maildir)
     assert len(stored) == 4
     assert all(s.body == MESSAGE and s.envelope is not None for s in stored)
+
+
+def test_one_sync_of_new_covers_every_batch_written_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the syncer is busy, the writer writes two more batches; the next fsync of new/
+    makes both durable at once, and only then are their clients answered."""
+    maildir = tmp_path / "md"
+    runner = SteppedRunner()
+    bus = MaildirBus(str(maildir), run_in_thread=runner)
+    edge = edge_for(bus)
+    clients = [Client(edge, 40001 + i) for i in range(3)]
+    spy = StepSpy()
+    spy.install(monkeypatch.setattr)
+
+    clients[0].send_message()
+    runner.run("write 1")  # now: sync of batch 1 pending
+    clients[1].send_message()
+    runner.run("write 1")  # batch 2 written, waits for the syncer
+    clients[2].send_message()
+    runner.run("write 1")  # batch 3 too
+    assert runner.labels() == ["sync 1"]
+    runner.run("sync 1")
+    assert runner.labels() == ["sync 2"]  # batches 2 and 3 together
+    assert [client.replies()[4:] for client in clients[1:]] == [[], []]
+    runner.run("sync 2")
+    assert all([c for c, _ in client.replies()[4:]] == ["250"] for client in clients)
+    assert spy.steps.count("sync data") == 3
+    assert spy.steps.count("sync new/") == 2
+    assert bus.store.stats.dir_syncs == 2
 
 
 @pytest.mark.parametrize(
@@ -287,8 +338,8 @@ def test_a_failure_in_a_batch_is_451_for_every_message_in_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, occurrence: int, naming: str
 ) -> None:
     """A disk error anywhere in a batch of three (even after the first of them was named
-    into new/) answers 451 4.3.0 to all three and leaves none of them in new/ or tmp/; the
-    next batch is delivered."""
+    into new/, or in the fsync of new/ after all of them were) answers 451 4.3.0 to all
+    three and leaves none of them in new/ or tmp/; the next batch is delivered."""
     maildir = tmp_path / "md"
     runner = SteppedRunner()
     bus = MaildirBus(str(maildir), run_in_thread=runner)
@@ -297,11 +348,13 @@ def test_a_failure_in_a_batch_is_451_for_every_message_in_it(
     first.send_message()
     for client in batch:
         client.send_message()
-    runner.run_next()  # the first message alone: delivered
+    runner.run("write 1")
+    runner.run("sync 1")  # the first message alone: delivered
+    assert [code for code, _ in first.replies()[4:]] == ["250"]
     spy = StepSpy(fail_at(step, errno.EIO, occurrence))
     spy.install(monkeypatch.setattr)
 
-    runner.run_next()
+    runner.run_all()
     for client in batch:
         [(code, text)] = client.replies()[4:]
         assert (code, text.split(" ", 1)[0]) == ("451", "4.3.0")
@@ -309,7 +362,7 @@ def test_a_failure_in_a_batch_is_451_for_every_message_in_it(
     assert len(listing(maildir)["new"]) == 1
 
     assert batch[0].send_message() == []
-    runner.run_next()
+    runner.run_all()
     assert [code for code, _ in batch[0].replies()[4:]] == ["250"]
     assert len(stored_messages(maildir)) == 2
 

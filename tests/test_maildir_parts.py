@@ -295,9 +295,9 @@ class NoThreadPoolReactor(FakeReactor):
 
 
 def test_the_bus_commits_in_its_own_thread_not_the_reactor_pool(tmp_path: Path) -> None:
-    """The default writer is a thread of the bus (the reactor's pool, which the AMQP bus and
-    name resolution use, is never asked for): a message sent without a runner is stored from
-    that thread and its 250 comes back through callFromThread."""
+    """The default writer and syncer are threads of the bus (the reactor's pool, which the
+    AMQP bus and name resolution use, is never asked for): a message sent without a runner is
+    stored from them and its 250 comes back through callFromThread."""
     reactor = NoThreadPoolReactor()
     bus = MaildirBus(str(tmp_path / "md"), reactor=reactor)
     envelope = Envelope(sender="a@example.com", recipients=["b@example.com"], rcpt_params=[{}])
@@ -305,8 +305,11 @@ def test_the_bus_commits_in_its_own_thread_not_the_reactor_pool(tmp_path: Path) 
     envelope.message.write(b"Subject: own thread\r\n\r\nbody\r\n")
     replies: list[Reply] = []
     bus.send(envelope).addCallback(replies.append)
-    reactor.run_when(1)
-    bus.stop()
-    reactor.run_when(2)
+    reactor.run_when(1)  # written (writer thread)
+    reactor.run_when(2)  # its name synced (syncer thread)
     assert [r.code for r in replies] == ["250"]
+    stopped: list[object] = []
+    bus.stop().addCallback(stopped.append)
+    reactor.run_when(4)  # both threads ended
+    assert stopped == [None]
     assert len(os.listdir(tmp_path / "md" / "new")) == 1

@@ -1,16 +1,19 @@
 """The embedded default bus: each accepted message becomes one file in a Maildir.
 
-Group commit: :meth:`MaildirBus.send` queues the message. While no commit runs, the queue is
-handed to the writer as one batch (:meth:`MaildirStore.commit
-<slimta_tx.bus.maildir.store.MaildirStore.commit>`); messages that reach their final dot while
-it runs wait and form the next batch. A batch costs one data sync and one directory sync
-whatever its size, so under load the syncs per message fall well below one, and a message
-alone (one client) pays exactly one of each.
+Group commit, in two stages, each a thread of the bus's own (not the reactor's thread pool,
+which other buses and name resolution share):
 
-The writer is one thread of the bus's own (not the reactor's thread pool, which other buses
-and DNS share): one hand-over per batch, not per message or per system call. Each message gets
-``250 2.6.0`` only after its batch is durable, or ``451 4.3.0`` if anything in its batch
-failed (see docs/maildir.md).
+- the *writer* takes every queued message as one batch (:meth:`MaildirStore.write
+  <slimta_tx.bus.maildir.store.MaildirStore.write>`: files, envelopes, one data sync, names
+  in ``new/``); messages that reach their final dot meanwhile wait and form the next batch;
+- the *syncer* makes the names of every written batch durable with one ``fsync`` of ``new/``
+  (:meth:`~slimta_tx.bus.maildir.store.MaildirStore.sync_names`), while the writer already
+  writes the next batch; then each of their messages gets ``250 2.6.0``.
+
+A batch costs one data sync and at most one directory sync whatever its size, so under load
+the syncs per message fall well below one; a message alone (one client) pays one of each. One
+hand-over per batch and stage, not per message or per system call. Any failure answers
+``451 4.3.0`` to every message it concerns (see docs/maildir.md).
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,6 +43,8 @@ _LOCAL_ERROR = ("451", "Local error in processing; try again later", "4.3.0")
 CLEAN_INTERVAL = 3600.0
 
 Runner = Callable[[Callable[[], Any]], "Deferred[Any]"]
+# Messages of a batch: envelope, the Deferred of its reply, its name in new/ once written.
+Batch = list[tuple[Envelope, "Deferred[Reply]", str]]
 
 
 class WriterThread:
@@ -129,14 +135,22 @@ class MaildirBus:
         self.store = MaildirStore(path, fsync=fsync, sync_mode=sync_mode)
         self.path = self.store.path
         self._reactor = reactor
-        self._writer: WriterThread | None = None
+        self._threads: list[WriterThread] = []
+        self._write: Runner
+        self._sync: Runner
         if run_in_thread is None:
-            self._writer = WriterThread(lambda: self.reactor, f"maildir-writer {self.path}")
-            run_in_thread = self._writer
-        self._run: Runner = run_in_thread
+            self._threads = [
+                WriterThread(lambda: self.reactor, f"maildir-{stage} {self.path}")
+                for stage in ("writer", "syncer")
+            ]
+            self._write, self._sync = self._threads
+        else:
+            self._write = self._sync = run_in_thread
         self.clean_interval = clean_interval
-        self._queue: list[tuple[Envelope, Deferred[Reply]]] = []
-        self._committing = False
+        self._queue: Batch = []
+        self._writing = False
+        self._written: list[Batch] = []  # written, waiting for the syncer
+        self._syncing = False
         self._cleaner: LoopingCall | None = None
 
     @property
@@ -162,35 +176,61 @@ class MaildirBus:
 
     def send(self, envelope: Envelope) -> Deferred[Reply]:
         d: Deferred[Reply] = Deferred()
-        self._queue.append((envelope, d))
-        if not self._committing:
-            self._commit_queued()
+        self._queue.append((envelope, d, ""))
+        if not self._writing:
+            self._write_queued()
         return d
 
-    def _commit_queued(self) -> None:
+    def _write_queued(self) -> None:
         batch, self._queue = self._queue, []
-        self._committing = True
-        envelopes = [envelope for envelope, _ in batch]
-        d = self._run(lambda: self.store.commit(envelopes))
-        d.addBoth(self._committed, batch)
+        self._writing = True
+        envelopes = [envelope for envelope, _, _ in batch]
+        d = self._write(partial(self.store.write_envelopes, envelopes))
+        d.addBoth(self._wrote, batch)
 
-    def _committed(self, result: object, batch: list[tuple[Envelope, Deferred[Reply]]]) -> None:
+    def _wrote(self, result: object, batch: Batch) -> None:
         if isinstance(result, Failure):
-            self.log.failure(
-                "maildir delivery of {queue_ids} failed",
-                result,
-                queue_ids=" ".join(envelope.queue_id for envelope, _ in batch),
-            )
-            for _, d in batch:
-                d.callback(Reply(*_LOCAL_ERROR))
+            self._fail(result, [batch])
         else:
-            for envelope, d in batch:
-                d.callback(Reply("250", f"Message queued as {envelope.queue_id}", "2.6.0"))
-        # Replies may make clients send again at once (send() queues meanwhile): only now
-        # may the next batch start, with everything that arrived.
-        self._committing = False
+            assert isinstance(result, list)
+            self._written.append(
+                [(envelope, d, name) for (envelope, d, _), name in zip(batch, result, strict=True)]
+            )
+            if not self._syncing:
+                self._sync_written()
+        self._writing = False
         if self._queue:
-            self._commit_queued()
+            self._write_queued()
+
+    def _sync_written(self) -> None:
+        batches, self._written = self._written, []
+        self._syncing = True
+        names = [[name for _, _, name in batch] for batch in batches]
+        d = self._sync(partial(self.store.sync_names, names))
+        d.addBoth(self._synced, batches)
+
+    def _synced(self, result: object, batches: list[Batch]) -> None:
+        if isinstance(result, Failure):
+            self._fail(result, batches)
+        else:
+            for batch in batches:
+                for envelope, d, _ in batch:
+                    d.callback(Reply("250", f"Message queued as {envelope.queue_id}", "2.6.0"))
+        # Replies may make clients send again at once (send() queues meanwhile): the next
+        # stages start only now, with everything that arrived.
+        self._syncing = False
+        if self._written:
+            self._sync_written()
+
+    def _fail(self, failure: Failure, batches: list[Batch]) -> None:
+        self.log.failure(
+            "maildir delivery of {queue_ids} failed",
+            failure,
+            queue_ids=" ".join(envelope.queue_id for batch in batches for envelope, _, _ in batch),
+        )
+        for batch in batches:
+            for _, d, _ in batch:
+                d.callback(Reply(*_LOCAL_ERROR))
 
     def deliver(self, envelope: Envelope) -> Reply:
         """Blocking delivery of one message, in the calling thread (raises OSError)."""
@@ -226,7 +266,7 @@ class MaildirBus:
         def failed(failure: Failure) -> None:
             self.log.failure("maildir {path}: cleaning failed", failure, path=self.path)
 
-        d: Deferred[None] = self._run(self._clean).addCallbacks(report, failed)
+        d: Deferred[None] = self._write(self._clean).addCallbacks(report, failed)
         return d
 
     def start(self) -> Deferred[None]:
@@ -243,8 +283,8 @@ class MaildirBus:
         if self._cleaner is not None and self._cleaner.running:
             self._cleaner.stop()
         self._cleaner = None
-        if self._writer is not None:
-            done = self._writer.stop()
+        if self._threads:
+            done: Deferred[Any] = gatherResults([thread.stop() for thread in self._threads])
         else:
             done = Deferred()
             done.callback(None)

@@ -1,6 +1,8 @@
 """The Maildir's writer: commits a batch of messages with one set of syncs (blocking).
 
-A batch, in order (each step is a function of :mod:`~slimta_tx.bus.maildir.fsops`):
+A batch, in order (each step is a function of :mod:`~slimta_tx.bus.maildir.fsops`); steps
+1-4 are :meth:`MaildirStore.write`, step 5 is :meth:`MaildirStore.sync_names`, which may cover
+several written batches at once (the bus runs it beside the next batch's writing):
 
 1. every message: create a file in ``tmp/`` (nameless, O_TMPFILE, where the system allows;
    else ``tmp/<name>``), write ``Return-Path:``, ``Received:`` and the body, start its
@@ -75,8 +77,9 @@ class CommitStats:
     batches: int = 0
     messages: int = 0
     failed_batches: int = 0
+    failed_syncs: int = 0
     data_syncs: int = 0  # calls of fsops.sync_data (each covers a whole batch)
-    dir_syncs: int = 0  # fsyncs of new/ and envelope/
+    dir_syncs: int = 0  # fsyncs of new/ (each covers one batch or more)
 
 
 class MaildirStore:
@@ -87,7 +90,8 @@ class MaildirStore:
         :class:`~slimta_tx.bus.maildir.fsops.DataSync`. ``journal`` is only right on ext4
         with a journal; ``auto`` picks it only there.
 
-    :meth:`commit` is blocking and serialised by a lock: call it from one writer thread.
+    Every method blocks. :meth:`write` is serialised by a lock; :meth:`sync_names` may run
+    beside it in another thread.
     """
 
     def __init__(self, path: str, fsync: bool = True, sync_mode: str = "auto") -> None:
@@ -102,6 +106,7 @@ class MaildirStore:
         self.stats = CommitStats()
         self._lock = threading.Lock()
         self._dirs: dict[str, int] = {}
+        self._dirs_lock = threading.Lock()
         self._data_sync: fsops.DataSync | None = None
         self.journal: EnvelopeJournal | None = None
         #: Messages are written as nameless files (O_TMPFILE) and linked into new/, rather
@@ -111,8 +116,11 @@ class MaildirStore:
     def _dir(self, sub: str) -> int:
         fd = self._dirs.get(sub)
         if fd is None:
-            fd = os.open(os.path.join(self.path, sub), os.O_RDONLY | os.O_DIRECTORY)
-            self._dirs[sub] = fd
+            with self._dirs_lock:
+                fd = self._dirs.get(sub)
+                if fd is None:
+                    fd = os.open(os.path.join(self.path, sub), os.O_RDONLY | os.O_DIRECTORY)
+                    self._dirs[sub] = fd
         return fd
 
     def unique_name(self, queue_id: str) -> str:
@@ -129,9 +137,22 @@ class MaildirStore:
 
     def commit_messages(self, messages: Sequence[StoredMessage]) -> list[str]:
         """:meth:`commit` for messages that did not come from the edge (e.g. a consumer)."""
+        names = self.write(messages)
+        self.sync_names([names])
+        return names
+
+    def write_envelopes(self, envelopes: Sequence[Envelope]) -> list[str]:
+        return self.write([StoredMessage.of(envelope) for envelope in envelopes])
+
+    def write(self, messages: Sequence[StoredMessage]) -> list[str]:
+        """Steps 1-4: the messages' data and envelopes durable, their names in ``new/``.
+
+        Not yet acknowledged: their names become durable with :meth:`sync_names`. Raises when
+        any step fails; then none of them is in ``new/``.
+        """
         with self._lock:
             try:
-                names = self._commit(messages)
+                names = self._write(messages)
             except BaseException:
                 self.stats.failed_batches += 1
                 raise
@@ -139,7 +160,25 @@ class MaildirStore:
             self.stats.messages += len(names)
             return names
 
-    def _commit(self, messages: Sequence[StoredMessage]) -> list[str]:
+    def sync_names(self, batches: Sequence[Sequence[str]]) -> None:
+        """Step 5: the names :meth:`write` gave these batches are durable (one ``fsync`` of
+        ``new/`` for all of them). On failure they are taken back out of ``new/``."""
+        if not self.fsync:
+            return
+        new = self._dir("new")
+        try:
+            fsops.sync_new(new)
+        except BaseException:
+            self.stats.failed_syncs += 1
+            for name in (name for batch in batches for name in batch):
+                try:
+                    os.unlink(name, dir_fd=new)
+                except OSError:
+                    pass
+            raise
+        self.stats.dir_syncs += 1
+
+    def _write(self, messages: Sequence[StoredMessage]) -> list[str]:
         tmp, new = self._dir("tmp"), self._dir("new")
         if self.nameless is None:
             self.nameless = fsops.tmpfile_supported(tmp)
@@ -171,9 +210,6 @@ class MaildirStore:
             for fd, name in zip(fds, names, strict=True):
                 fsops.publish_message(fd, tmp, new, name, nameless)
                 published += 1
-            if self.fsync:
-                fsops.sync_new(new)
-                self.stats.dir_syncs += 1
         except BaseException:
             journal.abandon()
             self._take_back(names, published, nameless)
