@@ -121,6 +121,7 @@ def edge_for(bus: MaildirBus) -> SmtpEdge:
 
 
 def deliver_one(maildir: Path, **bus_options: Any) -> tuple[MaildirBus, tuple[str, str]]:
+    bus_options.setdefault("sync_mode", "per-file")
     bus = MaildirBus(str(maildir), run_in_thread=run_now, **bus_options)
     [final] = Client(edge_for(bus)).send_message()
     return bus, final
@@ -214,6 +215,44 @@ def test_one_message_takes_each_step_once_in_order(
     assert len(fds) == 2  # the message and the journal segment
 
 
+def test_journal_mode_starts_each_writeback_at_once_and_only_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sync_mode journal (ext4 with a journal): the file's writeback starts as soon as it is
+    written; the data sync then waits for it (sync_file_range), never fdatasync."""
+    maildir = tmp_path / "md"
+    spy = StepSpy()
+    spy.install(monkeypatch.setattr)
+    fdatasyncs: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", fdatasyncs.append)
+    _, (code, _) = deliver_one(maildir, sync_mode="journal")
+    assert code == "250"
+    steps = list(DELIVERY_STEPS)
+    steps.insert(steps.index("write message") + 1, "start writeback")
+    assert spy.steps == steps
+    assert fdatasyncs == []
+
+
+def test_a_large_message_starts_its_writeback_before_the_batch_is_synced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In per-file mode a message of 64 KiB or more starts being written to the disk as soon
+    as it is in its file, so that its writeback overlaps the rest of the batch."""
+    maildir = tmp_path / "md"
+    bus = MaildirBus(str(maildir), run_in_thread=run_now, sync_mode="per-file")
+    client = Client(edge_for(bus))
+    spy = StepSpy()
+    spy.install(monkeypatch.setattr)
+    big = b"Subject: big\r\n\r\n" + (b"y" * 78 + b"\r\n") * 1000
+    replies = client.exchange(
+        b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n" + big + b".\r\n"
+    )
+    assert [code for code, _ in replies] == ["250", "250", "354", "250"]
+    assert spy.steps.index("start writeback") == spy.steps.index("write message") + 1
+    [stored] = stored_messages(maildir)
+    assert stored.body == big
+
+
 def test_fsync_false_skips_every_sync_but_still_delivers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,7 +279,7 @@ def test_disk_error_at_any_step_is_451_and_leaves_nothing_visible(
     451 4.3.0, new/ and tmp/ hold nothing, and the next message on the same connection is
     delivered normally, with its envelope."""
     maildir = tmp_path / "md"
-    bus = MaildirBus(str(maildir), run_in_thread=run_now)
+    bus = MaildirBus(str(maildir), run_in_thread=run_now, sync_mode="per-file")
     client = Client(edge_for(bus))
     spy = StepSpy(fail_at(step, error))
     spy.install(monkeypatch.setattr)
@@ -267,7 +306,7 @@ def test_messages_arriving_during_a_commit_are_committed_together_in_the_next(
     every reply comes only after its batch's fsync of new/."""
     maildir = tmp_path / "md"
     runner = SteppedRunner()
-    bus = MaildirBus(str(maildir), run_in_thread=runner)
+    bus = MaildirBus(str(maildir), run_in_thread=runner, sync_mode="per-file")
     edge = edge_for(bus)
     clients = [Client(edge, 40001 + i) for i in range(4)]
     spy = StepSpy()
@@ -307,7 +346,7 @@ def test_one_sync_of_new_covers_every_batch_written_meanwhile(
     makes both durable at once, and only then are their clients answered."""
     maildir = tmp_path / "md"
     runner = SteppedRunner()
-    bus = MaildirBus(str(maildir), run_in_thread=runner)
+    bus = MaildirBus(str(maildir), run_in_thread=runner, sync_mode="per-file")
     edge = edge_for(bus)
     clients = [Client(edge, 40001 + i) for i in range(3)]
     spy = StepSpy()
@@ -342,7 +381,7 @@ def test_a_failure_in_a_batch_is_451_for_every_message_in_it(
     three and leaves none of them in new/ or tmp/; the next batch is delivered."""
     maildir = tmp_path / "md"
     runner = SteppedRunner()
-    bus = MaildirBus(str(maildir), run_in_thread=runner)
+    bus = MaildirBus(str(maildir), run_in_thread=runner, sync_mode="per-file")
     edge = edge_for(bus)
     first, *batch = [Client(edge, 40001 + i) for i in range(4)]
     first.send_message()

@@ -27,12 +27,13 @@ STEP_FUNCTIONS = {
     "sync_new": "sync new/",
 }
 
-# The steps of the first delivery into a new Maildir, in the order MaildirStore takes them.
-# A later batch is the same without "open envelope" and "sync envelope/" (the segment exists).
+# The steps of the first delivery of a small message into a new Maildir (sync mode
+# per-file), in the order MaildirStore takes them. A later batch is the same without
+# "open envelope" and "sync envelope/" (the segment exists); a message of 64 KiB or more, or
+# any in sync mode journal, has "start writeback" after "write message".
 DELIVERY_STEPS = (
     "open message",
     "write message",
-    "start writeback",
     "open envelope",
     "sync envelope/",
     "write envelope",

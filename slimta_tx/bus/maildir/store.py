@@ -6,7 +6,7 @@ several written batches at once (the bus runs it beside the next batch's writing
 
 1. every message: create a file in ``tmp/`` (nameless, O_TMPFILE, where the system allows;
    else ``tmp/<name>``), write ``Return-Path:``, ``Received:`` and the body, start its
-   writeback;
+   writeback (see ``EARLY_WRITEBACK``);
 2. one ``write`` of the batch's envelope records to the envelope journal (a new segment's
    name is made durable first);
 3. one data sync for the batch (the messages' files and the journal segment);
@@ -38,6 +38,10 @@ from slimta_tx.spool import Spool
 __all__ = ["CommitStats", "MaildirStore", "StoredMessage"]
 
 SUBDIRS = ("tmp", "new", "cur", "envelope")
+# In per-file mode, files at least this big start their writeback as soon as they are written
+# (so it overlaps the writing of the next ones); the data sync starts it for smaller ones. In
+# journal mode every file's writeback starts at once: the data sync only waits for it.
+EARLY_WRITEBACK = 64 * 1024
 _deliveries = count(1)
 
 
@@ -183,6 +187,7 @@ class MaildirStore:
         if self.nameless is None:
             self.nameless = fsops.tmpfile_supported(tmp)
         nameless = self.nameless
+        journal_mode = self.sync_mode == "journal"
         if self.journal is None:
             self.journal = EnvelopeJournal(self._dir("envelope"), self.hostname, self.fsync)
         journal = self.journal
@@ -199,7 +204,7 @@ class MaildirStore:
                 names.append(name)
                 fds.append(fd)
                 fsops.write_message(fd, message.head, message.body)
-                if self.fsync:
+                if self.fsync and (journal_mode or message.body.size >= EARLY_WRITEBACK):
                     fsops.start_writeback(fd)
                 lines.append(record_line(name, message.record))
             segment = journal.prepare()
