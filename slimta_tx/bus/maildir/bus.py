@@ -112,8 +112,9 @@ class MaildirBus:
     :param reactor: provides ``callFromThread`` and the clock for periodic cleaning; the
         global reactor if None.
     :param run_in_thread: ``f -> Deferred`` running ``f()`` off the reactor thread, once per
-        batch; by default a writer thread of this bus. Tests pass a synchronous runner (each
-        message its own batch) or one they step by hand.
+        batch and stage (and for cleaning); by default the bus's own writer and syncer
+        threads. Tests pass a synchronous runner (each message its own batch) or one they step
+        by hand.
     :param fsync: False only for benchmarks on throwaway storage.
     :param sync_mode: ``auto`` (the default: ``journal`` on ext4 with a journal, else
         ``per-file``), ``per-file`` or ``journal``; see docs/maildir.md.
@@ -279,7 +280,8 @@ class MaildirBus:
         return d
 
     def stop(self) -> Deferred[None]:
-        """Stop cleaning; let the writer finish what it has, then close the files."""
+        """Stop cleaning; let the writer and the syncer finish what they have, then close the
+        files (``twistd slimta`` calls it once the edge has drained its sessions)."""
         if self._cleaner is not None and self._cleaner.running:
             self._cleaner.stop()
         self._cleaner = None
