@@ -218,8 +218,9 @@ def test_one_message_takes_each_step_once_in_order(
 def test_journal_mode_starts_each_writeback_at_once_and_only_waits_for_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """sync_mode journal (ext4 with a journal): the file's writeback starts as soon as it is
-    written; the data sync then waits for it (sync_file_range), never fdatasync."""
+    """sync_mode journal (ext4 with a journal): the writeback of the message file and of the
+    envelope journal starts as soon as each is written; the data sync then waits for both
+    (sync_file_range), never fdatasync."""
     maildir = tmp_path / "md"
     spy = StepSpy()
     spy.install(monkeypatch.setattr)
@@ -229,6 +230,7 @@ def test_journal_mode_starts_each_writeback_at_once_and_only_waits_for_it(
     assert code == "250"
     steps = list(DELIVERY_STEPS)
     steps.insert(steps.index("write message") + 1, "start writeback")
+    steps.insert(steps.index("write envelope") + 1, "start writeback")
     assert spy.steps == steps
     assert fdatasyncs == []
 

@@ -209,6 +209,8 @@ class MaildirStore:
                 lines.append(record_line(name, message.record))
             segment = journal.prepare()
             journal.append(b"".join(lines))
+            if self.fsync and journal_mode:
+                fsops.start_writeback(segment)  # in flight with the messages' data
             if self._data_sync is not None:
                 fsops.sync_data(self._data_sync, [*fds, segment])
                 self.stats.data_syncs += 1
