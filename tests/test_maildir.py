@@ -74,8 +74,11 @@ class SteppedRunner:
 
     @staticmethod
     def label(f: Any) -> str:
-        """``write N`` (a batch of N messages) or ``sync N`` (the names of N batches)."""
-        kind = {"write_envelopes": "write", "sync_names": "sync"}[f.func.__name__]
+        """``write N`` (a batch of N messages), ``sync N`` (the names of N batches), or
+        ``commit 1`` (a message alone, written and synced by the writer)."""
+        kind = {"write_envelopes": "write", "sync_names": "sync", "commit": "commit"}[
+            f.func.__name__
+        ]
         return f"{kind} {len(f.args[0])}"
 
     def labels(self) -> list[str]:
@@ -302,42 +305,51 @@ def test_disk_error_at_any_step_is_451_and_leaves_nothing_visible(
 def test_messages_arriving_during_a_commit_are_committed_together_in_the_next(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, naming: str
 ) -> None:
-    """While one batch is being written, the final dots of three more clients arrive: they
-    wait (no reply yet) and then share one batch: one data sync for their three files and the
-    journal. The writer writes it while the syncer makes the first batch's name durable;
-    every reply comes only after its batch's fsync of new/."""
+    """A message alone is written and synced in one go by the writer. The final dots of
+    three more clients that arrive meanwhile wait (no reply yet) and then share one batch:
+    one data sync for their three files and the journal, one fsync of new/ (by the syncer,
+    while the writer already writes the next batch); every reply comes only after its
+    batch's fsync of new/."""
     maildir = tmp_path / "md"
     runner = SteppedRunner()
     bus = MaildirBus(str(maildir), run_in_thread=runner, sync_mode="per-file")
     edge = edge_for(bus)
-    clients = [Client(edge, 40001 + i) for i in range(4)]
+    clients = [Client(edge, 40001 + i) for i in range(8)]
     spy = StepSpy()
     spy.install(monkeypatch.setattr)
 
     assert clients[0].send_message() == []
-    assert runner.labels() == ["write 1"]  # the first message's batch is being written
-    for client in clients[1:]:
+    assert runner.labels() == ["commit 1"]  # a message alone: written and synced at once
+    for client in clients[1:4]:
         assert client.send_message() == []  # queued behind it: no reply yet
-    assert runner.labels() == ["write 1"]
-
-    runner.run("write 1")
-    assert runner.labels() == ["sync 1", "write 3"]  # both stages at once
-    assert all(client.replies()[4:] == [] for client in clients)
-    runner.run("sync 1")
+    assert runner.labels() == ["commit 1"]
+    runner.run("commit 1")
     assert [code for code, _ in clients[0].replies()[4:]] == ["250"]
-    assert all(client.replies()[4:] == [] for client in clients[1:])
+    assert runner.labels() == ["write 3"]
+
+    runner.run("write 3")
+    assert runner.labels() == ["sync 1"]
+    for client in clients[4:]:
+        client.send_message()
+    assert runner.labels() == ["sync 1", "write 1"]  # both stages at once
+    runner.run("write 1")  # written; waits for the syncer
+    assert runner.labels() == ["sync 1", "write 3"]  # and the writer goes on
     runner.run("write 3")
     assert all(client.replies()[4:] == [] for client in clients[1:])
     runner.run("sync 1")
-    for client in clients[1:]:
+    for client in clients[1:4]:
         assert [code for code, _ in client.replies()[4:]] == ["250"]
+    assert all(client.replies()[4:] == [] for client in clients[4:])
+    runner.run("sync 2")  # one fsync of new/ for both batches written meanwhile
+    for client in clients[4:]:
+        assert [code for code, _ in client.replies()[4:]] == ["250"]
+
     data_syncs = [args for label, args in spy.calls if label == "sync data"]
-    assert [len(fds) for _, fds in data_syncs] == [2, 4]
-    assert spy.steps.count("sync new/") == 2
-    assert spy.steps.index("sync new/") < spy.steps.index("sync data", 8)  # one before two
-    assert (bus.store.stats.batches, bus.store.stats.messages) == (2, 4)
+    assert [len(fds) for _, fds in data_syncs] == [2, 4, 2, 4]  # files + the journal
+    assert spy.steps.count("sync new/") == 3
+    assert (bus.store.stats.batches, bus.store.stats.messages) == (4, 8)
     stored = stored_messages(maildir)
-    assert len(stored) == 4
+    assert len(stored) == 8
     assert all(s.body == MESSAGE and s.envelope is not None for s in stored)
 
 
@@ -350,25 +362,28 @@ def test_one_sync_of_new_covers_every_batch_written_meanwhile(
     runner = SteppedRunner()
     bus = MaildirBus(str(maildir), run_in_thread=runner, sync_mode="per-file")
     edge = edge_for(bus)
-    clients = [Client(edge, 40001 + i) for i in range(3)]
+    clients = [Client(edge, 40001 + i) for i in range(5)]
     spy = StepSpy()
     spy.install(monkeypatch.setattr)
 
-    clients[0].send_message()
-    runner.run("write 1")  # now: sync of batch 1 pending
-    clients[1].send_message()
-    runner.run("write 1")  # batch 2 written, waits for the syncer
-    clients[2].send_message()
-    runner.run("write 1")  # batch 3 too
+    for client in clients[:3]:
+        client.send_message()
+    runner.run("commit 1")  # the first alone
+    runner.run("write 2")  # the two queued meanwhile: their sync is pending
+    assert runner.labels() == ["sync 1"]
+    clients[3].send_message()
+    runner.run("write 1")  # written, waits for the syncer
+    clients[4].send_message()
+    runner.run("write 1")  # so does the next
     assert runner.labels() == ["sync 1"]
     runner.run("sync 1")
-    assert runner.labels() == ["sync 2"]  # batches 2 and 3 together
-    assert [client.replies()[4:] for client in clients[1:]] == [[], []]
+    assert runner.labels() == ["sync 2"]  # the two written meanwhile, together
+    assert [client.replies()[4:] for client in clients[3:]] == [[], []]
     runner.run("sync 2")
     assert all([c for c, _ in client.replies()[4:]] == ["250"] for client in clients)
-    assert spy.steps.count("sync data") == 3
-    assert spy.steps.count("sync new/") == 2
-    assert bus.store.stats.dir_syncs == 2
+    assert spy.steps.count("sync data") == 4
+    assert spy.steps.count("sync new/") == 3
+    assert bus.store.stats.dir_syncs == 3
 
 
 @pytest.mark.parametrize(
@@ -389,8 +404,7 @@ def test_a_failure_in_a_batch_is_451_for_every_message_in_it(
     first.send_message()
     for client in batch:
         client.send_message()
-    runner.run("write 1")
-    runner.run("sync 1")  # the first message alone: delivered
+    runner.run("commit 1")  # the first message alone: delivered
     assert [code for code, _ in first.replies()[4:]] == ["250"]
     spy = StepSpy(fail_at(step, errno.EIO, occurrence))
     spy.install(monkeypatch.setattr)
