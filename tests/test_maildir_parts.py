@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from slimta_tx.bus.maildir import MaildirBus, _linux, durability, fsops
-from slimta_tx.bus.maildir.bus import WriterThread
 from slimta_tx.bus.maildir.journal import EnvelopeJournal, envelope_of, read_envelopes
 from slimta_tx.envelope import Envelope
 from slimta_tx.reply import Reply
@@ -264,29 +263,80 @@ class FakeReactor:
             f(*args)
 
 
-def test_writer_thread_runs_functions_in_order_off_the_caller_thread() -> None:
-    """Each result or exception comes back through the reactor's callFromThread, in order;
-    stop() ends the thread after what was queued; a call after stop() starts a new one."""
+def message(n: int) -> Envelope:
+    envelope = Envelope(sender="a@example.com", recipients=["b@example.com"], rcpt_params=[{}])
+    envelope.message = Spool()
+    envelope.message.write(b"Subject: %d\r\n\r\nbody\r\n" % n)
+    return envelope
+
+
+def held_bus(tmp_path: Path) -> tuple[MaildirBus, FakeReactor, threading.Event]:
+    """A bus on its own threads whose writer is held (running a job that waits) until the
+    test sets the returned event."""
     reactor = FakeReactor()
-    writer = WriterThread(lambda: reactor, "test-writer")
-    seen: list[Any] = []
+    bus = MaildirBus(str(tmp_path / "md"), reactor=reactor, sync_mode="per-file")
+    release = threading.Event()
+    assert bus._pipeline is not None
+    bus._pipeline.run(lambda: release.wait(10))
+    return bus, reactor, release
 
-    def where() -> str:
-        return threading.current_thread().name
 
-    def boom() -> None:
+def test_the_writer_takes_everything_queued_as_one_batch(tmp_path: Path) -> None:
+    """Twenty messages queued while the writer is busy are written as one batch and synced
+    by one fsync of new/ (the writer syncs it itself: nothing else is waiting); every one
+    gets its 250 through callFromThread, once for the whole group."""
+    bus, reactor, release = held_bus(tmp_path)
+    replies: list[Reply] = []
+    for n in range(20):
+        bus.send(message(n)).addCallback(replies.append)
+    release.set()
+    reactor.run_when(2)  # the job's result, then the batch's
+    assert [r.code for r in replies] == ["250"] * 20
+    stats = bus.store.stats
+    assert (stats.batches, stats.messages, stats.data_syncs, stats.dir_syncs) == (1, 20, 1, 1)
+    bus.stop()
+    reactor.run_when(3)
+    assert len(os.listdir(tmp_path / "md" / "new")) == 20
+
+
+def test_a_failed_sync_of_new_answers_451_to_its_whole_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the bus's own threads too: when the fsync of new/ fails, every message it covered
+    gets 451 4.3.0 and is taken back out of new/."""
+    bus, reactor, release = held_bus(tmp_path)
+
+    def fail(new_dir: int) -> None:
         raise OSError(errno.EIO, "I/O error")
 
-    writer(where).addCallback(seen.append)
-    writer(boom).addErrback(lambda f: seen.append(f.value.errno))
-    writer.stop().addCallback(lambda _: seen.append("stopped"))
+    monkeypatch.setattr(fsops, "sync_new", fail)
+    replies: list[Reply] = []
+    for n in range(3):
+        bus.send(message(n)).addCallback(replies.append)
+    release.set()
+    reactor.run_when(2)
+    assert [(r.code, r.enhanced_status_code) for r in replies] == [("451", "4.3.0")] * 3
+    assert os.listdir(tmp_path / "md" / "new") == []
+    bus.stop()
     reactor.run_when(3)
-    assert seen == ["test-writer", errno.EIO, "stopped"]
 
-    writer(where).addCallback(seen.append)
-    writer.stop()
+
+def test_cleaning_runs_between_batches_in_the_writer(tmp_path: Path) -> None:
+    """A clean (start-up, hourly) queued behind a message runs after that message's batch
+    was written and before the next message's: it never sees a batch half-written."""
+    bus, reactor, release = held_bus(tmp_path)
+    written_when_cleaning: list[int] = []
+    replies: list[Reply] = []
+    bus.send(message(1)).addCallback(replies.append)
+    assert bus._pipeline is not None
+    bus._pipeline.run(lambda: written_when_cleaning.append(bus.store.stats.messages))
+    bus.send(message(2)).addCallback(replies.append)
+    release.set()
+    reactor.run_when(4)  # two job results, two batches
+    assert written_when_cleaning == [1]
+    assert [r.code for r in replies] == ["250", "250"]
+    bus.stop()
     reactor.run_when(5)
-    assert seen[-1] == "test-writer"
 
 
 class NoThreadPoolReactor(FakeReactor):

@@ -1,13 +1,14 @@
 """Run twistd, but SIGKILL the process just before a named step of a Maildir commit.
 
-Usage: ``python killpoint.py STEP[#N] [--gate K] twistd-arguments...`` where STEP is one of
+Usage: ``python killpoint.py STEP[#N] [--gate K FILE] twistd-arguments...`` where STEP is one of
 :data:`tests.support.faults.DELIVERY_STEPS` and ``#N`` picks its N-th occurrence (default the
 first). The kill is deterministic: it happens in the writer thread at exactly that step, as a
 power cut or OOM kill would, but reproducibly.
 
-``--gate K`` holds the first batch at its first step until K messages have been handed to the
-bus, so that the next batch is a group of K - 1 messages (a kill "mid-batch" then hits a
-batch of several messages, whatever the timing of the clients).
+``--gate K FILE`` holds the first batch at its first step until K messages have been handed
+to the bus, and creates FILE when it starts holding: a test sends one message, waits for FILE,
+then sends K - 1 more, which form the next batch (a kill "mid-batch" then hits a batch of
+several messages, whatever the timing of the clients).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ def main() -> None:
     occurrence = int(nth or "1")
     if step not in DELIVERY_STEPS:
         raise SystemExit(f"unknown step {step!r}; steps: {DELIVERY_STEPS}")
-    gate = 0
+    gate, gate_file = 0, ""
     if rest[:1] == ["--gate"]:
-        gate, rest = int(rest[1]), rest[2:]
+        gate, gate_file, rest = int(rest[1]), rest[2], rest[3:]
 
     handed = [0]
     opened = threading.Event()
@@ -50,8 +51,10 @@ def main() -> None:
 
     def action(label: str) -> None:
         seen[label] += 1
-        if gate and not opened.is_set() and not opened.wait(GATE_TIMEOUT):
-            raise SystemExit(f"killpoint: only {handed[0]} of {gate} messages arrived")
+        if gate and not opened.is_set():
+            Path(gate_file).touch()
+            if not opened.wait(GATE_TIMEOUT):
+                raise SystemExit(f"killpoint: only {handed[0]} of {gate} messages arrived")
         if label == step and seen[label] == occurrence:
             os.kill(os.getpid(), signal.SIGKILL)
 

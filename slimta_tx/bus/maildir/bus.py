@@ -1,7 +1,6 @@
 """The embedded default bus: each accepted message becomes one file in a Maildir.
 
-Group commit, in two stages, each a thread of the bus's own (not the reactor's thread pool,
-which other buses and name resolution share):
+Group commit, in two stages (see :mod:`slimta_tx.bus.maildir.pipeline`):
 
 - the *writer* takes every queued message as one batch (:meth:`MaildirStore.write
   <slimta_tx.bus.maildir.store.MaildirStore.write>`: files, envelopes, one data sync, names
@@ -12,26 +11,29 @@ which other buses and name resolution share):
 
 A batch costs one data sync and at most one directory sync whatever its size, so under load
 the syncs per message fall well below one; a message alone (one client) pays one of each, both
-in the writer (the syncer idle, nothing could overlap). One hand-over per batch and stage, not
-per message or per system call. Any failure answers
-``451 4.3.0`` to every message it concerns (see docs/maildir.md).
+in the writer (nothing could overlap). The two stages are threads of the bus's own (not the
+reactor's thread pool, which other buses and name resolution share) and hand batches to each
+other directly; one hand-over per batch and stage, not per message or per system call. Any
+failure answers ``451 4.3.0`` to every message it concerns (see docs/maildir.md).
+
+With a ``run_in_thread`` runner (tests, or an application that wants its own threads) the
+same two stages are scheduled from the reactor thread instead, each through the runner.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from slimta_tx.bus.maildir.clean import DEFAULT_TMP_AGE, clean
+from slimta_tx.bus.maildir.pipeline import Batch, Pipeline
 from slimta_tx.bus.maildir.store import MaildirStore
 from slimta_tx.envelope import Envelope
 from slimta_tx.interfaces import IBus
@@ -44,66 +46,6 @@ _LOCAL_ERROR = ("451", "Local error in processing; try again later", "4.3.0")
 CLEAN_INTERVAL = 3600.0
 
 Runner = Callable[[Callable[[], Any]], "Deferred[Any]"]
-# Messages of a batch: envelope, the Deferred of its reply, its name in new/ once written.
-Batch = list[tuple[Envelope, "Deferred[Reply]", str]]
-
-
-class WriterThread:
-    """One daemon thread running submitted functions in order; results come back to the
-    reactor thread through ``reactor.callFromThread`` (one wake-up per function).
-
-    :param reactor: called for the reactor when the first result is ready (so that building a
-        bus never imports the global reactor).
-    """
-
-    def __init__(self, reactor: Callable[[], Any], name: str) -> None:
-        self._reactor = reactor
-        self._name = name
-        self._jobs: _Jobs | None = None
-
-    def __call__(self, function: Callable[[], Any]) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        if self._jobs is None:
-            self._jobs = queue.SimpleQueue()
-            thread = threading.Thread(
-                target=self._loop, args=(self._jobs,), name=self._name, daemon=True
-            )
-            thread.start()
-        self._jobs.put((function, d))
-        return d
-
-    def _loop(self, jobs: _Jobs) -> None:
-        call = None
-        while True:
-            job = jobs.get()
-            if job is None:
-                return
-            function, d = job
-            try:
-                result = function()
-            except BaseException:
-                failure = Failure()
-                failure.cleanFailure()
-                outcome: tuple[Callable[..., Any], Any] = (d.errback, failure)
-            else:
-                outcome = (d.callback, result)
-            if call is None:
-                call = self._reactor().callFromThread
-            call(*outcome)
-
-    def stop(self) -> Deferred[None]:
-        """Let queued functions finish, then end the thread; fires when it has."""
-        jobs, self._jobs = self._jobs, None
-        done: Deferred[None] = Deferred()
-        if jobs is None:
-            done.callback(None)
-        else:
-            jobs.put((lambda: None, done))
-            jobs.put(None)
-        return done
-
-
-_Jobs = queue.SimpleQueue[tuple[Callable[[], Any], "Deferred[Any]"] | None]
 
 
 @implementer(IBus)
@@ -137,17 +79,12 @@ class MaildirBus:
         self.store = MaildirStore(path, fsync=fsync, sync_mode=sync_mode)
         self.path = self.store.path
         self._reactor = reactor
-        self._threads: list[WriterThread] = []
-        self._write: Runner
-        self._sync: Runner
+        self._pipeline: Pipeline | None = None
+        self._run: Runner | None = run_in_thread
         if run_in_thread is None:
-            self._threads = [
-                WriterThread(lambda: self.reactor, f"maildir-{stage} {self.path}")
-                for stage in ("writer", "syncer")
-            ]
-            self._write, self._sync = self._threads
-        else:
-            self._write = self._sync = run_in_thread
+            self._pipeline = Pipeline(
+                self.store, lambda: self.reactor, self._finish, f"maildir {self.path}"
+            )
         self.clean_interval = clean_interval
         self._queue: Batch = []
         self._writing = False
@@ -178,23 +115,38 @@ class MaildirBus:
 
     def send(self, envelope: Envelope) -> Deferred[Reply]:
         d: Deferred[Reply] = Deferred()
+        if self._pipeline is not None:
+            self._pipeline.submit(envelope, d)
+            return d
         self._queue.append((envelope, d, ""))
         if not self._writing:
             self._write_queued()
         return d
 
+    def _finish(self, batches: list[Batch], failure: Failure | None) -> None:
+        """In the reactor thread: these batches are done (durable, or failed)."""
+        if failure is not None:
+            self._fail(failure, batches)
+            return
+        for batch in batches:
+            for envelope, d, _ in batch:
+                d.callback(Reply("250", f"Message queued as {envelope.queue_id}", "2.6.0"))
+
+    # -- the two stages scheduled from the reactor thread, through run_in_thread ---------
+
     def _write_queued(self) -> None:
         batch, self._queue = self._queue, []
         self._writing = True
         envelopes = [envelope for envelope, _, _ in batch]
+        assert self._run is not None
         if len(batch) == 1 and not self._syncing and not self._written:
             # A message alone (light load): the writer syncs new/ itself right after, which
             # saves two hand-overs between threads; nothing would overlap anyway.
             self._syncing = True
-            d = self._write(partial(self.store.commit, envelopes))
+            d = self._run(partial(self.store.commit, envelopes))
             d.addBoth(self._committed_alone, batch)
             return
-        d = self._write(partial(self.store.write_envelopes, envelopes))
+        d = self._run(partial(self.store.write_envelopes, envelopes))
         d.addBoth(self._wrote, batch)
 
     def _committed_alone(self, result: object, batch: Batch) -> None:
@@ -221,16 +173,12 @@ class MaildirBus:
         batches, self._written = self._written, []
         self._syncing = True
         names = [[name for _, _, name in batch] for batch in batches]
-        d = self._sync(partial(self.store.sync_names, names))
+        assert self._run is not None
+        d = self._run(partial(self.store.sync_names, names))
         d.addBoth(self._synced, batches)
 
     def _synced(self, result: object, batches: list[Batch]) -> None:
-        if isinstance(result, Failure):
-            self._fail(result, batches)
-        else:
-            for batch in batches:
-                for envelope, d, _ in batch:
-                    d.callback(Reply("250", f"Message queued as {envelope.queue_id}", "2.6.0"))
+        self._finish(batches, result if isinstance(result, Failure) else None)
         # Replies may make clients send again at once (send() queues meanwhile): the next
         # stages start only now, with everything that arrived.
         self._syncing = False
@@ -281,7 +229,9 @@ class MaildirBus:
         def failed(failure: Failure) -> None:
             self.log.failure("maildir {path}: cleaning failed", failure, path=self.path)
 
-        d: Deferred[None] = self._write(self._clean).addCallbacks(report, failed)
+        run = self._pipeline.run if self._pipeline is not None else self._run
+        assert run is not None
+        d: Deferred[None] = run(self._clean).addCallbacks(report, failed)
         return d
 
     def start(self) -> Deferred[None]:
@@ -299,8 +249,8 @@ class MaildirBus:
         if self._cleaner is not None and self._cleaner.running:
             self._cleaner.stop()
         self._cleaner = None
-        if self._threads:
-            done: Deferred[Any] = gatherResults([thread.stop() for thread in self._threads])
+        if self._pipeline is not None:
+            done = self._pipeline.stop()
         else:
             done = Deferred()
             done.callback(None)
