@@ -6,6 +6,7 @@ Usage::
     .venv/bin/python bench/run.py --quick    # a smoke run, about 30 seconds
     .venv/bin/python bench/run.py --profile  # also cProfile the slimta_tx servers
     .venv/bin/python bench/run.py --client smtp-source --scenarios 50x2k  # Postfix's C client
+    .venv/bin/python bench/run.py --durable  # issue 16: maildir vs Postfix vs the disk
 
 Every (scenario, server) pair gets a fresh server process (``bench/servers.py``) on 127.0.0.1
 and a fresh load generator process (``bench/load.py``). The load generator first warms the
@@ -37,6 +38,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
+import durable  # bench/durable.py: issue 16 (--durable): Postfix, the disk probe
 import product  # bench/product.py: the issue 18 tables (--product)
 import twistd_haproxy  # bench/twistd_haproxy.py: twistd slimta behind HAProxy
 import twistd_server  # bench/twistd_server.py: twistd slimta as users run it
@@ -56,6 +58,10 @@ SERVERS: dict[str, str] = {
     "slimta-haproxy": "slimta_tx +HAProxy",
     **workers.SERVERS,
     **twistd_haproxy.SERVERS,
+    # Durable accept (bench/durable.py): a private Postfix, and the disk probe (no server).
+    "postfix": "Postfix",
+    "disk-1": "disk, 1 thread",
+    "disk-10": "disk, 10 threads",
 }
 SLIMTA = ("slimta-discard", "slimta-maildir")
 PEERS = ("twisted", "aiosmtpd")
@@ -184,7 +190,7 @@ def tail(path: str, lines: int = 5) -> str:
 
 
 def run_smtp_source(
-    port: int, scenario: Scenario, errlog: str, server_pid: int
+    port: int, scenario: Scenario, errlog: str, server_pid: int, cpu_of: Any = None
 ) -> tuple[dict[str, Any], float]:
     """Postfix's ``smtp-source`` against ``port``: the same number of parallel lockstep
     sessions and messages as ``scenario`` (HELO, not EHLO; no latency figures). Bounded by the
@@ -202,7 +208,8 @@ def run_smtp_source(
         "-tsink@server.example",
         f"127.0.0.1:{port}",
     ]
-    cpu_before = proc_cpu(server_pid)
+    cpu_of = cpu_of or proc_cpu
+    cpu_before = cpu_of(server_pid)
     started = time.perf_counter()
     with open(errlog, "w") as err:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
@@ -218,7 +225,7 @@ def run_smtp_source(
         raise RunFailed(f"smtp-source overran the hard limit of {scenario.hard_limit:g}s; killed")
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - started
-    server_cpu = proc_cpu(server_pid) - cpu_before
+    server_cpu = cpu_of(server_pid) - cpu_before
     proc.returncode = os.waitstatus_to_exitcode(status)
     errors = (
         [] if proc.returncode == 0 else [f"smtp-source exit {proc.returncode}: {tail(errlog, 1)}"]
@@ -268,6 +275,8 @@ def run_one(
     if kind in MAILDIR_KINDS or kind.endswith("maildir"):
         maildir = tempfile.mkdtemp(prefix="maildir-", dir=scratch)
         command += ["--maildir", maildir]
+    if kind == "postfix":
+        command += ["--dir", scratch]
     if profile and kind in SLIMTA:
         command += ["--profile", profile]
     errlog = os.path.join(scratch, f"{kind}-{scenario.key}.stderr")
@@ -280,6 +289,7 @@ def run_one(
     logfile = None
     try:
         helpers: list[int] = []  # pids of processes in front of the server (HAProxy)
+        measured = 0  # the pid whose CPU is the server's (below)
         if kind in workers.SERVERS:
             try:
                 server, port = workers.start(kind, maildir, errlog)
@@ -308,7 +318,17 @@ def run_one(
             if not ready.startswith("READY "):
                 raise RunFailed(f"server said {ready!r}")
             port = int(ready.split()[1])
-            helpers = [int(pid) for pid in ready.split()[2:]]  # HAProxy in front, for one
+            if kind == "postfix":
+                # Postfix is a tree of processes: the CPU of its master and all its daemons.
+                measured = int(ready.split()[2])
+            else:
+                helpers = [int(pid) for pid in ready.split()[2:]]  # HAProxy in front, for one
+        if kind != "postfix":
+            measured = server.pid
+
+        def cpu_of(pid: int) -> float:
+            return durable.tree_cpu(pid) if kind == "postfix" else proc_cpu(pid, children=tree)
+
         source = client == "smtp-source"
         load = subprocess.Popen(
             [
@@ -344,13 +364,14 @@ def run_one(
                 port,
                 scenario,
                 os.path.join(scratch, f"smtp-source-{scenario.key}.log"),
-                server.pid,
+                measured,
+                cpu_of,
             )
             if server.poll() is not None:
                 raise RunFailed(f"the server died: {tail(errlog)}")
             after = proc_status(server.pid, children=tree)
         else:
-            cpu_before = proc_cpu(server.pid, children=tree)
+            cpu_before = cpu_of(measured)
             parent_before = proc_cpu(server.pid, children=False)
             load.stdin.write("go\n")
             load.stdin.flush()
@@ -361,7 +382,7 @@ def run_one(
             if server.poll() is not None:
                 raise RunFailed(f"the server died: {tail(errlog)}")
             after = proc_status(server.pid, children=tree)
-            server_cpu = proc_cpu(server.pid, children=tree) - cpu_before
+            server_cpu = cpu_of(measured) - cpu_before
             if kind in workers.SERVERS and kind.split("-")[1] != "w1":
                 result["parent_cpu"] = proc_cpu(server.pid, children=False) - parent_before
             if load.returncode != 0:
@@ -375,6 +396,8 @@ def run_one(
         result["rss_after_kib"] = after["VmRSS"]
         result["hwm_after_kib"] = after["VmHWM"]
         result["peak_increase_mib"] = (after["VmHWM"] - before["VmRSS"]) / 1024
+        if kind == "postfix":  # the wrapper's memory, not Postfix's: not reported
+            result["peak_reset"] = None
         result["server_cpu"] = server_cpu
         if helpers:
             result["helper_cpu"] = sum(proc_cpu(pid) for pid in helpers) - helper_cpu
@@ -393,7 +416,9 @@ def run_one(
                 stop(proc)
         twistd_haproxy.stop(front)
         if maildir is not None:
-            shutil.rmtree(maildir, ignore_errors=True)
+            # Removed with the scratch directory at the end: deleting files here would slow
+            # the creations of the next runs on ext4 without a journal (bench/durable.py).
+            result["maildir"] = maildir
     return result
 
 
@@ -415,7 +440,7 @@ def row(result: dict[str, Any]) -> str:
         notes.append("lockstep: no PIPELINING in EHLO")
     if result["hit_time_limit"]:
         notes.append("stopped by time limit")
-    if not result["peak_reset"]:
+    if result["peak_reset"] is False:
         notes.append("VmHWM not reset")
     if workers.parent_share(result):
         notes.append(str(workers.parent_share(result)))
@@ -432,7 +457,11 @@ def row(result: dict[str, Any]) -> str:
         hop = result["helper_cpu"] / result["messages"]
         notes.append(f"HAProxy {result['helper_cpu'] / result['elapsed'] * 100:.0f}% CPU, ")
         notes[-1] += f"{per_msg_text(hop)}/msg"
-    peak = f"{result['hwm_after_kib'] / 1024:.1f} (+{result['peak_increase_mib']:.1f})"
+    peak = (
+        "-"
+        if result["peak_reset"] is None
+        else f"{result['hwm_after_kib'] / 1024:.1f} (+{result['peak_increase_mib']:.1f})"
+    )
     return (
         f"  {name:<18} {result['msgs_per_s']:>9.1f} {result['mib_per_s']:>7.1f} "
         f"{fmt_ms(result['p50']):>9} {fmt_ms(result['p99']):>9} {peak:>15} {cpu:>6.0f}% "
@@ -460,9 +489,9 @@ def pick(runs: list[dict[str, Any]]) -> dict[str, Any]:
         chosen = dict(runs[0])
     else:
         chosen = dict(max(clean, key=lambda r: r["msgs_per_s"]))
-        worst = max(clean, key=lambda r: r["peak_increase_mib"])
-        chosen["peak_increase_mib"] = worst["peak_increase_mib"]
-        chosen["hwm_after_kib"] = worst["hwm_after_kib"]
+        worst = max(clean, key=lambda r: r.get("peak_increase_mib") or 0.0)
+        chosen["peak_increase_mib"] = worst.get("peak_increase_mib")
+        chosen["hwm_after_kib"] = worst.get("hwm_after_kib")
     chosen["rounds"] = [
         {
             k: r.get(k)
@@ -472,6 +501,7 @@ def pick(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "p99",
                 "peak_increase_mib",
                 "client_cpu_per_msg",
+                "server_cpu_per_msg",
                 "error",
             )
         }
@@ -621,6 +651,18 @@ def main() -> int:
         default=",".join(DEFAULT_SERVERS),
         help=f"comma-separated, of {', '.join(SERVERS)}",
     )
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="issue 16's table: maildir, Postfix and the disk probe; 1x2k, 50x2k, 10x1m; "
+        "3 rounds; targets on the medians (bench/durable.py)",
+    )
+    parser.add_argument(
+        "--dir",
+        default="/var/tmp" if os.path.isdir("/var/tmp") else None,
+        help="where the scratch directory goes: Maildirs, Postfix's queue, the disk probe "
+        "(a disk file system, never tmpfs; default /var/tmp)",
+    )
     parser.add_argument("--scenarios", default=None, help="comma-separated scenario keys")
     parser.add_argument(
         "--rounds",
@@ -646,6 +688,15 @@ def main() -> int:
         "medians of 3 rounds (see bench/product.py)",
     )
     args = parser.parse_args()
+    if args.durable:
+        if "--servers" not in " ".join(sys.argv):
+            args.servers = ",".join(durable.DURABLE_SERVERS)
+        if not args.scenarios:
+            args.scenarios = ",".join(durable.DURABLE_SCENARIOS)
+        if "--rounds" not in " ".join(sys.argv):
+            args.rounds = 3
+        if "--client" not in " ".join(sys.argv):
+            args.client = "load"  # its p99 latency is one of the targets (smtp-source has none)
 
     if args.product:
         if "--servers" not in " ".join(sys.argv):
@@ -695,7 +746,10 @@ def main() -> int:
     started = time.monotonic()
     results: dict[str, dict[str, dict[str, Any]]] = {}
     loadavg: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory(prefix="slimta-bench-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="slimta-bench-", dir=args.dir) as scratch:
+        if any(kind in durable.DURABLE_SERVERS for kind in servers):
+            for note in durable.prepare_scratch(scratch):
+                print(note, flush=True)
         for scenario in chosen:
             print(
                 f"\n== {scenario.title}  (at most {scenario.messages} msgs, "
@@ -719,12 +773,18 @@ def main() -> int:
                             RESULTS, f"profile-{stamp}-{kind}-{scenario.key}-{round_}.prof"
                         )
                     runs[kind].append(
-                        run_one(
+                        durable.run_probe(kind, scenario, scratch)
+                        if kind in durable.PROBES
+                        else run_one(
                             kind, scenario, warmup, scratch, profile, client_for(args, scenario)
                         )
                     )
                     if profile and os.path.exists(profile):
                         profile_summary(profile, profile[: -len(".prof")] + ".txt")
+            cleanup = time.monotonic()
+            for run in (r for kind in servers for r in runs[kind]):
+                shutil.rmtree(run.pop("maildir", ""), ignore_errors=True)
+            cleanup = time.monotonic() - cleanup
             by_server = {kind: pick(runs[kind]) for kind in servers if runs[kind]}
             for kind in by_server:
                 print(row(by_server[kind]), flush=True)
@@ -733,7 +793,9 @@ def main() -> int:
             for line in ratio_lines(by_server):
                 print(line)
             print(
-                "  load average after: " + " ".join(f"{x:.2f}" for x in loadavg[scenario.key]),
+                "  load average after: "
+                + " ".join(f"{x:.2f}" for x in loadavg[scenario.key])
+                + (f"  (removing the runs' files took {cleanup:.0f} s)" if cleanup >= 1 else ""),
                 flush=True,
             )
     judged = targets(results, args.quick)
@@ -748,6 +810,15 @@ def main() -> int:
         for t in issue18:
             print(describe_target(t))
         judged += issue18
+    if any(kind in durable.DURABLE_SERVERS for kind in servers):
+        print("\nDurable accept (issue 16), medians of the rounds:")
+        for line in durable.median_lines(results, SERVERS):
+            print(line)
+        durable_judged = durable.targets(results)
+        print("Targets (issue 16):")
+        for t in durable_judged:
+            print(describe_target(t))
+        judged += durable_judged
     took = time.monotonic() - started
     info["loadavg_end"] = os.getloadavg()
     info["seconds"] = round(took, 1)
