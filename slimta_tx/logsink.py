@@ -320,7 +320,9 @@ class LogSink:
         )
         special = FAST_JSON.get(log_format)
         if special is not None:
-            return special(event, head)
+            line = special(event, head)
+            worker = event.get("worker")  # a worker of --workers N names itself
+            return line if worker is None else f'{line[:-2]},"worker":{int(worker)}}}\n'
         parts = [head, f',"message":{_quote(FAST_FORMATS[log_format](event))}']
         append = parts.append
         for key, value in event.items():
