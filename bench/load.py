@@ -14,6 +14,18 @@ and DATA as its last), so a message costs one round trip; a body still waits for
 Latency is per message: from writing MAIL to reading the reply to the final dot. Throughput is
 completed messages over the wall time from the first connect to the last close.
 
+With ``--per-connection N`` each connection sends at most N messages, then QUIT; it waits for
+the server to close (so the server, which closes first, holds the TIME_WAIT state, not the
+client's ephemeral ports) and a new connection takes its place while messages remain: with
+``--per-connection 1`` every message pays for a connection, banner, EHLO and QUIT, as most MX
+traffic does. ``connections_opened`` in the result counts them.
+
+With ``--starttls CAFILE`` each connection sends STARTTLS after its first EHLO, does the TLS
+handshake on the same epoll loop (a non-blocking ``ssl`` socket: ``SSLWantReadError`` and
+``SSLWantWriteError`` only mean "wait for the socket"; after each read the bytes the TLS layer
+still holds are drained too, since epoll cannot see them), verifies the server certificate
+against CAFILE, and sends EHLO again before its first message.
+
 The run is bounded by ``--messages`` (shared by all connections) and ``--time-limit`` (no new
 transaction starts after it) and ``--hard-limit`` (everything is closed). With ``--warmup N``
 one connection first sends N small messages, then the process prints ``warm`` and waits for a
@@ -41,6 +53,7 @@ import os
 import resource
 import select
 import socket
+import ssl
 import sys
 import time
 from collections import deque
@@ -118,6 +131,9 @@ class Shared:
     deadline: float
     message: Message
     pipelining: bool
+    per_connection: int = 0  # messages per connection at most; 0: no limit
+    connections_opened: int = 0
+    tls: ssl.SSLContext | None = None  # STARTTLS with this client context
     latencies: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     pipelined_connections: int = 0
@@ -141,8 +157,23 @@ MAX_LINE = 65536
 
 # Connection states: the reply each one waits for is EXPECT[state].
 CONNECTING, BANNER, EHLO_SENT, MAIL_SENT, RCPT_SENT = 0, 1, 2, 3, 4
-DATA_SENT, BODY, DOT_SENT, QUIT_SENT = 5, 6, 7, 8
-EXPECT = (b"", b"220", b"250", b"250", b"250", b"354", b"250", b"250", b"221")
+DATA_SENT, BODY, DOT_SENT, QUIT_SENT, CLOSING = 5, 6, 7, 8, 9
+STARTTLS_SENT, HANDSHAKE = 10, 11
+EXPECT = (
+    b"",
+    b"220",
+    b"250",
+    b"250",
+    b"250",
+    b"354",
+    b"250",
+    b"250",
+    b"221",
+    b"",
+    b"220",
+    b"",
+)
+STARTTLS = b"STARTTLS\r\n"
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -174,6 +205,8 @@ class Conn:
         "next_started",
         "out",
         "pipelining",
+        "secure",
+        "sent",
         "shared",
         "sock",
         "started",
@@ -194,6 +227,9 @@ class Conn:
         self.started = 0.0
         self.next_started = 0.0
         self.closed = False
+        self.sent = 0
+        self.secure = False
+        shared.connections_opened += 1
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setblocking(False)
         # As asyncio does for every TCP transport: a command must not wait for an ACK.
@@ -208,6 +244,9 @@ class Conn:
     # -- events ----------------------------------------------------------------------------------
 
     def writable(self) -> None:
+        if self.state == HANDSHAKE:
+            self.handshake()
+            return
         if self.state == CONNECTING:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
@@ -219,15 +258,27 @@ class Conn:
         self.flush()
 
     def readable(self) -> None:
+        if self.state == HANDSHAKE:
+            self.handshake()
+            return
         try:
             data = self.sock.recv(16384)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return
         except OSError as e:
             self.fail(e)
             return
+        if self.secure and data:
+            # What the TLS layer decrypted beyond this read: epoll will not report it.
+            sock: Any = self.sock
+            while sock.pending():
+                data += sock.recv(16384)
         if not data:
-            self.fail(ProtocolError("connection closed by the server"))
+            if self.state == CLOSING:
+                self.close()
+                self.loop.replace()
+            else:
+                self.fail(ProtocolError("connection closed by the server"))
             return
         if self.buf:
             data = self.buf + data
@@ -272,7 +323,9 @@ class Conn:
             if not self.pipelining:
                 self.send(DATA)
         elif state == DATA_SENT:
-            self.more = more = shared.take()
+            self.sent += 1
+            per = shared.per_connection
+            self.more = more = (not per or self.sent < per) and shared.take()
             self.state = BODY
             loop = self.loop
             if loop.small is not None:
@@ -314,6 +367,13 @@ class Conn:
             # The first line greets; each further one (the last included) names an extension.
             lines = [*self.lines, data[start:end]][1:]
             keywords = {line[4:].split(b" ")[0].upper() for line in lines}
+            if shared.tls is not None and not self.secure:
+                if b"STARTTLS" not in keywords:
+                    self.fail(ProtocolError("no STARTTLS in the EHLO reply"))
+                    return
+                self.state = STARTTLS_SENT
+                self.send(STARTTLS)
+                return
             self.pipelining = shared.pipelining and b"PIPELINING" in keywords
             if self.pipelining:
                 shared.pipelined_connections += 1
@@ -325,8 +385,40 @@ class Conn:
             else:
                 self.state = QUIT_SENT
                 self.send(QUIT)
+        elif state == STARTTLS_SENT:
+            if start + (end - start) + 2 < len(data):
+                self.fail(ProtocolError("data after the 220 to STARTTLS"))
+                return
+            assert shared.tls is not None
+            self.state = HANDSHAKE
+            self.sock = shared.tls.wrap_socket(
+                self.sock, server_hostname="localhost", do_handshake_on_connect=False
+            )
+            self.handshake()
         elif state == QUIT_SENT:
-            self.close()
+            if shared.per_connection:
+                self.state = CLOSING  # the server closes first; then a new connection
+            else:
+                self.close()
+
+    def handshake(self) -> None:
+        """Advance the TLS handshake; when done, EHLO again (RFC 3207: forget the first)."""
+        sock: Any = self.sock
+        try:
+            sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self.loop.watch(self, False)
+            return
+        except ssl.SSLWantWriteError:
+            self.loop.watch(self, True)
+            return
+        except OSError as e:
+            self.fail(e)
+            return
+        self.secure = True
+        self.loop.watch(self, False)
+        self.state = EHLO_SENT
+        self.send(EHLO)
 
     def body_sent(self) -> None:
         """The whole body and its dot are written (or queued for the kernel)."""
@@ -342,7 +434,7 @@ class Conn:
             return
         try:
             sent = self.sock.send(data)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             sent = 0
         except OSError as e:
             self.fail(e)
@@ -361,7 +453,7 @@ class Conn:
                 view = out[0]
                 try:
                     sent = sock.send(view)
-                except BlockingIOError:
+                except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                     self.loop.watch(self, True)
                     return
                 except OSError as e:
@@ -405,7 +497,10 @@ class Conn:
 class Loop:
     """One level-triggered epoll over all connections of a run."""
 
-    def __init__(self, shared: Shared) -> None:
+    def __init__(self, shared: Shared, address: tuple[Any, ...] = (), family: int = 0) -> None:
+        self.shared = shared
+        self.address = address
+        self.family = family
         self.epoll = select.epoll()
         self.conns: dict[int, Conn] = {}
         self.writing: set[int] = set()
@@ -436,6 +531,13 @@ class Loop:
         elif fd in self.writing:
             self.writing.discard(fd)
             self.epoll.modify(fd, EPOLLIN)
+
+    def replace(self) -> None:
+        """A connection ended after its share (``--per-connection``): open the next one while
+        messages and time remain."""
+        shared = self.shared
+        if shared.messages > 0 and time.monotonic() < shared.deadline:
+            Conn(self, shared, self.address, self.family)
 
     def remove(self, conn: Conn) -> None:
         fd = conn.fd
@@ -486,7 +588,7 @@ def session_run(
     """Open ``connections`` sessions and run them to the end; ``loop.finished`` is False when
     the hard deadline stopped them."""
     family, address = address_of(host, port)
-    loop = Loop(shared)
+    loop = Loop(shared, address, family)
     for _ in range(connections):
         Conn(loop, shared, address, family)
     loop.finished = loop.run(hard_deadline)
@@ -503,7 +605,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print("warm", flush=True)
         sys.stdin.readline()
 
-    shared = Shared(args.messages, time.monotonic() + args.time_limit, message, args.pipelining)
+    shared = Shared(
+        args.messages,
+        time.monotonic() + args.time_limit,
+        message,
+        args.pipelining,
+        per_connection=args.per_connection,
+        tls=tls_context(args.starttls),
+    )
     # Nothing here makes reference cycles; the collector would only add pauses.
     gc.collect()
     gc.disable()
@@ -556,7 +665,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # How much each epoll_wait returned: few events a call means the client mostly waits.
         "client_polls": polls,
         "client_events": events,
+        "per_connection": args.per_connection,
+        "connections_opened": shared.connections_opened,
     }
+
+
+def tls_context(cafile: str | None) -> ssl.SSLContext | None:
+    """A client context that verifies the server against ``cafile`` (None: no STARTTLS)."""
+    if not cafile:
+        return None
+    context = ssl.create_default_context(cafile=cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 def main() -> None:
@@ -567,6 +687,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--messages", type=int, default=1000)
     parser.add_argument("--pipelining", action="store_true")
+    parser.add_argument(
+        "--per-connection",
+        type=int,
+        default=0,
+        help="messages per connection at most, then QUIT and a new connection (0: no limit)",
+    )
+    parser.add_argument(
+        "--starttls", metavar="CAFILE", help="STARTTLS after EHLO, verifying against CAFILE"
+    )
     parser.add_argument("--time-limit", type=float, default=10.0)
     parser.add_argument("--hard-limit", type=float, default=60.0)
     parser.add_argument("--warmup", type=int, default=0)

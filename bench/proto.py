@@ -7,6 +7,11 @@ both servers over real sockets, so this isolates what our own Python costs per m
 
     .venv/bin/python bench/proto.py                 # both servers, 3 interleaved rounds
     .venv/bin/python bench/proto.py --only slimta --profile   # cProfile of one run
+    .venv/bin/python bench/proto.py --per-connection          # a new session per message
+
+With ``--per-connection`` every message is a whole session: a new protocol and transport,
+``makeConnection`` (the banner), EHLO, the message, QUIT, ``connectionLost``; what one message
+costs an MX whose clients send one message per connection (the socket calls aside).
 
 Prints microseconds per message (best of the rounds, lower is better) and the ratio of
 twisted.mail's cost to ours (the msgs/s ratio a CPU-bound server would show).
@@ -56,24 +61,34 @@ def body(size: int = 2048) -> bytes:
 
 
 Driver = tuple[Any, StringTransport]
+# With --log text|json: the sink's clock, advanced every 50 messages (a reactor pass).
+PASSES: list[Clock] = []
 
 
-def slimta() -> Driver:
+def slimta() -> Callable[[], Driver]:
+    """Sessions of one edge, its events at ``info`` as under ``twistd slimta``."""
+    from twisted.logger import LogLevel
+
     from slimta_tx.bus.simple import DiscardBus
     from slimta_tx.factory import SmtpEdge
     from slimta_tx.policy import Policy
 
     edge = SmtpEdge(DiscardBus(), Policy(max_message_size=256 << 20), reactor=Clock())
-    return edge.buildProtocol(PEER), StringTransport(peerAddress=PEER)
+    edge.events.set_level(LogLevel.info)
+    return lambda: (edge.buildProtocol(PEER), StringTransport(peerAddress=PEER))
 
 
-def twisted_mail() -> Driver:
+def twisted_mail() -> Callable[[], Driver]:
     from twisted_peer import DiscardESMTPFactory
 
-    return DiscardESMTPFactory().buildProtocol(PEER), StringTransport(peerAddress=PEER)
+    factory = DiscardESMTPFactory()
+    return lambda: (factory.buildProtocol(PEER), StringTransport(peerAddress=PEER))
 
 
-SERVERS: dict[str, Callable[[], Driver]] = {"slimta": slimta, "twisted": twisted_mail}
+SERVERS: dict[str, Callable[[], Callable[[], Driver]]] = {
+    "slimta": slimta,
+    "twisted": twisted_mail,
+}
 
 
 def run(build: Callable[[], Driver], messages: int, message: bytes) -> float:
@@ -86,12 +101,14 @@ def run(build: Callable[[], Driver], messages: int, message: bytes) -> float:
     transport.clear()
     received = proto.dataReceived
     start = time.perf_counter()
-    for _ in range(messages):
+    for i in range(messages):
         received(MAIL)
         received(RCPT)
         received(DATA)
         received(message)
         transport.clear()
+        if PASSES and not i % 50:
+            PASSES[0].advance(0)
     elapsed = time.perf_counter() - start
     # One last message, checked: the bench must measure accepted mail, not refusals.
     for chunk in (MAIL, RCPT, DATA, message):
@@ -102,33 +119,77 @@ def run(build: Callable[[], Driver], messages: int, message: bytes) -> float:
     return elapsed / messages * 1e6
 
 
+def run_connections(build: Callable[[], Driver], messages: int, message: bytes) -> float:
+    """Microseconds per message when each message is a session of its own."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    done = Failure(ConnectionDone())
+    ehlo, quit_ = b"EHLO client.example\r\n", b"QUIT\r\n"
+    start = time.perf_counter()
+    for i in range(messages):
+        if PASSES and not i % 50:
+            PASSES[0].advance(0)
+        proto, transport = build()
+        proto.makeConnection(transport)
+        received = proto.dataReceived
+        received(ehlo)
+        received(MAIL)
+        received(RCPT)
+        received(DATA)
+        received(message)
+        received(quit_)
+        proto.connectionLost(done)
+    elapsed = time.perf_counter() - start
+    replies = transport.value().split(b"\r\n")[:-1]
+    codes = [r[:3] for r in replies if r[3:4] != b"-"]
+    if codes != [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]:
+        raise SystemExit(f"a session went wrong: {replies!r}")
+    return elapsed / messages * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=sorted(SERVERS))
     parser.add_argument("--profile", action="store_true", help="cProfile one run, top 40")
-    args = parser.parse_args()
-    globalLogBeginner.beginLoggingTo(
-        [
-            FilteringLogObserver(
-                textFileLogObserver(sys.stderr),
-                [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
-            )
-        ],
-        redirectStandardIO=False,
+    parser.add_argument(
+        "--per-connection", action="store_true", help="one message per session (see above)"
     )
+    parser.add_argument(
+        "--log",
+        choices=("warn", "text", "json"),
+        default="warn",
+        help="warn: warnings only (the default); text, json: twistd slimta's default log "
+        "(info, slimta_tx.logsink.LogSink) to /dev/null, flushed every 50 messages",
+    )
+    args = parser.parse_args()
+    if args.log == "warn":
+        observer: Any = FilteringLogObserver(
+            textFileLogObserver(sys.stderr),
+            [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)],
+        )
+    else:
+        from slimta_tx.logsink import LogSink
+
+        clock = Clock()
+        clock.running = True  # type: ignore[attr-defined]
+        observer = LogSink(open(os.devnull, "w"), LogLevel.info, args.log, clock)
+        PASSES.append(clock)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     message = body()
+    measure = run_connections if args.per_connection else run
     names = [args.only] if args.only else ["slimta", "twisted"]
     if args.profile:
         profile = cProfile.Profile()
-        profile.runcall(run, SERVERS[names[0]], args.messages, message)
+        profile.runcall(measure, SERVERS[names[0]](), args.messages, message)
         pstats.Stats(profile).sort_stats("tottime").print_stats(40)
         return
     best: dict[str, float] = {}
     for round_ in range(args.rounds):
         for name in names:  # interleaved, so drift in machine load hits both alike
-            cost = run(SERVERS[name], args.messages, message)
+            cost = measure(SERVERS[name](), args.messages, message)
             best[name] = min(cost, best.get(name, cost))
             print(f"round {round_ + 1} {name:8} {cost:7.1f} us/msg", flush=True)
     for name in names:

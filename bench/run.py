@@ -6,6 +6,7 @@ Usage::
     .venv/bin/python bench/run.py --quick    # a smoke run, about 30 seconds
     .venv/bin/python bench/run.py --profile  # also cProfile the slimta_tx servers
     .venv/bin/python bench/run.py --client smtp-source --scenarios 50x2k  # Postfix's C client
+    .venv/bin/python bench/run.py --durable  # issue 16: maildir vs Postfix vs the disk
 
 Every (scenario, server) pair gets a fresh server process (``bench/servers.py``) on 127.0.0.1
 and a fresh load generator process (``bench/load.py``). The load generator first warms the
@@ -37,7 +38,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
+import durable  # bench/durable.py: issue 16 (--durable): Postfix, the disk probe
+import product  # bench/product.py: the issue 18 tables (--product)
 import twistd_haproxy  # bench/twistd_haproxy.py: twistd slimta behind HAProxy
+import twistd_server  # bench/twistd_server.py: twistd slimta as users run it
 import workers  # bench/workers.py: twistd slimta --workers 1 vs 2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,12 +58,22 @@ SERVERS: dict[str, str] = {
     "slimta-haproxy": "slimta_tx +HAProxy",
     **workers.SERVERS,
     **twistd_haproxy.SERVERS,
+    # Durable accept (bench/durable.py): a private Postfix, and the disk probe (no server).
+    "postfix": "Postfix",
+    "disk-1": "disk, 1 thread",
+    "disk-10": "disk, 10 threads",
 }
 SLIMTA = ("slimta-discard", "slimta-maildir")
+PEERS = ("twisted", "aiosmtpd")
+PEERS_DEFAULT = PEERS
+# `twistd slimta` as users run it (bench/twistd_server.py): the product beside the library.
+SERVERS.update(twistd_server.KINDS)
+TWISTD_KINDS = tuple(twistd_server.KINDS)
+MAILDIR_KINDS = ("slimta-maildir", "twistd-maildir")
+DEFAULT_SERVERS = (*SLIMTA, "twistd-discard", "twistd-maildir", *PEERS_DEFAULT)
 SMTP_SOURCE = "/usr/sbin/smtp-source"  # Postfix's test client: C, lockstep, HELO
 # smtp-source's headers (From, To, Date, Message-Id) are about this long; its -l is the payload.
 SMTP_SOURCE_HEADERS = 160
-PEERS = ("twisted", "aiosmtpd")
 
 
 @dataclass(frozen=True)
@@ -72,10 +86,13 @@ class Scenario:
     time_limit: float
     hard_limit: float
     pipelining: bool = False
+    per_connection: int = 0  # messages per connection (then QUIT, reconnect); 0: no limit
 
 
 PIPE_TITLE = "50 connections x 2 KiB, PIPELINING"
 LOCKSTEP_TITLE = "50 connections x 2 KiB, no pipelining"
+ONCE_TITLE = "50 connections at once x 2 KiB, one message per connection"
+ONE_ONCE_TITLE = "1 connection at a time x 2 KiB, one message per connection"
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -85,6 +102,8 @@ def scenarios(quick: bool) -> list[Scenario]:
             Scenario("1x2k", "1 connection x 2 KiB", 1, 2048, 300, 1.0, 20),
             Scenario("50x2k-pipe", PIPE_TITLE, 50, 2048, 2000, 1.0, 20, pipelining=True),
             Scenario("50x2k", LOCKSTEP_TITLE, 50, 2048, 2000, 1.0, 20),
+            Scenario("50x2k-1", ONCE_TITLE, 50, 2048, 1000, 1.0, 20, per_connection=1),
+            Scenario("1x2k-1", ONE_ONCE_TITLE, 1, 2048, 300, 1.0, 20, per_connection=1),
             Scenario("10x1m", "10 connections x 1 MiB", 10, MiB, 40, 1.5, 30),
             Scenario("1x16m", "1 message of 16 MiB (quick stand-in)", 1, 16 * MiB, 1, 20, 40),
         ]
@@ -92,6 +111,8 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario("1x2k", "1 connection x 2 KiB", 1, 2048, 4000, 4.0, 40),
         Scenario("50x2k-pipe", PIPE_TITLE, 50, 2048, 20000, 5.0, 40, pipelining=True),
         Scenario("50x2k", LOCKSTEP_TITLE, 50, 2048, 20000, 5.0, 40),
+        Scenario("50x2k-1", ONCE_TITLE, 50, 2048, 10000, 5.0, 40, per_connection=1),
+        Scenario("1x2k-1", ONE_ONCE_TITLE, 1, 2048, 3000, 4.0, 40, per_connection=1),
         Scenario("10x1m", "10 connections x 1 MiB", 10, MiB, 500, 6.0, 60),
         Scenario("1x100m", "1 message of 100 MiB", 1, 100 * MiB, 1, 60, 90),
     ]
@@ -169,7 +190,7 @@ def tail(path: str, lines: int = 5) -> str:
 
 
 def run_smtp_source(
-    port: int, scenario: Scenario, errlog: str, server_pid: int
+    port: int, scenario: Scenario, errlog: str, server_pid: int, cpu_of: Any = None
 ) -> tuple[dict[str, Any], float]:
     """Postfix's ``smtp-source`` against ``port``: the same number of parallel lockstep
     sessions and messages as ``scenario`` (HELO, not EHLO; no latency figures). Bounded by the
@@ -177,7 +198,8 @@ def run_smtp_source(
     seconds over the run."""
     command = [
         SMTP_SOURCE,
-        "-d",  # keep each session open for its next message
+        # -d: keep each session open for its next message; without: one message a connection
+        *([] if scenario.per_connection == 1 else ["-d"]),
         f"-s{scenario.connections}",
         f"-m{scenario.messages}",
         f"-l{max(scenario.size - SMTP_SOURCE_HEADERS, 1)}",
@@ -186,7 +208,8 @@ def run_smtp_source(
         "-tsink@server.example",
         f"127.0.0.1:{port}",
     ]
-    cpu_before = proc_cpu(server_pid)
+    cpu_of = cpu_of or proc_cpu
+    cpu_before = cpu_of(server_pid)
     started = time.perf_counter()
     with open(errlog, "w") as err:
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
@@ -202,7 +225,7 @@ def run_smtp_source(
         raise RunFailed(f"smtp-source overran the hard limit of {scenario.hard_limit:g}s; killed")
     _, status, usage = os.wait4(proc.pid, 0)
     elapsed = time.perf_counter() - started
-    server_cpu = proc_cpu(server_pid) - cpu_before
+    server_cpu = cpu_of(server_pid) - cpu_before
     proc.returncode = os.waitstatus_to_exitcode(status)
     errors = (
         [] if proc.returncode == 0 else [f"smtp-source exit {proc.returncode}: {tail(errlog, 1)}"]
@@ -249,9 +272,11 @@ def run_one(
     result: dict[str, Any] = {"server": kind, "scenario": scenario.key}
     command = [PYTHON, os.path.join(HERE, "servers.py"), kind]
     maildir = None
-    if kind.endswith("maildir"):
+    if kind in MAILDIR_KINDS or kind.endswith("maildir"):
         maildir = tempfile.mkdtemp(prefix="maildir-", dir=scratch)
         command += ["--maildir", maildir]
+    if kind == "postfix":
+        command += ["--dir", scratch]
     if profile and kind in SLIMTA:
         command += ["--profile", profile]
     errlog = os.path.join(scratch, f"{kind}-{scenario.key}.stderr")
@@ -261,8 +286,10 @@ def run_one(
     # The server's CPU and memory: with its child processes for twistd (workers), without them
     # for servers.py (its only child is the HAProxy of slimta-haproxy, measured apart).
     tree = kind in workers.SERVERS or kind in twistd_haproxy.SERVERS
+    logfile = None
     try:
         helpers: list[int] = []  # pids of processes in front of the server (HAProxy)
+        measured = 0  # the pid whose CPU is the server's (below)
         if kind in workers.SERVERS:
             try:
                 server, port = workers.start(kind, maildir, errlog)
@@ -274,6 +301,13 @@ def run_one(
             except RuntimeError as e:
                 raise RunFailed(str(e)) from None
             helpers = [front.pid]
+        elif kind in TWISTD_KINDS:
+            try:
+                server, port, logfile = twistd_server.start(
+                    kind, scratch, errlog, maildir, profile
+                )
+            except twistd_server.StartFailed as e:
+                raise RunFailed(f"{e}: {tail(errlog)}") from None
         else:
             with open(errlog, "w") as err:
                 server = subprocess.Popen(
@@ -284,7 +318,17 @@ def run_one(
             if not ready.startswith("READY "):
                 raise RunFailed(f"server said {ready!r}")
             port = int(ready.split()[1])
-            helpers = [int(pid) for pid in ready.split()[2:]]  # HAProxy in front, for one
+            if kind == "postfix":
+                # Postfix is a tree of processes: the CPU of its master and all its daemons.
+                measured = int(ready.split()[2])
+            else:
+                helpers = [int(pid) for pid in ready.split()[2:]]  # HAProxy in front, for one
+        if kind != "postfix":
+            measured = server.pid
+
+        def cpu_of(pid: int) -> float:
+            return durable.tree_cpu(pid) if kind == "postfix" else proc_cpu(pid, children=tree)
+
         source = client == "smtp-source"
         load = subprocess.Popen(
             [
@@ -298,6 +342,7 @@ def run_one(
                 f"--time-limit={scenario.time_limit}",
                 f"--hard-limit={scenario.hard_limit}",
                 f"--warmup={warmup}",
+                f"--per-connection={scenario.per_connection}",
                 *(["--pipelining"] if scenario.pipelining else []),
             ],
             stdin=subprocess.PIPE,
@@ -319,13 +364,14 @@ def run_one(
                 port,
                 scenario,
                 os.path.join(scratch, f"smtp-source-{scenario.key}.log"),
-                server.pid,
+                measured,
+                cpu_of,
             )
             if server.poll() is not None:
                 raise RunFailed(f"the server died: {tail(errlog)}")
             after = proc_status(server.pid, children=tree)
         else:
-            cpu_before = proc_cpu(server.pid, children=tree)
+            cpu_before = cpu_of(measured)
             parent_before = proc_cpu(server.pid, children=False)
             load.stdin.write("go\n")
             load.stdin.flush()
@@ -336,7 +382,7 @@ def run_one(
             if server.poll() is not None:
                 raise RunFailed(f"the server died: {tail(errlog)}")
             after = proc_status(server.pid, children=tree)
-            server_cpu = proc_cpu(server.pid, children=tree) - cpu_before
+            server_cpu = cpu_of(measured) - cpu_before
             if kind in workers.SERVERS and kind.split("-")[1] != "w1":
                 result["parent_cpu"] = proc_cpu(server.pid, children=False) - parent_before
             if load.returncode != 0:
@@ -350,11 +396,15 @@ def run_one(
         result["rss_after_kib"] = after["VmRSS"]
         result["hwm_after_kib"] = after["VmHWM"]
         result["peak_increase_mib"] = (after["VmHWM"] - before["VmRSS"]) / 1024
+        if kind == "postfix":  # the wrapper's memory, not Postfix's: not reported
+            result["peak_reset"] = None
         result["server_cpu"] = server_cpu
         if helpers:
             result["helper_cpu"] = sum(proc_cpu(pid) for pid in helpers) - helper_cpu
         if result["messages"]:
             result["server_cpu_per_msg"] = server_cpu / result["messages"]
+        if logfile is not None:
+            result["log_bytes"] = twistd_server.log_bytes(logfile)
         server_errors = "" if tree else tail(errlog)
         if server_errors:
             result["server_stderr"] = server_errors
@@ -366,7 +416,9 @@ def run_one(
                 stop(proc)
         twistd_haproxy.stop(front)
         if maildir is not None:
-            shutil.rmtree(maildir, ignore_errors=True)
+            # Removed with the scratch directory at the end: deleting files here would slow
+            # the creations of the next runs on ext4 without a journal (bench/durable.py).
+            result["maildir"] = maildir
     return result
 
 
@@ -388,7 +440,7 @@ def row(result: dict[str, Any]) -> str:
         notes.append("lockstep: no PIPELINING in EHLO")
     if result["hit_time_limit"]:
         notes.append("stopped by time limit")
-    if not result["peak_reset"]:
+    if result["peak_reset"] is False:
         notes.append("VmHWM not reset")
     if workers.parent_share(result):
         notes.append(str(workers.parent_share(result)))
@@ -405,7 +457,11 @@ def row(result: dict[str, Any]) -> str:
         hop = result["helper_cpu"] / result["messages"]
         notes.append(f"HAProxy {result['helper_cpu'] / result['elapsed'] * 100:.0f}% CPU, ")
         notes[-1] += f"{per_msg_text(hop)}/msg"
-    peak = f"{result['hwm_after_kib'] / 1024:.1f} (+{result['peak_increase_mib']:.1f})"
+    peak = (
+        "-"
+        if result["peak_reset"] is None
+        else f"{result['hwm_after_kib'] / 1024:.1f} (+{result['peak_increase_mib']:.1f})"
+    )
     return (
         f"  {name:<18} {result['msgs_per_s']:>9.1f} {result['mib_per_s']:>7.1f} "
         f"{fmt_ms(result['p50']):>9} {fmt_ms(result['p99']):>9} {peak:>15} {cpu:>6.0f}% "
@@ -433,9 +489,9 @@ def pick(runs: list[dict[str, Any]]) -> dict[str, Any]:
         chosen = dict(runs[0])
     else:
         chosen = dict(max(clean, key=lambda r: r["msgs_per_s"]))
-        worst = max(clean, key=lambda r: r["peak_increase_mib"])
-        chosen["peak_increase_mib"] = worst["peak_increase_mib"]
-        chosen["hwm_after_kib"] = worst["hwm_after_kib"]
+        worst = max(clean, key=lambda r: r.get("peak_increase_mib") or 0.0)
+        chosen["peak_increase_mib"] = worst.get("peak_increase_mib")
+        chosen["hwm_after_kib"] = worst.get("hwm_after_kib")
     chosen["rounds"] = [
         {
             k: r.get(k)
@@ -445,6 +501,7 @@ def pick(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 "p99",
                 "peak_increase_mib",
                 "client_cpu_per_msg",
+                "server_cpu_per_msg",
                 "error",
             )
         }
@@ -464,7 +521,9 @@ def ratio(by_server: dict[str, dict[str, Any]], mine: str, peer: str) -> float |
 
 def ratio_lines(by_server: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
-    for mine in SLIMTA:
+    for mine in SLIMTA + TWISTD_KINDS:
+        if mine not in by_server:
+            continue
         parts = []
         for peer in PEERS:
             r = ratio(by_server, mine, peer)
@@ -574,10 +633,36 @@ def profile_summary(path: str, out: str) -> None:
         f.write(buf.getvalue())
 
 
+def client_for(args: argparse.Namespace, scenario: Scenario) -> str:
+    """``--client auto``: smtp-source (no Python in the client) drives the lockstep 2 KiB
+    scenarios where it is installed; load.py the pipelined and large-message ones."""
+    if args.client != "auto":
+        return str(args.client)
+    if not scenario.pipelining and scenario.size <= 64 * 1024 and os.access(SMTP_SOURCE, os.X_OK):
+        return "smtp-source"
+    return "load"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a ~30 s smoke run")
-    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated")
+    parser.add_argument(
+        "--servers",
+        default=",".join(DEFAULT_SERVERS),
+        help=f"comma-separated, of {', '.join(SERVERS)}",
+    )
+    parser.add_argument(
+        "--durable",
+        action="store_true",
+        help="issue 16's table: maildir, Postfix and the disk probe; 1x2k, 50x2k, 10x1m; "
+        "3 rounds; targets on the medians (bench/durable.py)",
+    )
+    parser.add_argument(
+        "--dir",
+        default="/var/tmp" if os.path.isdir("/var/tmp") else None,
+        help="where the scratch directory goes: Maildirs, Postfix's queue, the disk probe "
+        "(a disk file system, never tmpfs; default /var/tmp)",
+    )
     parser.add_argument("--scenarios", default=None, help="comma-separated scenario keys")
     parser.add_argument(
         "--rounds",
@@ -588,14 +673,38 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="cProfile the slimta_tx servers")
     parser.add_argument(
         "--client",
-        choices=("load", "smtp-source"),
-        default="load",
+        choices=("auto", "load", "smtp-source"),
+        default="auto",
         help="the load generator: bench/load.py, or Postfix's smtp-source (C, lockstep "
-        "scenarios only; a cross-check of load.py's figures)",
+        "scenarios only; a cross-check of load.py's figures); auto (the default): "
+        "smtp-source for the lockstep 2 KiB scenarios where it is installed, load.py for "
+        "the rest",
     )
     parser.add_argument("--output", default=None, help="JSON file (default: bench/results/)")
+    parser.add_argument(
+        "--product",
+        action="store_true",
+        help="issue 18's tables: twistd slimta as shipped vs twisted.mail, the log's cost, "
+        "medians of 3 rounds (see bench/product.py)",
+    )
     args = parser.parse_args()
+    if args.durable:
+        if "--servers" not in " ".join(sys.argv):
+            args.servers = ",".join(durable.DURABLE_SERVERS)
+        if not args.scenarios:
+            args.scenarios = ",".join(durable.DURABLE_SCENARIOS)
+        if "--rounds" not in " ".join(sys.argv):
+            args.rounds = 3
+        if "--client" not in " ".join(sys.argv):
+            args.client = "load"  # its p99 latency is one of the targets (smtp-source has none)
 
+    if args.product:
+        if "--servers" not in " ".join(sys.argv):
+            args.servers = ",".join(product.SERVERS)
+        if not args.scenarios:
+            args.scenarios = ",".join(product.SCENARIOS)
+        if "--rounds" not in " ".join(sys.argv):
+            args.rounds = product.ROUNDS
     servers = [s for s in args.servers.split(",") if s]
     unknown = [s for s in servers if s not in SERVERS]
     if unknown:
@@ -637,7 +746,10 @@ def main() -> int:
     started = time.monotonic()
     results: dict[str, dict[str, dict[str, Any]]] = {}
     loadavg: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory(prefix="slimta-bench-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="slimta-bench-", dir=args.dir) as scratch:
+        if any(kind in durable.DURABLE_SERVERS for kind in servers):
+            for note in durable.prepare_scratch(scratch):
+                print(note, flush=True)
         for scenario in chosen:
             print(
                 f"\n== {scenario.title}  (at most {scenario.messages} msgs, "
@@ -653,18 +765,26 @@ def main() -> int:
                     if not (
                         workers.applies(kind, scenario.key)
                         and twistd_haproxy.applies(kind, scenario.key)
-                    ):
+                    ) or (args.product and product.skip(kind, scenario.key)):
                         continue
                     profile = None
-                    if args.profile and kind in SLIMTA:
+                    if args.profile and (kind in SLIMTA or kind in TWISTD_KINDS):
                         profile = os.path.join(
                             RESULTS, f"profile-{stamp}-{kind}-{scenario.key}-{round_}.prof"
                         )
                     runs[kind].append(
-                        run_one(kind, scenario, warmup, scratch, profile, args.client)
+                        durable.run_probe(kind, scenario, scratch)
+                        if kind in durable.PROBES
+                        else run_one(
+                            kind, scenario, warmup, scratch, profile, client_for(args, scenario)
+                        )
                     )
                     if profile and os.path.exists(profile):
                         profile_summary(profile, profile[: -len(".prof")] + ".txt")
+            cleanup = time.monotonic()
+            for run in (r for kind in servers for r in runs[kind]):
+                shutil.rmtree(run.pop("maildir", ""), ignore_errors=True)
+            cleanup = time.monotonic() - cleanup
             by_server = {kind: pick(runs[kind]) for kind in servers if runs[kind]}
             for kind in by_server:
                 print(row(by_server[kind]), flush=True)
@@ -673,13 +793,32 @@ def main() -> int:
             for line in ratio_lines(by_server):
                 print(line)
             print(
-                "  load average after: " + " ".join(f"{x:.2f}" for x in loadavg[scenario.key]),
+                "  load average after: "
+                + " ".join(f"{x:.2f}" for x in loadavg[scenario.key])
+                + (f"  (removing the runs' files took {cleanup:.0f} s)" if cleanup >= 1 else ""),
                 flush=True,
             )
     judged = targets(results, args.quick)
     print("\nTargets (issues 2 and 10):")
     for t in judged:
         print(describe_target(t))
+    if args.product:
+        lines, issue18 = product.report(results)
+        for line in lines:
+            print(line)
+        print("\nTargets (issue 18):")
+        for t in issue18:
+            print(describe_target(t))
+        judged += issue18
+    if any(kind in durable.DURABLE_SERVERS for kind in servers):
+        print("\nDurable accept (issue 16), medians of the rounds:")
+        for line in durable.median_lines(results, SERVERS):
+            print(line)
+        durable_judged = durable.targets(results)
+        print("Targets (issue 16):")
+        for t in durable_judged:
+            print(describe_target(t))
+        judged += durable_judged
     took = time.monotonic() - started
     info["loadavg_end"] = os.getloadavg()
     info["seconds"] = round(took, 1)

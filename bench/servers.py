@@ -3,7 +3,8 @@
 KIND is one of :data:`KINDS`. The server binds 127.0.0.1 on a free port, prints ``READY
 <port>`` on stdout and runs until SIGTERM or SIGINT. Only warnings and errors are logged (to
 stderr), the same for every server. ``--profile FILE`` runs the server under cProfile and
-writes the stats to FILE on exit.
+writes the stats to FILE on exit. ``postfix`` (bench/postfix_server.py) is a private Postfix,
+a tree of processes: it prints ``READY <port> <pid of Postfix's master>``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-KINDS = ("slimta-discard", "slimta-maildir", "twisted", "aiosmtpd", "slimta-haproxy")
+KINDS = ("slimta-discard", "slimta-maildir", "twisted", "aiosmtpd", "slimta-haproxy", "postfix")
 # The same message size limit for every server that has one (the 100 MiB scenario fits).
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 
@@ -173,8 +174,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("kind", choices=KINDS)
     parser.add_argument("--maildir", help="Maildir directory for slimta-maildir")
+    parser.add_argument("--dir", help="postfix: its queue goes in a new directory under this")
     parser.add_argument("--profile", help="write cProfile stats here on exit")
     args = parser.parse_args()
+    if args.kind == "postfix":  # a process tree of its own: bench/postfix_server.py
+        from postfix_server import serve
+
+        serve(args.dir or ".", MAX_MESSAGE_SIZE)
+        return
     if args.kind == "slimta-discard":
         run = serve_slimta("discard", None)
     elif args.kind == "slimta-maildir":

@@ -1,10 +1,11 @@
 """The other side of the AMQP bus: take messages off a RabbitMQ queue into a Maildir.
 
-Each message is written to ``MAILDIR/tmp``, fsynced, renamed into ``MAILDIR/new`` and the
-directory fsynced, with its envelope beside it in ``MAILDIR/envelope/<name>.json``; only then
-is it acknowledged (``basic.ack``). A crash before the ack makes RabbitMQ deliver the message
-again (at-least-once): a consumer that must not keep duplicates skips a ``message_id`` (the
-edge's queue id) it has already stored.
+Each message is stored the way the edge's Maildir bus stores mail
+(:class:`slimta_tx.bus.maildir.MaildirStore`, see docs/maildir.md): written to ``MAILDIR/tmp``
+and synced with its envelope record (a line of ``MAILDIR/envelope/*.jsonl``), renamed into
+``MAILDIR/new``, the directory synced; only then is it acknowledged (``basic.ack``). A crash
+before the ack makes RabbitMQ deliver the message again (at-least-once): a consumer that must
+not keep duplicates skips a ``message_id`` (the edge's queue id) it has already stored.
 
 Run it::
 
@@ -19,12 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
-import time
 from collections.abc import Callable
-from itertools import count
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -32,8 +29,11 @@ from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from slimta_tx.bus.maildir import MaildirStore, StoredMessage
+from slimta_tx.spool import Spool
+
 log = Logger()
-_names = count(1)
+_stores: dict[str, MaildirStore] = {}
 
 
 def envelope_of(properties: Any) -> dict[str, Any]:
@@ -48,35 +48,19 @@ def envelope_of(properties: Any) -> dict[str, Any]:
     return envelope
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def store(maildir: str, envelope: dict[str, Any], body: bytes) -> str:
-    """Write one message durably into ``maildir``; returns its file name (blocking)."""
-    for sub in ("tmp", "new", "cur", "envelope"):
-        os.makedirs(os.path.join(maildir, sub), exist_ok=True)
-    name = f"{int(time.time())}.P{os.getpid()}Q{next(_names)}R{envelope['queue_id']}"
-    name += f".{socket.gethostname().replace('/', '_')}"
-    tmp = os.path.join(maildir, "tmp", name)
-    with open(tmp, "xb") as out:
-        out.write(f"Return-Path: <{envelope['sender']}>\r\n".encode())
-        out.write(body)
-        out.flush()
-        os.fsync(out.fileno())
-    record = os.path.join(maildir, "envelope", f"{name}.json")
-    with open(record + ".tmp", "xb") as out:
-        out.write(json.dumps(envelope, ensure_ascii=False, sort_keys=True).encode("utf-8"))
-        out.flush()
-        os.fsync(out.fileno())
-    os.rename(record + ".tmp", record)
-    _fsync_dir(os.path.join(maildir, "envelope"))
-    os.rename(tmp, os.path.join(maildir, "new", name))
-    _fsync_dir(os.path.join(maildir, "new"))
+    """Write one message durably into ``maildir``; returns its file name (blocking).
+
+    ``Return-Path:`` then the body as published (the edge's ``Received:`` and the message);
+    the envelope record goes to the Maildir's envelope journal (``read_envelopes``).
+    """
+    target = _stores.get(maildir)
+    if target is None:
+        target = _stores.setdefault(maildir, MaildirStore(maildir))
+    spool = Spool(memory_limit=len(body))
+    spool.write(body)
+    head = f"Return-Path: <{envelope['sender']}>\r\n".encode()
+    [name] = target.commit_messages([StoredMessage(envelope["queue_id"], head, spool, envelope)])
     return name
 
 

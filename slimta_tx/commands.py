@@ -24,6 +24,8 @@ __all__ = ["HANDLERS"]
 
 Handler = Callable[["ESMTPServerProtocol", str], None]
 
+# Refusals of MAIL that are policy, not syntax: the smtp.reject event's reason.
+_MAIL_REFUSALS = {"552": "size", "530": "auth_required"}
 _DATA = State.DATA  # a module global: State.DATA goes through EnumType.__getattr__
 
 
@@ -78,6 +80,11 @@ def mail(proto: ESMTPServerProtocol, argument: str) -> None:
     if problem is None:
         problem = proto.edge.check_mail(proto.session, parsed)
     if problem is not None:
+        reason = _MAIL_REFUSALS.get(problem.code)
+        if reason == "auth_required" and proto.edge.tls_required(proto.session):
+            reason = "tls_required"
+        if reason is not None:  # (syntax errors are logged by refuse())
+            proto.edge.events.rejected(proto.session, reason, problem)
         proto.finish_command("MAIL", problem)
         return
     reply = Reply("250", f"Sender <{parsed.address}> ok", "2.1.0")
@@ -104,17 +111,22 @@ def rcpt(proto: ESMTPServerProtocol, argument: str) -> None:
             proto.finish_command("RCPT", problem)
             return
     if len(envelope.recipients) >= proto.policy.max_recipients:
-        proto.finish_command("RCPT", Reply("452", "Too many recipients", "4.5.3"))
+        refusal = Reply("452", "Too many recipients", "4.5.3")
+        proto.edge.events.rejected(proto.session, "recipients", refusal)
+        proto.finish_command("RCPT", refusal)
         return
     reply = Reply("250", f"Recipient <{parsed.address}> ok", "2.1.5")
-    if not relay_allowed(
+    relay_denied = not relay_allowed(
         proto.policy, proto.session, parsed.address, trusted=proto.client_trusted()
-    ):
+    )
+    if relay_denied:
         reply.set("554", f"<{parsed.address}>: Relay access denied", "5.7.1")
 
     def done(reply: Reply) -> None:
         if reply.code.startswith("2"):
             envelope.add_recipient(parsed.address, parsed.params)
+        elif relay_denied and reply.code == "554":
+            proto.edge.events.rejected(proto.session, "relay", reply)
         proto.finish_command("RCPT", reply)
 
     proto.run_step(proto.call_hook("RCPT", reply, parsed.address, parsed.params), done)

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
 from twisted.internet.protocol import ServerFactory
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 
 from slimta_tx.accept import AcceptQueue, HeldConnection, adopt_socket
 from slimta_tx.address import MailArgument
 from slimta_tx.envelope import Envelope, Session
+from slimta_tx.events import EdgeEvents
 from slimta_tx.extensions import ehlo_keywords
 from slimta_tx.interfaces import IBus
 from slimta_tx.milter import Milter, Milters, parse_milter
@@ -30,12 +30,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["SmtpEdge"]
 
 CommandHandler = Callable[[ESMTPServerProtocol, str], None]
-
-_INFO = LogLevel.info
-_TRANSACTION_FORMAT = (
-    "{client} helo={helo} from=<{sender}> rcpts={rcpts} size={size} id={queue_id} "
-    "result={result} {seconds:.3f}s"
-)
 
 
 class SmtpEdge(ServerFactory):
@@ -98,8 +92,8 @@ class SmtpEdge(ServerFactory):
         self.ports: list[IListeningPort] = []
         self._closing: Deferred[None] | None = None
         self._drained: list[Deferred[None]] = []
-        # ``self.log`` builds a new Logger at every access (Logger.__get__); this one is reused.
-        self._transaction_log: Logger = self.log
+        #: Every log event of the edge's sessions (and the points metrics hang off).
+        self.events = EdgeEvents(self)
 
     # -- the seed API ----------------------------------------------------------------------
 
@@ -266,33 +260,8 @@ class SmtpEdge(ServerFactory):
         self._check_drained()
 
     def log_transaction(self, session: Session, envelope: Envelope, reply: Reply) -> None:
-        """One summary event per transaction, at info level.
-
-        The event is exactly the one ``self.log.info(...)`` would emit, handed to the logger's
-        observer directly: ``Logger.emit`` sorts the log levels on every call to validate a
-        level that is constant here, a good part of the cost of a line logged per message.
-        """
-        log = self._transaction_log
-        now = time.time()
-        esc = reply.effective_enhanced_code()
-        log.observer(
-            {
-                "client": session.address[0],
-                "helo": session.ehlo_as,
-                "sender": envelope.sender,
-                "rcpts": len(envelope.recipients),
-                "size": envelope.message.size if envelope.message is not None else 0,
-                "queue_id": envelope.queue_id,
-                "result": f"{reply.code} {esc}".strip() if esc else reply.code.strip(),
-                "seconds": now - envelope.received_at,
-                "log_logger": log,
-                "log_level": _INFO,
-                "log_namespace": log.namespace,
-                "log_source": log.source,
-                "log_format": _TRANSACTION_FORMAT,
-                "log_time": now,
-            }
-        )
+        """One summary event per transaction, at info level (see :mod:`slimta_tx.events`)."""
+        self.events.transaction(session, envelope, reply)
 
     def _force_close(self) -> None:
         for proto in list(self.connections):

@@ -7,6 +7,13 @@ queued, sending straight away is safe (the kernel keeps the order) and saves all
 part the socket does not take, and every other case (TLS, a queue, a closing connection, a
 test transport), goes through ``transport.write`` as before.
 
+On a TLS connection the reply goes through Twisted's TLS layer as usual (``transport.write``
+encrypts it into the connection's write buffer and registers for writability); when that
+buffer was empty before, the connection's own ``doWrite`` then sends it at once, instead of the
+reactor doing so on its next pass (one ``epoll_wait`` wake-up and dispatch less per reply:
+each lockstep reply under TLS cost a reactor pass of its own). ``doWrite`` is what the reactor
+would call; anything it cannot send, or an error, is left for the reactor as before.
+
 Replies are also coalesced per reactor pass (:func:`flush_later`): the replies that the
 connections made ready in one pass of the reactor over its ready sockets go out together at
 the end of that pass (a ``callLater(0)``, run before the reactor polls again), each still
@@ -25,7 +32,7 @@ from typing import Any
 from twisted.internet import tcp
 from twisted.logger import Logger
 
-__all__ = ["flush_later", "write"]
+__all__ = ["at_end_of_pass", "flush_later", "write"]
 
 log = Logger()
 
@@ -43,13 +50,17 @@ def write(transport: Any, data: bytes) -> None:
         connection = connection.transport
     if (
         isinstance(connection, tcp.Connection)
-        and not connection.TLS
         and connection.connected
         and not connection.disconnecting
         and connection.producer is None
         and getattr(connection, "_tempDataLen", 1) == 0
         and connection.offset == len(connection.dataBuffer)
     ):
+        if connection.TLS:
+            connection.write(data)  # encrypted into the (empty) write buffer
+            if connection._tempDataLen and connection.connected and not connection.disconnecting:
+                connection.doWrite()  # what the reactor would do on its next pass
+            return
         try:
             sent = connection.socket.send(data)
         except (BlockingIOError, InterruptedError):
@@ -88,6 +99,15 @@ class _PassBatch:
 _batches: weakref.WeakKeyDictionary[Any, _PassBatch] = weakref.WeakKeyDictionary()
 
 
+def at_end_of_pass(reactor: Any, call: Callable[[], None]) -> None:
+    """Call ``call`` at the end of this reactor pass, with the replies' flushes (one
+    ``callLater(0)`` per pass for all of them: the log sink's writes share it)."""
+    batch = _batches.get(reactor)
+    if batch is None:
+        batch = _batches[reactor] = _PassBatch(reactor)
+    batch.add(call)
+
+
 def flush_later(transport: Any, flush: Callable[[], None]) -> bool:
     """Call ``flush`` at the end of this reactor pass, if ``transport`` is plain TCP.
 
@@ -104,8 +124,5 @@ def flush_later(transport: Any, flush: Callable[[], None]) -> bool:
     reactor = getattr(transport, "reactor", None)
     if reactor is None:
         return False
-    batch = _batches.get(reactor)
-    if batch is None:
-        batch = _batches[reactor] = _PassBatch(reactor)
-    batch.add(flush)
+    at_end_of_pass(reactor, flush)
     return True

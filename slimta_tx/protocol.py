@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ITCPTransport
 from twisted.internet.protocol import Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -55,6 +55,12 @@ _DATA_REFUSALS = {
 }
 # Replies that count as the client's errors (see refuse()).
 _REFUSAL_CODES = frozenset({"500", "501", "502", "503", "504", "555"})
+_REFUSAL_REASONS = {  # the smtp.reject event's reason (slimta_tx.events)
+    DataResult.TOO_BIG: "size",
+    DataResult.LINE_TOO_LONG: "line_length",
+    DataResult.BARE_NEWLINE: "bare_newline",
+}
+_DEBUG = LogLevel.debug
 _DATA_OK = DataResult.OK
 _MUST_BE_LAST = pipelining.CHECKED_WHEN_READ
 TEMPFAIL = Reply("451", "Temporary local problem, try again later", "4.3.0")
@@ -100,6 +106,8 @@ class ESMTPServerProtocol(Protocol):
         self._trusted: tuple[object, object, bool] = (None, None, False)
         # The milters' driver for this session (slimta_tx.milter), None without milters.
         self.milters = edge.milters.session(self) if edge.milters else None
+        # When the body began (354 or first BDAT) and ended: the transaction event's timings.
+        self._data_at = self._dot_at = 0.0
 
     # -- transport events -----------------------------------------------------------------
 
@@ -115,10 +123,12 @@ class ESMTPServerProtocol(Protocol):
             self.transport.setTcpNoDelay(True)
         transport = cast(Any, self.transport)
         peer, host = transport.getPeer(), transport.getHost()
-        self.session.address = (getattr(peer, "host", str(peer)), getattr(peer, "port", 0))
+        # (not getattr(peer, "host", str(peer)): that formats the address every time)
+        peer_host = peer.host if hasattr(peer, "host") else str(peer)
+        self.session.address = (peer_host, getattr(peer, "port", 0))
         self.session.server_address = (getattr(host, "host", ""), getattr(host, "port", 0))
         self.edge.connection_made(self)
-        self.log.debug("{peer} connected", peer=self.session.address)
+        self.edge.events.connection_opened(self.session)
         if starttls.begin_implicit(self):
             # TLS from the first byte (RFC 8314): the banner waits for the handshake.
             self.restart_timer(self.policy.command_timeout)
@@ -171,7 +181,7 @@ class ESMTPServerProtocol(Protocol):
         if self.milters is not None:
             self.milters.close()
         self.edge.connection_lost(self)
-        self.log.debug("{peer} disconnected", peer=self.session.address)
+        self.edge.events.connection_closed(self.session)
 
     def handshakeCompleted(self) -> None:
         """TLS is up (IHandshakeListener): record its facts in the session."""
@@ -329,12 +339,18 @@ class ESMTPServerProtocol(Protocol):
             and self.transport is not None
         ):
             self.transport.loseConnection()
-            # A client that never reads cannot hold the connection open.
-            self._abort_timer = self.clock.callLater(30, self._abort_if_open)
+            # A client that never reads cannot hold the connection open: the idle timer, if
+            # there is one, becomes that deadline (a reset instead of a new call per close).
+            timer, self._timer = self._timer, None
+            if timer is not None and timer.active():
+                timer.reset(30)
+                self._abort_timer = timer
+            else:
+                self._abort_timer = self.clock.callLater(30, self._abort_if_open)
 
     def close_after_flush(self) -> None:
         self._closing = True
-        self.cancel_timer()
+        self._timer_due = None  # the idle timer is kept: flush_now makes it the abort deadline
 
     def _abort_if_open(self) -> None:
         if self.state is not _CLOSED and self.transport is not None:
@@ -343,6 +359,9 @@ class ESMTPServerProtocol(Protocol):
     def refuse(self, reply: Reply) -> None:
         """Send an error caused by the client's input; too many of them end the session."""
         self.send(reply)
+        self.edge.events.rejected(
+            self.session, "sequence" if reply.code == "503" else "syntax", reply, _DEBUG
+        )
         self.bad_commands += 1
         if self.bad_commands >= self.policy.max_bad_commands and not self._closing:
             self.send(
@@ -396,10 +415,11 @@ class ESMTPServerProtocol(Protocol):
         self._timer = None
 
     def _timed_out(self) -> None:
+        if self._closing:  # the idle timer, turned into the abort deadline by flush_now
+            self._abort_if_open()
+            return
         self._timer = None
-        self.log.info(
-            "{peer} timed out in state {state}", peer=self.session.address, state=self.state.value
-        )
+        self.edge.events.timed_out(self.session, self.state.value)
         if self.state in _SPOOLING_STATES:
             self._discard_spool()
         self.send(
@@ -488,6 +508,7 @@ class ESMTPServerProtocol(Protocol):
             unstuff=unstuff,
             nul=self.policy.nul,
         )
+        self._data_at = self.clock.seconds()
         self.restart_timer(self.policy.data_timeout)
 
     def _data_bytes(self, data: bytes) -> None:
@@ -506,14 +527,11 @@ class ESMTPServerProtocol(Protocol):
         self.decoder = None
         result = decoder.result
         refusal = None if result is _DATA_OK else _DATA_REFUSALS.get(result)
+        self._dot_at = self.clock.seconds()
         if refusal is not None:
-            self.log.info(
-                "{peer} message refused: {why} ({size} bytes)",
-                peer=self.session.address,
-                why=decoder.result.value,
-                size=decoder.size,
-            )
-            self._complete_transaction(refusal.copy())
+            refusal = refusal.copy()
+            self.edge.events.rejected(self.session, _REFUSAL_REASONS[result], refusal)
+            self._complete_transaction(refusal)
             return
         envelope.refresh_from(self.session)
         envelope.message = spool
@@ -547,7 +565,14 @@ class ESMTPServerProtocol(Protocol):
         envelope = self.session.envelope
         self.session.transactions += 1
         if envelope is not None:
-            self.edge.log_transaction(self.session, envelope, reply)
+            dot_at = self._dot_at
+            self.edge.events.transaction(
+                self.session,
+                envelope,
+                reply,
+                dot_at - self._data_at,
+                self.clock.seconds() - dot_at,
+            )
         self.reset_transaction()
         self.state = _READY
         self.send(reply)

@@ -112,6 +112,15 @@ class Reply:
                 if message:
                     return f"{self.code} {message}\r\n".encode()
                 return f"{self.code}\r\n".encode()
+        elif not with_enhanced and self.code in _VALID_CODES and "\n" in message:
+            # A clean multi-line reply without enhanced codes (EHLO's): no regular expressions.
+            lines = message.split("\n")
+            if all(line and line.isprintable() and line == line.strip() for line in lines):
+                code = self.code
+                final = lines.pop()
+                return (
+                    "".join([f"{code}-{line}\r\n" for line in lines]) + f"{code} {final}\r\n"
+                ).encode()
         code = self.code if _CODE.match(self.code) else "451"
         esc = self.effective_enhanced_code(with_enhanced)
         lines = [_clean(line) for line in (self.message or "").split("\n")] or [""]

@@ -9,12 +9,13 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 
 from slimta_tx.factory import SmtpEdge
 from slimta_tx.proxy import listener_service
 
-__all__ = ["EdgeService", "SighupReload"]
+__all__ = ["EdgeService", "SighupReload", "offer_log_observer"]
 
 
 class SighupReload(Service):
@@ -66,6 +67,18 @@ class SighupReload(Service):
         return super().stopService()
 
 
+def offer_log_observer(parent: Any, factory: Callable[[], object] | None) -> None:
+    """Give twistd's Application ``factory()`` as its ILogObserver component.
+
+    twistd adopts the service before it sets up logging, and then asks its Application for an
+    ILogObserver component: this is where a service's own observer (slimta_tx/cli/logs.py)
+    goes. Nothing happens without a factory, outside an Application, or when it has one.
+    """
+    if factory is not None and isinstance(parent, Componentized):
+        if parent.getComponent(ILogObserver) is None:
+            parent.setComponent(ILogObserver, factory())
+
+
 class EdgeService(MultiService):
     """Listens on each endpoint description; on stop, drains sessions through ``edge.close``.
 
@@ -76,6 +89,9 @@ class EdgeService(MultiService):
     #: Under ``twistd`` (set by ``twistd slimta``): a port that cannot be bound ends start-up
     #: with one line saying why and exit status 1, instead of a traceback.
     exit_on_listen_error = False
+    #: Set by ``twistd slimta`` (slimta_tx/cli/logs.py): builds the log observer twistd
+    #: installs, given to twistd's Application as its ILogObserver component.
+    log_observer_factory: Callable[[], object] | None = None
 
     def __init__(self, edge: SmtpEdge, listen: Sequence[str], reactor: Any = None) -> None:
         super().__init__()
@@ -92,6 +108,10 @@ class EdgeService(MultiService):
             self.reloads = SighupReload(self.reactor)
             self.reloads.setServiceParent(self)
         self.reloads.add(callback)
+
+    def setServiceParent(self, parent: Any) -> None:
+        offer_log_observer(parent, self.log_observer_factory)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         try:

@@ -7,6 +7,7 @@ cache (no fsync: durability is the bus's job), so they are cheap enough for the 
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tempfile
@@ -88,6 +89,23 @@ class Spool:
             offset += len(chunk)
             yield chunk
 
+    def write_to(self, fd: int, prefix: bytes = b"") -> None:
+        """Write ``prefix`` then the whole body to the file descriptor ``fd`` (blocking).
+
+        A body in memory goes out with ``prefix`` in one ``writev``; a body in a file is copied
+        by the kernel (``copy_file_range``, else ``sendfile``), never through Python buffers.
+        Raises OSError (a full disk: ENOSPC) after a partial write; the caller removes the file.
+        """
+        if self.closed:
+            raise ValueError("spool is closed")
+        if self._memory is not None:
+            _write_all(fd, [prefix, self._memory])
+            return
+        assert self._file is not None
+        if prefix:
+            _write_all(fd, [prefix])
+        _copy_file(self._file.fileno(), fd, self.size)
+
     def head(self, limit: int = 64 * 1024) -> bytes:
         """Up to ``limit`` bytes from the start (enough for the header section, usually)."""
         out = bytearray()
@@ -107,6 +125,47 @@ class Spool:
             self._file = None
         self._memory = None
         self.closed = True
+
+
+def _write_all(fd: int, parts: list[bytes | bytearray]) -> None:
+    views = [memoryview(part) for part in parts if part]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def _copy_file(src: int, dst: int, size: int) -> None:
+    """Copy the first ``size`` bytes of ``src`` to the current end of ``dst`` in the kernel."""
+    offset = 0
+    copy: Any = getattr(os, "copy_file_range", None)
+    while offset < size:
+        count = min(size - offset, 1 << 30)
+        copied = 0
+        if copy is not None:
+            try:
+                copied = copy(src, dst, count, offset)
+            except OSError as e:
+                # Across file systems (EXDEV) or where unsupported: sendfile, then plain I/O.
+                if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                copy = None
+                continue
+        else:
+            try:
+                copied = os.sendfile(dst, src, offset, count)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                    raise
+                chunk = os.pread(src, min(count, READ_SIZE), offset)
+                _write_all(dst, [chunk])
+                copied = len(chunk)
+        if copied <= 0:
+            raise OSError(errno.EIO, "the spool file ended before its recorded size")
+        offset += copied
 
 
 class _FileReader(io.RawIOBase):

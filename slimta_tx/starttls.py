@@ -168,19 +168,7 @@ def handshake_completed(proto: ESMTPServerProtocol) -> None:
         proto.session.extra["tls_peer_certificate"] = handle.get_peer_certificate(
             as_cryptography=True
         )
-    log.info(
-        "{peer} TLS {version} {cipher}{sni}{client}",
-        peer=proto.session.address,
-        version=info.version,
-        cipher=info.cipher,
-        sni=f" sni={info.server_name}" if info.server_name else "",
-        client=(
-            f" client-cert={info.client_subject!r}"
-            f" {'verified' if info.client_certificate_verified else 'NOT verified'}"
-            if info.client_certificate
-            else ""
-        ),
-    )
+    proto.edge.events.tls_handshake(proto.session, info)
     if proto.state is State.GREETING:
         proto.greet()
 
@@ -189,4 +177,4 @@ def connection_lost(proto: ESMTPServerProtocol, reason: Failure | None) -> None:
     """Log a handshake that never completed, with the reason."""
     if proto.tls_started and proto.session.tls is None:
         why = reason.getErrorMessage() if reason is not None else "connection closed"
-        log.info("{peer} TLS handshake failed: {why}", peer=proto.session.address, why=why)
+        proto.edge.events.tls_failed(proto.session, why)

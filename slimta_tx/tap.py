@@ -10,11 +10,23 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from slimta_tx.cli import auth, buses, core, esmtp, lmtp, milter, policies, proxy, tls, workers
+from slimta_tx.cli import (
+    auth,
+    buses,
+    core,
+    esmtp,
+    lmtp,
+    logs,
+    milter,
+    policies,
+    proxy,
+    tls,
+    workers,
+)
 
 __all__ = ["Options", "makeService"]
 
-GROUPS = (core, tls, auth, policies, milter, buses, esmtp, lmtp, proxy, workers)
+GROUPS = (core, tls, auth, policies, milter, buses, esmtp, lmtp, logs, proxy, workers)
 
 
 class Options(
@@ -26,6 +38,7 @@ class Options(
     buses.OptionGroup,
     esmtp.OptionGroup,
     lmtp.OptionGroup,
+    logs.OptionGroup,
     proxy.OptionGroup,
     workers.OptionGroup,
     usage.Options,

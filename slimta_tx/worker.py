@@ -108,13 +108,16 @@ def main() -> int:
 
     from twisted.logger import globalLogBeginner
 
-    from slimta_tx.worker_log import line_observer, shared_stdout_observer
+    from slimta_tx.worker_log import Switch, line_observer, shared_stdout_observer
 
+    text = None
     if spec.get("log") == "stdout":
         text = open(1, "w", encoding="utf-8", errors="replace", closefd=False)
-        observer = shared_stdout_observer(text, slot)
+        # Until the options are read: twistd's text format, every level.
+        observer = Switch(shared_stdout_observer(text, slot), slot)
     else:
-        observer = line_observer(os.fdopen(1, "wb", buffering=65536, closefd=False))
+        out = os.fdopen(1, "wb", buffering=65536, closefd=False)
+        observer = Switch(line_observer(out), slot)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     from twisted.python import usage
@@ -128,6 +131,7 @@ def main() -> int:
         log.critical("worker {worker}: bad options: {error}", worker=slot, error=e)
         return EXIT_CONFIG
     config["workers"] = 1
+    observer.honour(config["log-level"], config["log-format"], reactor, text)
     for option, descriptions in spec.get("listeners", {}).items():
         config[option] = list(descriptions)
     try:

@@ -22,8 +22,16 @@ import json
 from typing import IO, Any, cast
 
 from twisted.logger import ILogObserver, LogLevel, formatEvent
+from zope.interface import implementer
 
-__all__ = ["decode_event", "encode_event", "line_observer", "mark", "shared_stdout_observer"]
+__all__ = [
+    "Switch",
+    "decode_event",
+    "encode_event",
+    "line_observer",
+    "mark",
+    "shared_stdout_observer",
+]
 
 # Objects that stay in the worker (the logger, its source) or travel as text.
 _DROP = frozenset({"log_logger", "log_source", "log_level", "log_failure", "log_io", "log_trace"})
@@ -106,3 +114,44 @@ def line_observer(out: IO[bytes]) -> ILogObserver:
         out.flush()
 
     return cast(ILogObserver, observe)
+
+
+@implementer(ILogObserver)
+class Switch:
+    """A worker's log observer, changed once its options are read (``--log-level``,
+    ``--log-format``): until then events go to the observer it starts with."""
+
+    def __init__(self, target: Any, worker: int) -> None:
+        self.target = target
+        self.worker = worker
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.target(event)
+
+    def honour(self, level: str, log_format: str, reactor: Any, stdout: IO[str] | None) -> None:
+        """Apply the options: on a shared ``stdout``, a :class:`~slimta_tx.logsink.LogSink`
+        of its own (level, format, writes batched per reactor pass), each event marked with the
+        worker; through the parent, drop what is below the level here (the parent's own sink
+        formats the rest)."""
+        from slimta_tx.events import level_named
+
+        threshold = level_named(level)
+        if stdout is not None:
+            from slimta_tx.logsink import LogSink
+
+            sink = LogSink(stdout, threshold, log_format, reactor)
+            worker = self.worker
+
+            def observe(event: dict[str, Any]) -> None:
+                sink(mark(dict(event), worker))
+
+            self.target = observe
+            return
+        forward = self.target
+
+        def filtered(event: dict[str, Any]) -> None:
+            event_level = event.get("log_level")
+            if event_level is None or event_level >= threshold:
+                forward(event)
+
+        self.target = filtered

@@ -33,7 +33,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -46,7 +46,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from slimta_tx.service import SighupReload
+from slimta_tx.service import SighupReload, offer_log_observer
 from slimta_tx.supervise import STOP_MARGIN, RestartLimits, WorkerPool
 
 __all__ = [
@@ -226,6 +226,8 @@ class WorkersService(MultiService):
     log = Logger(namespace="slimta_tx.workers")
     #: As for EdgeService: under ``twistd -n`` a port that cannot be bound is one line, exit 1.
     exit_on_listen_error = False
+    #: As for EdgeService: the log observer twistd installs (slimta_tx/cli/logs.py).
+    log_observer_factory: Callable[[], object] | None = None
 
     def __init__(
         self,
@@ -254,6 +256,10 @@ class WorkersService(MultiService):
         self.reloads = SighupReload(reactor)
         self.reloads.add(self.reload)
         self.reloads.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        offer_log_observer(parent, self.log_observer_factory)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         try:
@@ -379,4 +385,13 @@ def make_service(config: Any, reactor: Any) -> WorkersService:
         log_to_stdout=log_to_stdout,
     )
     service.exit_on_listen_error = parent is not None and bool(parent.get("nodaemon"))
+    if parent is not None:
+        # The parent's own lines and what it re-emits of its workers' honour --log-level and
+        # --log-format as one process's do (workers sharing stdout apply them themselves).
+        from slimta_tx.cli.logs import observer_factory
+        from slimta_tx.events import level_named
+
+        service.log_observer_factory = observer_factory(
+            parent, level_named(config["log-level"]), config["log-format"], reactor
+        )
     return service

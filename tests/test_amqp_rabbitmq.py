@@ -27,6 +27,7 @@ from twisted.mail.smtp import SMTPDeliveryError, sendmail
 
 from slimta_tx import Policy, SmtpEdge
 from slimta_tx.bus.amqp import AmqpBus
+from slimta_tx.bus.maildir import envelope_of
 from slimta_tx.envelope import Envelope
 from slimta_tx.spool import Spool
 
@@ -154,7 +155,8 @@ def smtp_send(port: int, body: bytes) -> Deferred[Any]:
 @pytest_twisted.ensureDeferred
 async def test_round_trip_smtp_to_queue_to_consumer_maildir(broker: Admin, tmp_path: Path) -> None:
     """A message sent over SMTP is confirmed by RabbitMQ, and the example consumer writes it
-    to its Maildir: Return-Path, the edge's Received: and the message, envelope beside it."""
+    to its Maildir as the Maildir bus would: Return-Path, the edge's Received: and the
+    message, the envelope in the Maildir's envelope journal."""
     queue = broker.name("q")
     bus = AmqpBus(URL, queue=queue, reactor=reactor, timeout=10)
     edge, port = await serve(bus)
@@ -176,7 +178,7 @@ async def test_round_trip_smtp_to_queue_to_consumer_maildir(broker: Admin, tmp_p
         assert content.endswith(message.replace(b"\n", b"\r\n"))
         assert record["sender"] == "a@sender.test"
         assert [r["address"] for r in record["recipients"]] == ["u@example.com"]
-        assert (maildir / "envelope" / f"{name}.json").exists()
+        assert envelope_of(maildir, name) == {"maildir_name": name, **record}
     finally:
         consumer.stop()
         if running is not None:

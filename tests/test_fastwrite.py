@@ -91,6 +91,31 @@ def test_anything_queued_or_special_goes_through_twisted(state: dict[str, Any]) 
     assert sock.sent == [] and conn.queued == [b"data"]
 
 
+def test_tls_goes_through_the_tls_layer_then_out_at_once() -> None:
+    """Under TLS the reply is encrypted by Twisted's layer (transport.write) and, the buffer
+    having been empty, sent by the connection's own doWrite now, not on the next pass."""
+    sock = FakeSocket()
+    conn = connection(sock, TLS=True)
+    written: list[bytes] = []
+    did_write: list[bool] = []
+
+    def tls_write(data: bytes) -> None:  # what the TLS layer does: record bytes into the buffer
+        written.append(data)
+        conn._tempDataLen += len(data) + 29
+
+    conn.write = tls_write
+    conn.doWrite = lambda: did_write.append(True)
+    fastwrite.write(conn, b"250 2.0.0 Ok\r\n")
+    assert written == [b"250 2.0.0 Ok\r\n"] and did_write == [True] and sock.sent == []
+
+
+def test_tls_with_bytes_already_queued_waits_for_the_reactor() -> None:
+    conn = connection(FakeSocket(), TLS=True, _tempDataLen=10)
+    conn.doWrite = lambda: pytest.fail("doWrite past queued bytes")
+    fastwrite.write(conn, b"data")
+    assert conn.queued == [b"data"]
+
+
 def test_other_transports_use_their_own_write() -> None:
     transport = StringTransport()
     fastwrite.write(transport, b"data")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -188,3 +189,59 @@ def test_factory_makes_spools_with_its_settings(spool_dir: Path) -> None:
     assert second.read() == b""
     first.close()
     second.close()
+
+
+@pytest.mark.parametrize("memory_limit", [1 << 20, 100], ids=["memory", "file"])
+@pytest.mark.parametrize("copier", ["copy_file_range", "sendfile", "read-write"])
+def test_write_to_puts_the_prefix_then_the_whole_body_in_a_file(
+    spool_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    memory_limit: int,
+    copier: str,
+) -> None:
+    """write_to(fd, prefix) leaves exactly prefix + body in the target file, whether the body
+    is in memory or in a spool file, and whichever kernel copy is available (copy_file_range
+    refused across file systems, sendfile refused, plain reads and writes)."""
+    body = bytes(range(256)) * 1000 + b"end"
+    spool = Spool(str(spool_dir), memory_limit=memory_limit)
+    spool.write(body[:1000])
+    spool.write(body[1000:])
+
+    def refuse(error: int) -> object:
+        def refused(*args: object) -> int:
+            raise OSError(error, os.strerror(error))
+
+        return refused
+
+    if copier != "copy_file_range":
+        monkeypatch.setattr(os, "copy_file_range", refuse(errno.EXDEV))
+    if copier == "read-write":
+        monkeypatch.setattr(os, "sendfile", refuse(errno.EINVAL))
+    target = tmp_path / "out"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        spool.write_to(fd, b"Return-Path: <a@example.com>\r\n")
+    finally:
+        os.close(fd)
+    assert target.read_bytes() == b"Return-Path: <a@example.com>\r\n" + body
+    assert spool.read() == body  # the spool still reads from the start
+
+
+def test_write_to_reports_a_full_disk(spool_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write the disk refuses (ENOSPC) is an OSError for the caller, not a short file."""
+    spool = Spool(str(spool_dir))
+    spool.write(b"x" * 100)
+
+    def full(fd: int, buffers: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", full)
+    read, write = os.pipe()
+    try:
+        with pytest.raises(OSError) as raised:
+            spool.write_to(write, b"head")
+    finally:
+        os.close(read)
+        os.close(write)
+    assert raised.value.errno == errno.ENOSPC

@@ -296,3 +296,19 @@ def test_workers_write_to_stdout_only_where_twistd_does(
     assert isinstance(service, WorkersService)
     assert service.log_to_stdout is to_stdout
     assert json.loads(service.spec(1))["log"] == ("stdout" if to_stdout else "parent")
+
+
+def test_a_worker_logging_through_its_parent_drops_what_is_below_the_level() -> None:
+    """Through the parent (-l FILE, a daemon), a worker forwards only events at --log-level
+    or above: the parent's own sink formats them (as --log-format says)."""
+    from twisted.logger import LogLevel
+
+    from slimta_tx.worker_log import Switch
+
+    seen: list[dict[str, object]] = []
+    switch = Switch(seen.append, 2)
+    switch({"log_level": LogLevel.debug, "log_namespace": "x"})  # before the options: all
+    switch.honour("warn", "json", reactor=None, stdout=None)
+    for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error):
+        switch({"log_level": level, "log_namespace": "x"})
+    assert [e["log_level"] for e in seen] == [LogLevel.debug, LogLevel.warn, LogLevel.error]

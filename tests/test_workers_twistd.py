@@ -522,3 +522,20 @@ def test_lmtp_listeners_are_bound_by_the_parent_and_served_by_every_worker(
                 assert code == 250, text
         assert "Address already in use" not in twistd.output
     assert names_by_pid(maildir) == {pids[1]: 1, pids[2]: 1}
+
+
+def test_workers_honour_the_log_format_and_level(tmp_path: Path) -> None:
+    """--log-format json and --log-level reach the workers, which write their own lines to
+    the stdout they share with the parent (-n): a transaction is one JSON object naming its
+    worker, and nothing below info is written."""
+    maildir = tmp_path / "Maildir"
+    argv = twistd_argv(maildir, "--workers", "2", "--log-format", "json")
+    with running_twistd(argv) as twistd:
+        ready_pids(twistd)
+        [queue_id] = send(twistd.port)
+        line = twistd.wait_for_line(re.compile(rf'"queue_id":"{queue_id}"'))
+        record = json.loads(line)
+        assert record["event"] == "smtp.transaction" and record["code"] == "250"
+        assert record["worker"] in (1, 2)
+        records = [json.loads(x) for x in twistd.output.splitlines() if x.startswith("{")]
+        assert records and all(r["level"] != "debug" for r in records)

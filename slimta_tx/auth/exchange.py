@@ -295,14 +295,7 @@ class AuthExchange:
         failures = self.feature.connection_failures
         here = failures[proto] = failures.get(proto, 0) + 1
         from_address = self.auth.failures.record(self.peer, now)
-        self.log.info(
-            "{peer} AUTH {mechanism} failed ({here} on this connection, "
-            "{from_address} recently from this address)",
-            peer=self.peer,
-            mechanism=self.name,
-            here=here,
-            from_address=from_address,
-        )
+        proto.edge.events.auth_failed(proto.session, self.name, here, from_address)
         if (
             here >= limits.max_failures_per_connection
             or from_address >= limits.max_failures_per_address

@@ -93,6 +93,8 @@ class DnsblPolicy:
                 f"Service unavailable; client [{session.address[0]}] blocked using {blocked}",
                 "5.7.1",
             )
+            if self.edge is not None:
+                self.edge.events.rejected(session, "dnsbl", reply, detail=blocked)
 
     async def verdict(self, session: Session) -> tuple[str | None, str | None]:
         """``(allowlist zone, blocklist zone)`` listing the client (None: not listed)."""

@@ -54,3 +54,4 @@ class EarlyTalkerPolicy:
             await deferLater(edge.reactor, remaining)  # type: ignore[arg-type]
         if session.early_talker:
             reply.set("554", "Protocol error: talking before the greeting", "5.5.1")
+            edge.events.rejected(session, "early_talker", reply)

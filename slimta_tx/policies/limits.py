@@ -82,8 +82,8 @@ class ConnectionLimits:
         key = self.key(host)
         hostname = edge.policy.hostname
         if self.max_connections is not None and self.current.get(key, 0) >= self.max_connections:
-            self.log.info("{client}: too many connections ({key})", client=host, key=key)
             reply.set("421", f"{hostname} Too many connections from {host}", "4.7.0")
+            edge.events.rejected(session, "limits", reply, detail=f"connections from {key}")
             return
         now = edge.reactor.seconds()
         if self.max_rate is not None:
@@ -92,10 +92,10 @@ class ConnectionLimits:
             while times and times[0] <= now - window:
                 times.popleft()
             if len(times) >= count:
-                self.log.info("{client}: connection rate exceeded ({key})", client=host, key=key)
                 reply.set(
                     "421", f"{hostname} Too many connections from {host}, slow down", "4.7.0"
                 )
+                edge.events.rejected(session, "limits", reply, detail=f"rate from {key}")
                 return
             times.append(now)
             self._sweep(now, window)

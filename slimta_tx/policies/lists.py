@@ -231,8 +231,10 @@ class ListPolicy:
             raise ValueError(f"lists apply to MAIL or RCPT, not {command!r}")
         self.addresses = addresses
         self.command = command.upper()
+        self.edge: SmtpEdge | None = None
 
     def install(self, edge: SmtpEdge) -> None:
+        self.edge = edge
         edge.validators.add_check(self.command, self.check)
 
     def check(self, session: Session, reply: Reply, address: str, *extra: Any) -> None:
@@ -240,16 +242,11 @@ class ListPolicy:
         if rule is None or rule.refusal is None:
             return
         what = "Sender" if self.command == "MAIL" else "Recipient"
-        self.log.info(
-            "{client}: {what} <{address}> refused by {source}",
-            client=session.address[0],
-            what=what.lower(),
-            address=address,
-            source=rule.source,
-        )
         refusal = rule.refusal
         message = f"<{address}>: {what} address rejected: {refusal.message}"
         reply.set(refusal.code, message, refusal.enhanced_status_code)
+        if self.edge is not None:
+            self.edge.events.rejected(session, "lists", reply, detail=str(rule.source))
 
 
 def sender_list(*paths: str, text: str = "") -> ListPolicy:

@@ -1,9 +1,9 @@
-"""Name each file-system step of a Maildir delivery and act before it (raise, or SIGKILL).
+"""Name each file-system step of a Maildir commit and act before it (raise, or SIGKILL).
 
-:class:`StepSpy` wraps ``os.open``, ``os.fdopen`` (for writes), ``os.fsync`` and ``os.rename``
-and gives every call that touches the Maildir at ``root`` a label such as ``"fsync message"``
-or ``"rename envelope"``. Calls elsewhere pass straight through. Root can run the tests, so
-permissions cannot make the disk fail; an injected ``OSError(ENOSPC)`` can, at any step.
+:class:`StepSpy` wraps the functions of :mod:`slimta_tx.bus.maildir.fsops` (the store calls
+them through that module, one function per step) and gives each call a label such as
+``"sync data"`` or ``"publish message"``. Root can run the tests, so permissions cannot make
+the disk fail; an injected ``OSError(ENOSPC)`` can, at any step.
 """
 
 from __future__ import annotations
@@ -12,123 +12,81 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-# The steps of one delivery, in the order MaildirBus.deliver takes them.
+from slimta_tx.bus.maildir import fsops
+
+# fsops function -> step label.
+STEP_FUNCTIONS = {
+    "create_message": "open message",
+    "write_message": "write message",
+    "start_writeback": "start writeback",
+    "create_journal": "open envelope",
+    "sync_journal_dir": "sync envelope/",
+    "append_journal": "write envelope",
+    "sync_data": "sync data",
+    "publish_message": "publish message",
+    "sync_new": "sync new/",
+}
+
+# The steps of the first delivery of a small message into a new Maildir (sync mode
+# per-file), in the order MaildirStore takes them. A later batch is the same without
+# "open envelope" and "sync envelope/" (the segment exists); a message of 64 KiB or more, or
+# any in sync mode journal, has "start writeback" after "write message".
 DELIVERY_STEPS = (
     "open message",
     "write message",
-    "fsync message",
     "open envelope",
+    "sync envelope/",
     "write envelope",
-    "fsync envelope",
-    "rename envelope",
-    "open envelope/",
-    "fsync envelope/",
-    "rename message",
-    "open new/",
-    "fsync new/",
+    "sync data",
+    "publish message",
+    "sync new/",
 )
 
 
-class _File:
-    """A file object whose writes are announced first."""
-
-    def __init__(self, real: Any, before: Callable[[], None], closed: Callable[[], None]) -> None:
-        self._real = real
-        self._before = before
-        self._closed = closed
-
-    def write(self, data: bytes) -> int:
-        self._before()
-        return int(self._real.write(data))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def __enter__(self) -> _File:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._closed()
-        self._real.close()
-
-
 class StepSpy:
-    """Label the Maildir's file-system calls; ``action(label)`` runs before each one."""
+    """Label the Maildir's file-system steps; ``action(label)`` runs before each one.
 
-    def __init__(self, root: str, action: Callable[[str], None] | None = None) -> None:
-        self.root = os.path.abspath(root)
+    ``calls`` keeps ``(label, args)`` of every step, e.g. the file descriptors one
+    ``sync data`` covered.
+    """
+
+    def __init__(self, action: Callable[[str], None] | None = None) -> None:
         self.action = action or (lambda label: None)
-        self.steps: list[str] = []
-        self._fds: dict[int, str] = {}
-        self.originals = {
-            name: getattr(os, name) for name in ("open", "fdopen", "fsync", "rename", "close")
-        }
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+        self.originals = {name: getattr(fsops, name) for name in STEP_FUNCTIONS}
 
-    def _target(self, path: Any) -> str | None:
-        path = os.path.abspath(os.fsdecode(path))
-        rel = os.path.relpath(path, self.root)
-        if rel.startswith(".."):
-            return None
-        parts = rel.split(os.sep)
-        if len(parts) == 1:
-            return f"{parts[0]}/"
-        if parts[0] == "envelope":
-            return "envelope"
-        return "message"
+    @property
+    def steps(self) -> list[str]:
+        return [label for label, _ in self.calls]
 
-    def _step(self, label: str) -> None:
-        self.steps.append(label)
-        self.action(label)
+    def count(self, label: str) -> int:
+        return self.steps.count(label)
 
-    def open(self, path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        target = self._target(path)
-        if target is not None:
-            self._step(f"open {target}")
-        fd = int(self.originals["open"](path, flags, *args, **kwargs))
-        if target is not None:
-            self._fds[fd] = target
-        return fd
+    def _wrap(self, name: str) -> Callable[..., Any]:
+        label = STEP_FUNCTIONS[name]
+        original = self.originals[name]
 
-    def fdopen(self, fd: int, *args: Any, **kwargs: Any) -> Any:
-        real = self.originals["fdopen"](fd, *args, **kwargs)
-        target = self._fds.get(fd)
-        if target is None:
-            return real
-        return _File(real, lambda: self._step(f"write {target}"), lambda: self._fds.pop(fd, None))
+        def step(*args: Any) -> Any:
+            self.calls.append((label, args))
+            self.action(label)
+            return original(*args)
 
-    def close(self, fd: int) -> None:
-        self._fds.pop(fd, None)
-        self.originals["close"](fd)
-
-    def fsync(self, fd: Any) -> None:
-        number = fd if isinstance(fd, int) else fd.fileno()
-        target = self._fds.get(number)
-        if target is not None:
-            self._step(f"fsync {target}")
-        self.originals["fsync"](fd)
-
-    def rename(self, src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
-        target = self._target(dst)
-        if target is not None:
-            self._step(f"rename {target}")
-        self.originals["rename"](src, dst, *args, **kwargs)
+        return step
 
     def install(self, setattr_: Callable[[Any, str, Any], None] = setattr) -> None:
-        """Patch the ``os`` module (pass ``monkeypatch.setattr`` in pytest)."""
-        for name in self.originals:
-            setattr_(os, name, getattr(self, name))
+        """Patch :mod:`fsops` (pass ``monkeypatch.setattr`` in pytest)."""
+        for name in STEP_FUNCTIONS:
+            setattr_(fsops, name, self._wrap(name))
 
 
-def fail_at(step: str, error: int) -> Callable[[str], None]:
-    """An action raising ``OSError(error)`` the first time ``step`` is reached."""
-    fired = []
+def fail_at(step: str, error: int, occurrence: int = 1) -> Callable[[str], None]:
+    """An action raising ``OSError(error)`` the ``occurrence``-th time ``step`` is reached."""
+    seen = [0]
 
     def action(label: str) -> None:
-        if label == step and not fired:
-            fired.append(label)
-            raise OSError(error, os.strerror(error))
+        if label == step:
+            seen[0] += 1
+            if seen[0] == occurrence:
+                raise OSError(error, os.strerror(error))
 
     return action

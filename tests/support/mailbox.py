@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from slimta_tx.bus.maildir import read_envelopes
 
 
 @dataclass
@@ -15,7 +16,7 @@ class Stored:
     name: str
     trace: bytes  # Return-Path: and Received: as written by the edge
     body: bytes  # exactly what the client sent (after dot-unstuffing)
-    envelope: dict[str, Any] | None  # envelope/<name>.json, or None when missing
+    envelope: dict[str, Any] | None  # its record in the envelope journal, or None when missing
 
     @property
     def sha256(self) -> str:
@@ -36,12 +37,11 @@ def split_trace(content: bytes) -> tuple[bytes, bytes]:
 def stored_messages(maildir: str | os.PathLike[str]) -> list[Stored]:
     """Messages in ``new/``, oldest first, each with its envelope record."""
     root = Path(maildir)
+    envelopes = read_envelopes(root)
     found = []
     for name in os.listdir(root / "new"):
         trace, body = split_trace((root / "new" / name).read_bytes())
-        record_path = root / "envelope" / f"{name}.json"
-        record = json.loads(record_path.read_text("utf-8")) if record_path.exists() else None
-        found.append(Stored(name, trace, body, record))
+        found.append(Stored(name, trace, body, envelopes.get(name)))
     return sorted(found, key=lambda s: (s.envelope or {}).get("received_at", 0.0))
 
 

@@ -1,0 +1,328 @@
+"""What happens on an edge, said in one place: the log events (and the points metrics hang off).
+
+Every event an operator may want to see or count goes through one method of
+:class:`EdgeEvents`, the edge's ``events`` attribute: a connection opened or closed, a
+transaction's result, a TLS handshake or its failure, an AUTH failure, a rejection and its
+reason, a timeout. Each method knows the facts (the session, the reply, the reason) once, so a
+counter added later (issue 13's metrics) is one line beside the log event, not a search through
+the protocol.
+
+The events are ``twisted.logger`` events with structured fields: ``event`` names the kind
+(``smtp.transaction``, ``connection.open``, ...; see :data:`EVENTS`) and the other fields are
+plain data (strings, numbers, None), so the JSON log format (:mod:`slimta_tx.logsink`) writes
+them as they are. No field ever holds a SASL payload or a password.
+
+Cost: an event below :attr:`EdgeEvents.level` is not built at all (``twistd slimta
+--log-level``, default ``info``: the per-connection ``debug`` events cost one comparison).
+The events are handed to the logger's observer directly, as ``Logger.emit`` would after
+checking the level (it sorts the log levels on every call to validate one that is constant
+here).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger, LogLevel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from slimta_tx.envelope import Envelope, Session, TLSInfo
+    from slimta_tx.reply import Reply
+
+__all__ = ["EVENTS", "REJECTION_REASONS", "EdgeEvents", "level_named", "result_of"]
+
+_DEBUG, _INFO = LogLevel.debug, LogLevel.info
+_ORDER = {level: rank for rank, level in enumerate(LogLevel.iterconstants())}
+
+#: ``event`` field -> what it says (docs/logging.md lists the fields of each).
+EVENTS = {
+    "connection.open": "a client connected",
+    "connection.close": "a connection ended",
+    "smtp.transaction": "a message got its final reply (accepted, refused or tempfailed)",
+    "smtp.reject": "a command or message was refused by a policy or as malformed",
+    "smtp.timeout": "a client was idle too long",
+    "tls.handshake": "a TLS handshake completed",
+    "tls.failure": "a TLS handshake did not complete",
+    "auth.failure": "an AUTH exchange failed",
+}
+
+#: The ``reason`` of an ``smtp.reject`` event: a closed set, never client text.
+REJECTION_REASONS = frozenset(
+    {
+        "relay",
+        "dnsbl",
+        "limits",
+        "lists",
+        "early_talker",
+        "size",
+        "bare_newline",
+        "line_length",
+        "recipients",
+        "syntax",
+        "sequence",
+        "tls_required",
+        "auth_required",
+        "policy",
+    }
+)
+
+TRANSACTION_FORMAT = (
+    "{client} helo={helo} from=<{sender}> rcpts={rcpts} size={size} id={queue_id} "
+    "result={result} {seconds:.3f}s"
+)
+OPEN_FORMAT = "{client}:{client_port} connected"
+CLOSE_FORMAT = "{client}:{client_port} disconnected after {seconds:.3f}s, {transactions} messages"
+REJECT_FORMAT = "{client} rejected ({reason}): {result} {text}"
+REJECT_DETAIL_FORMAT = REJECT_FORMAT + " [{detail}]"
+TIMEOUT_FORMAT = "{client} timed out in state {state}"
+TLS_FORMAT = "{client} TLS {tls_version} {tls_cipher}"
+TLS_SNI = " sni={sni}"
+TLS_CLIENT_CERT = " client-cert={client_certificate!r} verified={client_certificate_verified}"
+TLS_FAILURE_FORMAT = "{client} TLS handshake failed: {why}"
+AUTH_FAILURE_FORMAT = (
+    "{client} AUTH {mechanism} failed ({here} on this connection, "
+    "{from_address} recently from this address)"
+)
+
+
+def _us(seconds: float) -> float:
+    """``seconds`` to the microsecond: a float whose shortest repr is short (a JSON log line
+    then holds ``0.000852``, not ``0.0008516311645507812``, and writes it 3 times faster)."""
+    return int(seconds * 1e6) / 1e6
+
+
+def level_named(name: str) -> LogLevel:
+    """``"info"`` -> ``LogLevel.info`` (also ``warning``); ValueError for anything else."""
+    name = name.strip().lower()
+    if name == "warning":
+        name = "warn"
+    try:
+        level: LogLevel = LogLevel.levelWithName(name)
+    except Exception:
+        raise ValueError(f"not a log level: {name!r}") from None
+    return level
+
+
+def result_of(code: str) -> str:
+    """The bounded result of a final reply: ``accepted``, ``tempfailed`` or ``rejected``."""
+    first = code[:1]
+    if first == "2":
+        return "accepted"
+    if first == "4":
+        return "tempfailed"
+    return "rejected"
+
+
+class EdgeEvents:
+    """The events of one :class:`~slimta_tx.factory.SmtpEdge` (its ``events`` attribute).
+
+    :param source: the edge (the events' ``log_source``).
+    :param level: events below it are not built. ``LogLevel.debug`` (everything) unless set,
+        so an embedding application's own observers see what they always saw;
+        ``twistd slimta --log-level`` sets it.
+    """
+
+    def __init__(self, source: object = None, level: LogLevel = _DEBUG) -> None:
+        self.log = Logger(namespace="slimta_tx.factory.SmtpEdge", source=source)
+        self.debug = True
+        self.info = True
+        self.level = level
+        self.set_level(level)
+
+    def set_level(self, level: LogLevel) -> None:
+        """Build only events at ``level`` or above from now on."""
+        self.level = level
+        rank = _ORDER[level]
+        self.debug = rank <= _ORDER[_DEBUG]
+        self.info = rank <= _ORDER[_INFO]
+
+    def _emit(self, level: LogLevel, log_format: str, event: dict[str, Any]) -> None:
+        log = self.log
+        event["log_logger"] = log
+        event["log_level"] = level
+        event["log_namespace"] = log.namespace
+        event["log_source"] = log.source
+        event["log_format"] = log_format
+        event["log_time"] = time.time()
+        log.observer(event)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def connection_opened(self, session: Session) -> None:
+        if self.debug:
+            self._emit(
+                _DEBUG,
+                OPEN_FORMAT,
+                {
+                    "event": "connection.open",
+                    "client": session.address[0],
+                    "client_port": session.address[1],
+                    "session_id": session.session_id,
+                },
+            )
+
+    def connection_closed(self, session: Session) -> None:
+        if self.debug:
+            self._emit(
+                _DEBUG,
+                CLOSE_FORMAT,
+                {
+                    "event": "connection.close",
+                    "client": session.address[0],
+                    "client_port": session.address[1],
+                    "session_id": session.session_id,
+                    "seconds": _us(time.time() - session.connected_at),
+                    "transactions": session.transactions,
+                },
+            )
+
+    def timed_out(self, session: Session, state: str) -> None:
+        if self.info:
+            self._emit(
+                _INFO,
+                TIMEOUT_FORMAT,
+                {
+                    "event": "smtp.timeout",
+                    "client": session.address[0],
+                    "session_id": session.session_id,
+                    "state": state,
+                },
+            )
+
+    # -- transactions and rejections -----------------------------------------------------------
+
+    def transaction(
+        self,
+        session: Session,
+        envelope: Envelope,
+        reply: Reply,
+        data_seconds: float | None = None,
+        bus_seconds: float | None = None,
+    ) -> None:
+        """A message got its final reply: one event, with everything issue 13 asks for.
+
+        Built in one dict display, without helper calls: this runs for every message.
+        """
+        if not self.info:
+            return
+        now = time.time()
+        code = reply.code
+        esc = reply.effective_enhanced_code()
+        received_at = envelope.received_at
+        message = envelope.message
+        log = self.log
+        log.observer(
+            {
+                "event": "smtp.transaction",
+                "client": session.address[0],
+                "helo": session.ehlo_as,
+                "sender": envelope.sender,
+                "rcpts": len(envelope.recipients),
+                "size": message.size if message is not None else 0,
+                "queue_id": envelope.queue_id,
+                "session_id": session.session_id,
+                "result": f"{code} {esc}" if esc else code,
+                "code": code,
+                "tls_version": envelope.tls_version,
+                "tls_cipher": envelope.tls_cipher,
+                "auth": envelope.authed,
+                # To the microsecond (see _us), written out.
+                "seconds": int((now - received_at) * 1e6) / 1e6,
+                "connect_to_mail_seconds": int((received_at - session.connected_at) * 1e6) / 1e6,
+                "data_seconds": None if data_seconds is None else int(data_seconds * 1e6) / 1e6,
+                "bus_seconds": None if bus_seconds is None else int(bus_seconds * 1e6) / 1e6,
+                "log_logger": log,
+                "log_level": _INFO,
+                "log_namespace": log.namespace,
+                "log_source": log.source,
+                "log_format": TRANSACTION_FORMAT,
+                "log_time": now,
+            }
+        )
+
+    def rejected(
+        self,
+        session: Session,
+        reason: str,
+        reply: Reply,
+        level: LogLevel = _INFO,
+        detail: str | None = None,
+    ) -> None:
+        """A refusal for ``reason`` (one of :data:`REJECTION_REASONS`): relay, dnsbl, size...
+
+        ``detail`` says more (the blocklist, the list file, the limit's key). Malformed input
+        (``syntax``, ``sequence``) is logged at debug: a client's typos are not news to an
+        operator.
+        """
+        if not (self.debug if level is _DEBUG else self.info):
+            return
+        esc = reply.effective_enhanced_code()
+        self._emit(
+            level,
+            REJECT_FORMAT if detail is None else REJECT_DETAIL_FORMAT,
+            {
+                "event": "smtp.reject",
+                "client": session.address[0],
+                "session_id": session.session_id,
+                "reason": reason,
+                "result": f"{reply.code} {esc}" if esc else reply.code,
+                "code": reply.code,
+                "text": reply.message,
+                "detail": detail,
+            },
+        )
+
+    # -- TLS and AUTH --------------------------------------------------------------------------
+
+    def tls_handshake(self, session: Session, info: TLSInfo) -> None:
+        if not self.info:
+            return
+        log_format = TLS_FORMAT
+        if info.server_name:
+            log_format += TLS_SNI
+        if info.client_certificate:
+            log_format += TLS_CLIENT_CERT
+        self._emit(
+            _INFO,
+            log_format,
+            {
+                "event": "tls.handshake",
+                "client": session.address[0],
+                "session_id": session.session_id,
+                "tls_version": info.version,
+                "tls_cipher": info.cipher,
+                "sni": info.server_name,
+                "client_certificate": info.client_subject if info.client_certificate else None,
+                "client_certificate_verified": info.client_certificate_verified,
+            },
+        )
+
+    def tls_failed(self, session: Session, why: str) -> None:
+        if self.info:
+            self._emit(
+                _INFO,
+                TLS_FAILURE_FORMAT,
+                {
+                    "event": "tls.failure",
+                    "client": session.address[0],
+                    "session_id": session.session_id,
+                    "why": why,
+                },
+            )
+
+    def auth_failed(self, session: Session, mechanism: str, here: int, from_address: int) -> None:
+        """Credentials refused. Only the mechanism's name and counts: never what was sent."""
+        if self.info:
+            self._emit(
+                _INFO,
+                AUTH_FAILURE_FORMAT,
+                {
+                    "event": "auth.failure",
+                    "client": session.address[0],
+                    "session_id": session.session_id,
+                    "mechanism": mechanism,
+                    "here": here,
+                    "from_address": from_address,
+                },
+            )
