@@ -29,7 +29,6 @@ import termios
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import tcp
-from twisted.logger import Logger
 
 from slimta_tx.reply import Reply
 
@@ -44,7 +43,6 @@ __all__ = [
     "improper",
 ]
 
-log = Logger(namespace="slimta_tx.pipelining")
 
 #: Commands after which a client must wait for the reply (RFC 2920 3.1, RFC 3207, RFC 4954 4;
 #: LHLO is LMTP's EHLO). QUIT is left out (nothing after it is read), and so are EXPN and TURN,
@@ -81,15 +79,16 @@ def _refuse_if_ahead(proto: ESMTPServerProtocol, verb: str) -> bool:
     buffered = proto.reader.buffered
     if not buffered and not _unread_in_kernel(proto.transport):
         return False
-    log.info(
-        "{peer} improper command pipelining after {verb}: {next!r}{more}",
-        peer=proto.session.address,
-        verb=verb,
-        next=_first_word(proto.reader.peek()),
-        more=f" ({buffered} bytes buffered)" if buffered else " (unread bytes waiting)",
+    refusal = SYNCHRONIZATION_ERROR.copy()
+    proto.edge.events.rejected(
+        proto.session,
+        "pipelining",
+        refusal,
+        detail=f"sent ahead after {verb}: {_first_word(proto.reader.peek())!r}"
+        + (f" ({buffered} bytes buffered)" if buffered else " (unread bytes waiting)"),
     )
     proto.reset_transaction()
-    proto.send(SYNCHRONIZATION_ERROR.copy())
+    proto.send(refusal)
     proto.close_after_flush()
     return True
 

@@ -59,6 +59,7 @@ _REFUSAL_REASONS = {  # the smtp.reject event's reason (slimta_tx.events)
     DataResult.TOO_BIG: "size",
     DataResult.LINE_TOO_LONG: "line_length",
     DataResult.BARE_NEWLINE: "bare_newline",
+    DataResult.NUL: "nul",
 }
 _DEBUG = LogLevel.debug
 _DATA_OK = DataResult.OK

@@ -129,10 +129,12 @@ def test_the_log_names_the_command_and_the_first_word_only() -> None:
     secret = base64.b64encode(b"\0alice\0s3cret-pw")
     with captured_events() as events:
         refused(d, b"EHLO client.test\r\nAUTH PLAIN " + secret + b"\r\n")
-    lines = [e for e in events if e.get("log_namespace") == "slimta_tx.pipelining"]
+    lines = [e for e in events if e.get("event") == "smtp.reject"]
     assert len(lines) == 1
-    assert (lines[0]["verb"], lines[0]["next"]) == ("EHLO", "AUTH")
-    assert lines[0]["peer"] == UNTRUSTED
+    assert lines[0]["reason"] == "pipelining"
+    assert lines[0]["detail"].startswith("sent ahead after EHLO: 'AUTH'")
+    assert lines[0]["client"] == UNTRUSTED[0]
+    assert secret.decode() not in repr(events)
     assert all(secret.decode() not in repr(e) for e in events)
 
 

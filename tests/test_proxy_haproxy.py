@@ -50,6 +50,8 @@ def backend(maildir: Path, name: str = "mx") -> Iterator[tuple[Twistd, int]]:
         "example.com",
         "--trusted-network",
         "127.0.0.3/32",
+        "--log-level",
+        "debug",  # the PROXY layer's LOCAL connections are debug events
     )
     with running_twistd(argv) as twistd:
         match = _PROXY_PORT.search(twistd.wait_for_line(_PROXY_PORT))

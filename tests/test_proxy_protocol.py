@@ -423,7 +423,7 @@ def _text(event: dict[str, Any]) -> str:
 def test_replies_through_the_layer_go_straight_to_the_socket() -> None:
     """fastwrite sees through the PROXY layer (it only passes writes down): a reply goes to
     the TCP connection's socket at once, as without a proxy; after STARTTLS (TLS beneath the
-    layer) it goes through the layer's write again."""
+    layer) it goes through the TLS connection's write."""
     from test_fastwrite import FakeSocket, connection
 
     from slimta_tx import fastwrite
@@ -439,4 +439,7 @@ def test_replies_through_the_layer_go_straight_to_the_socket() -> None:
     assert sock.sent == [b"250 2.0.0 Ok\r\n"] and written == []
     tcp_connection.TLS = True
     fastwrite.write(layer, b"250 2.0.0 Ok\r\n")
-    assert written == [b"250 2.0.0 Ok\r\n"] and tcp_connection.queued == []
+    # TLS beneath the layer: the connection's own write encrypts it (the layer would only
+    # have passed it down to the same write), never the socket in clear.
+    assert sock.sent == [b"250 2.0.0 Ok\r\n"] and written == []
+    assert tcp_connection.queued == [b"250 2.0.0 Ok\r\n"]

@@ -27,6 +27,8 @@ from support.process import TWISTD, Twistd, running_twistd, twistd_argv
 from test_tls_helpers import make_certs
 from test_tls_twistd import serial_of
 
+from slimta_tx.bus.maildir import read_envelopes
+
 pytestmark = pytest.mark.slow
 
 MESSAGE = b"Subject: t\r\n\r\nbody\r\n"
@@ -93,7 +95,7 @@ def test_both_workers_serve_one_port_with_unique_ids(tmp_path: Path) -> None:
             ids += send(twistd.port, 3)
     assert names_by_pid(maildir) == {pids[1]: 3, pids[2]: 3}
     assert len(set(ids)) == 6
-    records = [json.loads(p.read_text()) for p in (maildir / "envelope").iterdir()]
+    records = list(read_envelopes(str(maildir)).values())
     assert sorted(r["queue_id"] for r in records) == sorted(ids)
     assert len({r["maildir_name"] for r in records}) == 6
     # Each worker's transaction lines reach the parent's log, marked with the worker.

@@ -403,6 +403,8 @@ class MilterSession:
             session_event = True
         if command not in (codec.SMFIC_RCPT, codec.SMFIC_UNKNOWN):
             link.in_transaction = False  # libmilter leaves the transaction on a refusal
+        if reply.code.startswith("5"):
+            self.proto.edge.events.rejected(self.session, "milter", reply, detail=link.milter.name)
         if session_event:
             link.state = "refused"
             link.verdict = reply
