@@ -85,6 +85,9 @@ def read(proto: ESMTPServerProtocol, chunk: Chunk) -> None:
     """Start reading the chunk's octets (they may already be buffered)."""
     proto.chunk = chunk
     proto.state = State.BDAT
+    if chunk.refusal is not None:
+        # Its octets are read all the same: within the body deadlines (slimta_tx.deadlines).
+        proto.deadlines.transfer_started()
     proto.restart_timer(proto.policy.data_timeout)
     if chunk.left == 0:
         _end_of_chunk(proto)
@@ -96,6 +99,7 @@ def consume(proto: ESMTPServerProtocol, data: bytes) -> None:
     assert chunk is not None
     take = data[: chunk.left]
     chunk.left -= len(take)
+    proto.deadlines.received += len(take)
     if chunk.refusal is None:
         decoder = proto.decoder
         assert decoder is not None

@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from slimta_tx import chunking, commands, fastwrite, starttls
 from slimta_tx.data import DataDecoder, DataResult
+from slimta_tx.deadlines import SessionDeadlines
 from slimta_tx.envelope import Session
 from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
 from slimta_tx.reply import Reply
@@ -80,7 +81,8 @@ class ESMTPServerProtocol(Protocol):
         self._processing = False
         self._paused = False
         self._closing = False
-        self._shutdown_requested = False
+        # The 421 to send after the transaction under way (the edge is closing, time is up).
+        self._last_words: Reply | None = None
         self._banner_pending = False
         self._timer: IDelayedCall | None = None
         # A restart asked for while processing input, applied once when processing stops.
@@ -91,6 +93,7 @@ class ESMTPServerProtocol(Protocol):
         self._flush_pending = False  # a flush_now is due at the end of this reactor pass
         # policy.is_trusted(client address), remembered with the policy and address it is for.
         self._trusted: tuple[object, object, bool] = (None, None, False)
+        self.deadlines = SessionDeadlines(self, self.clock)
 
     # -- transport events -----------------------------------------------------------------
 
@@ -102,6 +105,7 @@ class ESMTPServerProtocol(Protocol):
         self.session.address = (getattr(peer, "host", str(peer)), getattr(peer, "port", 0))
         self.session.server_address = (getattr(host, "host", ""), getattr(host, "port", 0))
         self.edge.connection_made(self)
+        self.deadlines.start()
         self.log.debug("{peer} connected", peer=self.session.address)
         if starttls.begin_implicit(self):
             # TLS from the first byte (RFC 8314): the banner waits for the handshake.
@@ -144,6 +148,7 @@ class ESMTPServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.cancel_timer()
+        self.deadlines.stop()
         if self._abort_timer is not None and self._abort_timer.active():
             self._abort_timer.cancel()
         previous, self.state = self.state, _CLOSED
@@ -271,10 +276,8 @@ class ESMTPServerProtocol(Protocol):
         code = reply.code
         if code == "421" or code == "221":  # reply.closes_connection
             self.close_after_flush()
-        elif self._shutdown_requested and self.state in (_CONNECTED, _READY):
-            self._out.append(
-                Reply("421", f"{self.policy.hostname} Service shutting down", "4.3.2").render()
-            )
+        elif self._last_words is not None and self.state in (_CONNECTED, _READY):
+            self._out.append(self._last_words.render())
             self.close_after_flush()
 
     def flush(self) -> None:
@@ -311,6 +314,7 @@ class ESMTPServerProtocol(Protocol):
     def close_after_flush(self) -> None:
         self._closing = True
         self.cancel_timer()
+        self.deadlines.stop()
 
     def _abort_if_open(self) -> None:
         if self.state is not _CLOSED and self.transport is not None:
@@ -459,10 +463,12 @@ class ESMTPServerProtocol(Protocol):
             bare_newline=self.policy.bare_newline,
             unstuff=unstuff,
         )
+        self.deadlines.transfer_started()
         self.restart_timer(self.policy.data_timeout)
 
     def _data_bytes(self, data: bytes) -> None:
         assert self.decoder is not None
+        self.deadlines.received += len(data)
         rest = self.decoder.feed(data)
         if rest is None:
             return
@@ -522,19 +528,34 @@ class ESMTPServerProtocol(Protocol):
 
     # -- shutdown --------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
-        """Close at the next point between transactions (the edge is closing)."""
-        self._shutdown_requested = True
-        if self.state in (_CONNECTED, _READY, _GREETING) and not self._waiting:
-            self.force_close()
+    @property
+    def waiting(self) -> bool:
+        """A hook or the bus has not answered yet (input is paused)."""
+        return self._waiting
 
-    def force_close(self) -> None:
+    @property
+    def closing(self) -> bool:
+        """The session has sent its last reply and is closing."""
+        return self._closing
+
+    def shutdown(self, reply: Reply | None = None) -> None:
+        """Close at the next point between transactions with ``reply`` (a 421; by default
+        ``421 4.3.2``: the edge is closing)."""
+        self._last_words = reply or self._shutting_down()
+        if self.state in (_CONNECTED, _READY, _GREETING) and not self._waiting:
+            self.force_close(self._last_words)
+
+    def force_close(self, reply: Reply | None = None) -> None:
+        """Close now with ``reply`` (by default ``421 4.3.2``); a body in transfer is dropped."""
         if self.state is _CLOSED or self._closing:
             return
         if self.state in _SPOOLING_STATES and not self._waiting:  # not while the bus reads it
             self._discard_spool()
-        self.send(Reply("421", f"{self.policy.hostname} Service shutting down", "4.3.2"))
+        self.send(reply or self._shutting_down())
         self.flush()
+
+    def _shutting_down(self) -> Reply:
+        return Reply("421", f"{self.policy.hostname} Service shutting down", "4.3.2")
 
 
 def _check_bus_reply(reply: object) -> Reply:
