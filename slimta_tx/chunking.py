@@ -119,7 +119,8 @@ def _end_of_chunk(proto: ESMTPServerProtocol) -> None:
         return
     decoder = proto.decoder
     assert decoder is not None
-    if decoder.too_big:
+    spool = proto.spool
+    if decoder.too_big or (spool is not None and spool.error is not None):
         # Refused now rather than at LAST: the client stops sending; the transaction is over.
         proto.finish_message()
         return

@@ -163,19 +163,21 @@ def test_fsync_false_skips_fsync_but_still_delivers(
 @pytest.mark.parametrize(
     "error", [errno.ENOSPC, errno.EACCES, errno.EIO], ids=["ENOSPC", "EACCES", "EIO"]
 )
-def test_disk_error_at_any_step_is_451_and_leaves_nothing_visible(
+def test_disk_error_at_any_step_is_4xx_and_leaves_nothing_visible(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, error: int
 ) -> None:
     """Disk full, permission denied or an I/O error at any step: the client gets
-    451 4.3.0, new/ and envelope/ hold nothing, and the next message on the same
-    connection is delivered normally."""
+    452 4.3.1 for a full disk (RFC 5321 4.3.2, RFC 3463 X.3.1) and 451 4.3.0 otherwise,
+    new/ and envelope/ hold nothing, and the next message on the same connection is
+    delivered normally."""
     maildir = tmp_path / "md"
     session = EdgeSession(maildir)
     spy = StepSpy(str(maildir), fail_at(step, error))
     spy.install(monkeypatch.setattr)
 
     code, text = session.send_message()
-    assert (code, text.split(" ", 1)[0]) == ("451", "4.3.0")
+    expected = ("452", "4.3.1") if error == errno.ENOSPC else ("451", "4.3.0")
+    assert (code, text.split(" ", 1)[0]) == expected
     assert step in spy.steps
     assert listing(maildir) == {"tmp": [], "new": [], "cur": [], "envelope": []}
 

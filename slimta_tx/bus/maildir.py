@@ -17,10 +17,11 @@ Order of a delivery (all of it in a worker thread, never on the reactor thread):
 4. reply ``250 2.6.0 Message queued as <queue id>``.
 
 A crash at any point leaves no partial file in ``new/`` (at worst a file in ``tmp/`` and an
-envelope without a message, both of which :meth:`MaildirBus.clean` removes). Any OSError
-(disk full, permission denied) is ``451 4.3.0`` with nothing half-written visible: a failure
-after step 3's rename (the fsync of ``new/``) takes the message back out of ``new/``, since the
-client will send it again.
+envelope without a message, both of which :meth:`MaildirBus.clean` removes). Any OSError is a
+4xx with nothing half-written visible (``452 4.3.1`` for a full disk or quota, ``451 4.3.0``
+for anything else, such as permission denied or no descriptor left) and one log line: a
+failure after step 3's rename (the fsync of ``new/``) takes the message back out of ``new/``,
+since the client will send it again.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from zope.interface import implementer
 from slimta_tx.envelope import Envelope
 from slimta_tx.interfaces import IBus
 from slimta_tx.reply import Reply
+from slimta_tx.spool import storage_failure_reply
 
 __all__ = ["MaildirBus"]
 
@@ -96,10 +98,21 @@ class MaildirBus:
 
     def send(self, envelope: Envelope) -> Deferred[Reply]:
         def failed(failure: Any) -> Reply:
-            self.log.failure(
-                "maildir delivery of {queue_id} failed", failure, queue_id=envelope.queue_id
-            )
-            return Reply("451", "Local error in processing; try again later", "4.3.0")
+            reply = storage_failure_reply(failure.value)
+            if failure.check(OSError):
+                # A disk problem, not a bug: one line, no traceback.
+                self.log.error(
+                    "maildir delivery of {queue_id} failed: {error}; answered {code} {esc}",
+                    queue_id=envelope.queue_id,
+                    error=failure.value,
+                    code=reply.code,
+                    esc=reply.enhanced_status_code,
+                )
+            else:
+                self.log.failure(
+                    "maildir delivery of {queue_id} failed", failure, queue_id=envelope.queue_id
+                )
+            return reply
 
         d: Deferred[Reply] = self._run(lambda: self.deliver(envelope))
         return d.addErrback(failed)
