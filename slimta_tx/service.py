@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from slimta_tx.capacity import with_backlog
 from slimta_tx.factory import SmtpEdge
 
 __all__ = ["EdgeService", "SighupReload"]
@@ -70,7 +71,8 @@ class EdgeService(MultiService):
     """Listens on each endpoint description; on stop, drains sessions through ``edge.close``.
 
     Listening uses ``strports.service``, so a port that cannot be bound fails start-up
-    (``twistd`` exits 1 and says why) instead of running with no listener.
+    (``twistd`` exits 1 and says why) instead of running with no listener. A description
+    without ``backlog=`` gets :data:`slimta_tx.capacity.DEFAULT_LISTEN_BACKLOG`.
     """
 
     #: Under ``twistd`` (set by ``twistd slimta``): a port that cannot be bound ends start-up
@@ -83,7 +85,8 @@ class EdgeService(MultiService):
         self.reactor = reactor if reactor is not None else edge.reactor
         self.reloads: SighupReload | None = None
         for description in listen:
-            strports.service(description, edge, reactor=reactor).setServiceParent(self)
+            listener = strports.service(with_backlog(description), edge, reactor=reactor)
+            listener.setServiceParent(self)
 
     def on_reload(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` on SIGHUP (certificates, lists, ...)."""

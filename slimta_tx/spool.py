@@ -40,6 +40,9 @@ def storage_failure_reply(error: BaseException) -> Reply:
 class Spool:
     """One message body, written once then read any number of times."""
 
+    #: Spool files open in this process (each holds a descriptor; see slimta_tx.capacity).
+    files_open = 0
+
     def __init__(self, directory: str | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT):
         self._directory = directory
         self._memory_limit = memory_limit
@@ -73,6 +76,7 @@ class Spool:
                 self._file = tempfile.TemporaryFile(
                     dir=self._directory, prefix="slimta-spool-", buffering=0
                 )
+                Spool.files_open += 1
                 self._write_all(self._memory)
             except OSError as e:
                 self._failed(e)
@@ -89,7 +93,11 @@ class Spool:
         """Keep the error, release the memory and the file (and its blocks on disk)."""
         self.error = error
         self._memory = None
+        self._close_file()
+
+    def _close_file(self) -> None:
         if self._file is not None:
+            Spool.files_open -= 1
             try:
                 self._file.close()
             except OSError:
@@ -146,9 +154,7 @@ class Spool:
         return b"".join(self.chunks())
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close_file()
         self._memory = None
         self.closed = True
 

@@ -10,11 +10,11 @@ from typing import Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from slimta_tx.cli import auth, buses, core, policies, tls
+from slimta_tx.cli import auth, buses, core, limits, policies, tls
 
 __all__ = ["Options", "makeService"]
 
-GROUPS = (core, tls, auth, policies, buses)
+GROUPS = (core, tls, auth, policies, limits, buses)
 
 
 class Options(
@@ -22,6 +22,7 @@ class Options(
     tls.OptionGroup,
     auth.OptionGroup,
     policies.OptionGroup,
+    limits.OptionGroup,
     buses.OptionGroup,
     usage.Options,
 ):

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +28,12 @@ _PORT_LINE = re.compile(r"SmtpEdge starting on (\d+)")
 class Twistd:
     """One ``twistd -n slimta`` process; use :func:`running_twistd` to get one."""
 
-    def __init__(self, argv: Sequence[str], cwd: str | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        cwd: str | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.argv = list(argv)
         self.proc = subprocess.Popen(
             self.argv,
@@ -36,6 +41,7 @@ class Twistd:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=cwd,
+            preexec_fn=preexec_fn,  # e.g. resource limits for the child only
         )
         self.pid = self.proc.pid
         self.lines: list[str] = []
