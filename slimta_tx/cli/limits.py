@@ -1,6 +1,6 @@
 """Limits that keep one client, or one bad day, from taking the server down: body and session
-deadlines, a minimum data rate, connection capacity (see slimta_tx/cli/__init__.py for the
-contract, docs/operations.md for what each limit answers).
+deadlines, a minimum data rate, connection capacity, memory given back (see
+slimta_tx/cli/__init__.py for the contract, docs/operations.md for what each limit answers).
 
 The deadlines have defaults that need no tuning. Connection capacity is on by default too: at
 start-up the soft descriptor limit is raised to the hard one and part of it is kept in reserve
@@ -23,6 +23,7 @@ from slimta_tx.capacity import (
     somaxconn,
 )
 from slimta_tx.cli.coerce import whole_number
+from slimta_tx.memory import DEFAULT_TRIM_INTERVAL, MemoryTrimmer
 from slimta_tx.policy import Policy
 
 _DEFAULTS = Policy()
@@ -88,6 +89,14 @@ class OptionGroup:
             "421 4.3.2 (default: a tenth of the limit, at least 128).",
             whole_number("descriptor-reserve", 0),
         ],
+        [
+            "memory-trim",
+            None,
+            DEFAULT_TRIM_INTERVAL,
+            "Seconds between returns of the allocator's free memory to the system (glibc "
+            "malloc_trim); 0: never.",
+            _seconds_or_zero("memory-trim"),
+        ],
     ]
 
 
@@ -109,6 +118,8 @@ def configure(config: Any, edge: Any, service: Any, reactor: Any) -> None:
     gate = ConnectionGate(config["max-connections"])
     gate.install(edge)
     DescriptorLimits(gate, reactor, config["descriptor-reserve"]).setServiceParent(service)
+    if config["memory-trim"]:
+        MemoryTrimmer(config["memory-trim"], reactor=reactor).setServiceParent(service)
 
 
 class DescriptorLimits(Service):
