@@ -38,8 +38,9 @@ class Server:
         env: dict[str, str] | None = None,
         preexec_fn: Callable[[], None] | None = None,
         command: Sequence[str] | None = None,
+        listen: str = "tcp:0:interface=127.0.0.1",
     ) -> None:
-        argv = [*(command or [TWISTD]), "-n", "slimta", "--listen", "tcp:0:interface=127.0.0.1"]
+        argv = [*(command or [TWISTD]), "-n", "slimta", "--listen", listen]
         argv += list(args)
         self.proc = subprocess.Popen(
             argv,
