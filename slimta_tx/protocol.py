@@ -24,7 +24,7 @@ from slimta_tx.deadlines import SessionDeadlines
 from slimta_tx.envelope import Session
 from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
 from slimta_tx.reply import Reply
-from slimta_tx.spool import Spool, storage_failure_reply
+from slimta_tx.spool import Spool, not_stored
 from slimta_tx.state import COMMANDS, UNIMPLEMENTED, State, after, check
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -492,8 +492,8 @@ class ESMTPServerProtocol(Protocol):
             )
             self._complete_transaction(refusal.copy())
             return
-        if spool.error is not None:
-            self._not_stored(spool)
+        if spool.error is not None:  # full disk, I/O error: a 4xx, and the session goes on
+            self._complete_transaction(not_stored(spool, self.session.address))
             return
         envelope.refresh_from(self.session)
         envelope.message = spool
@@ -518,20 +518,6 @@ class ESMTPServerProtocol(Protocol):
     def spool(self) -> Spool | None:
         """The body of the message in transfer, if any."""
         return self._spool
-
-    def _not_stored(self, spool: Spool) -> None:
-        """The spool could not store the body (full disk, I/O error): a 4xx, and carry on."""
-        reply = storage_failure_reply(spool.error or OSError())
-        self.log.error(
-            "{peer} message not stored: spool write failed: {error} ({size} bytes); "
-            "answered {code} {esc}",
-            peer=self.session.address,
-            error=spool.error,
-            size=spool.size,
-            code=reply.code,
-            esc=reply.enhanced_status_code,
-        )
-        self._complete_transaction(reply)
 
     def _complete_transaction(self, reply: Reply) -> None:
         envelope = self.session.envelope

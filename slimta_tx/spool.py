@@ -19,9 +19,13 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
+from twisted.logger import Logger
+
 from slimta_tx.reply import Reply
 
-__all__ = ["Spool", "SpoolFactory", "storage_failure_reply"]
+__all__ = ["Spool", "SpoolFactory", "not_stored", "storage_failure_reply"]
+
+log = Logger()
 
 DEFAULT_MEMORY_LIMIT = 256 * 1024
 READ_SIZE = 256 * 1024
@@ -35,6 +39,22 @@ def storage_failure_reply(error: BaseException) -> Reply:
     if isinstance(error, OSError) and error.errno in _NO_ROOM:
         return Reply("452", "Insufficient system storage; try again later", "4.3.1")
     return Reply("451", "Local error in processing; try again later", "4.3.0")
+
+
+def not_stored(spool: Spool, peer: object) -> Reply:
+    """The reply to a body ``spool`` could not store, and the one log line saying why."""
+    error = spool.error or OSError("unknown error")
+    reply = storage_failure_reply(error)
+    log.error(
+        "{peer} message not stored: spool write failed: {error} ({size} bytes); "
+        "answered {code} {esc}",
+        peer=peer,
+        error=error,
+        size=spool.size,
+        code=reply.code,
+        esc=reply.enhanced_status_code,
+    )
+    return reply
 
 
 class Spool:
