@@ -107,7 +107,7 @@ def drip(case: Case, quick: bool) -> None:
             server.stop()
         open_ = sum(1 for t, _ in results if t < 0)
         cut = sorted(t for t, _ in results if t >= 0)
-        replies = Counter(r.split(b"\r\n")[0][:60].decode() for t, r in results if t >= 0)
+        replies = Counter(r.split(b"\r\n")[0].decode() for t, r in results if t >= 0)
         when = f", cut at {cut[0]:.0f}-{cut[-1]:.0f} s" if cut else ""
         say(f"  {label}: still open after {seconds} s: {open_}/{count}{when}")
         for reply, n in replies.items():
