@@ -89,6 +89,9 @@ def read(proto: ESMTPServerProtocol, chunk: Chunk) -> None:
     """Start reading the chunk's octets (they may already be buffered)."""
     proto.chunk = chunk
     proto.state = State.BDAT
+    if chunk.refusal is not None:
+        # Its octets are read all the same: within the body deadlines (slimta_tx.deadlines).
+        proto.deadlines.transfer_started()
     proto.restart_timer(proto.policy.data_timeout)
     if chunk.left == 0:
         _end_of_chunk(proto)
@@ -100,6 +103,7 @@ def consume(proto: ESMTPServerProtocol, data: bytes) -> None:
     assert chunk is not None
     take = data[: chunk.left]
     chunk.left -= len(take)
+    proto.deadlines.received += len(take)
     if chunk.refusal is None:
         decoder = proto.decoder
         assert decoder is not None
@@ -119,7 +123,8 @@ def _end_of_chunk(proto: ESMTPServerProtocol) -> None:
         return
     decoder = proto.decoder
     assert decoder is not None
-    if decoder.too_big:
+    spool = proto.spool
+    if decoder.too_big or (spool is not None and spool.error is not None):
         # Refused now rather than at LAST: the client stops sending; the transaction is over.
         proto.finish_message()
         return

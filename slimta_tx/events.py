@@ -30,7 +30,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from slimta_tx.envelope import Envelope, Session, TLSInfo
     from slimta_tx.reply import Reply
 
-__all__ = ["EVENTS", "REJECTION_REASONS", "EdgeEvents", "level_named", "result_of"]
+__all__ = [
+    "EVENTS",
+    "REJECTION_REASONS",
+    "TIME_LIMITS",
+    "EdgeEvents",
+    "level_named",
+    "result_of",
+]
 
 _DEBUG, _INFO = LogLevel.debug, LogLevel.info
 _ORDER = {level: rank for rank, level in enumerate(LogLevel.iterconstants())}
@@ -46,6 +53,10 @@ EVENTS = {
     "tls.failure": "a TLS handshake did not complete",
     "auth.failure": "an AUTH exchange failed",
 }
+
+#: The ``limit`` of an ``smtp.timeout`` event: the idle timers (``--timeout``,
+#: ``--data-timeout``) and the deadlines of slimta_tx.deadlines.
+TIME_LIMITS = frozenset({"idle", "data_deadline", "min_data_rate", "session_deadline"})
 
 #: The ``reason`` of an ``smtp.reject`` event: a closed set, never client text.
 REJECTION_REASONS = frozenset(
@@ -79,6 +90,7 @@ CLOSE_FORMAT = "{client}:{client_port} disconnected after {seconds:.3f}s, {trans
 REJECT_FORMAT = "{client} rejected ({reason}): {result} {text}"
 REJECT_DETAIL_FORMAT = REJECT_FORMAT + " [{detail}]"
 TIMEOUT_FORMAT = "{client} timed out in state {state}"
+LIMIT_FORMAT = "{client} cut off in state {state}: {limit} ({detail})"
 TLS_FORMAT = "{client} TLS {tls_version} {tls_cipher}"
 TLS_SNI = " sni={sni}"
 TLS_CLIENT_CERT = " client-cert={client_certificate!r} verified={client_certificate_verified}"
@@ -180,16 +192,22 @@ class EdgeEvents:
                 },
             )
 
-    def timed_out(self, session: Session, state: str) -> None:
+    def timed_out(
+        self, session: Session, state: str, limit: str = "idle", detail: str | None = None
+    ) -> None:
+        """The session was closed in ``state`` for a time limit: ``limit`` is one of
+        :data:`TIME_LIMITS` (``idle``: the command or data timeout), ``detail`` says more."""
         if self.info:
             self._emit(
                 _INFO,
-                TIMEOUT_FORMAT,
+                TIMEOUT_FORMAT if limit == "idle" else LIMIT_FORMAT,
                 {
                     "event": "smtp.timeout",
                     "client": session.address[0],
                     "session_id": session.session_id,
                     "state": state,
+                    "limit": limit,
+                    **({} if detail is None else {"detail": detail}),
                 },
             )
 

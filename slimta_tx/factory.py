@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IListeningPort, IReactorTime, IStreamServerEndpoint
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
 from slimta_tx.accept import AcceptQueue, HeldConnection, adopt_socket
@@ -26,6 +26,8 @@ from slimta_tx.validators import SmtpValidators, Validator, Validators, install_
 
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.interfaces import IAddress
+
+    from slimta_tx.capacity import ConnectionGate
 
 __all__ = ["SmtpEdge"]
 
@@ -89,6 +91,8 @@ class SmtpEdge(ServerFactory):
         # Called with each session when its connection ends (policies keep counts with it).
         self.disconnect_hooks: list[Callable[[Session], None]] = []
         self._accept_queue: AcceptQueue | None = None
+        # Turns connections away past a connection or descriptor limit (slimta_tx.capacity).
+        self.connection_gate: ConnectionGate | None = None
         self.ports: list[IListeningPort] = []
         self._closing: Deferred[None] | None = None
         self._drained: list[Deferred[None]] = []
@@ -211,10 +215,19 @@ class SmtpEdge(ServerFactory):
 
     # -- used by the protocol ----------------------------------------------------------------
 
-    def buildProtocol(self, addr: IAddress | None) -> ESMTPServerProtocol | HeldConnection:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        gate = self.connection_gate
+        if gate is not None:
+            refusal = gate.check(self)
+            if refusal is not None:
+                return gate.turn_away(self, refusal)
         if self._accept_queue is not None:
             return HeldConnection(self, self._accept_queue)
         return self.build_session_protocol()
+
+    def held_connections(self) -> int:
+        """Connections waiting for :meth:`accept` (each holds a descriptor)."""
+        return len(self._accept_queue.held) if self._accept_queue is not None else 0
 
     def build_session_protocol(self) -> ESMTPServerProtocol:
         if self.lmtp:

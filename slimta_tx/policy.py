@@ -54,6 +54,12 @@ class Policy:
     :ivar binarymime: offer BINARYMIME (RFC 3030; with CHUNKING only).
     :ivar nul: NUL octets in a text body: ``"reject"`` (550 5.6.0 after the end of data),
         ``"strip"`` or ``"accept"``.
+    :ivar data_deadline: seconds a whole message body (DATA, or BDAT's chunks) may take; 0: none.
+    :ivar min_data_rate: bytes per second a body must average once ``data_rate_grace`` seconds
+        have passed; 0: no minimum (see :mod:`slimta_tx.deadlines`).
+    :ivar data_rate_grace: seconds of a body transfer before ``min_data_rate`` applies.
+    :ivar session_deadline: seconds a connection may last; 0: no limit. A transaction under way
+        may finish first (within ``data_deadline``).
     """
 
     hostname: str = "localhost"
@@ -80,6 +86,10 @@ class Policy:
     requiretls: bool = True
     binarymime: bool = True
     nul: NulPolicy = NulPolicy.REJECT
+    data_deadline: float = 600.0
+    min_data_rate: int = 500
+    data_rate_grace: float = 30.0
+    session_deadline: float = 3600.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +106,9 @@ class Policy:
         for name in ("command_timeout", "data_timeout", "shutdown_grace", "proxy_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be more than 0 seconds")
+        for name in ("data_deadline", "min_data_rate", "data_rate_grace", "session_deadline"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (no limit) or more")
         object.__setattr__(self, "bare_newline", BareNewlinePolicy(self.bare_newline))
         object.__setattr__(self, "nul", NulPolicy(self.nul))
         object.__setattr__(

@@ -21,11 +21,12 @@ from zope.interface import implementer
 
 from slimta_tx import chunking, commands, fastwrite, pipelining, proxy, starttls
 from slimta_tx.data import DataDecoder, DataResult
+from slimta_tx.deadlines import SessionDeadlines
 from slimta_tx.envelope import Envelope, Session
 from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
 from slimta_tx.reply import Reply
 from slimta_tx.results import smtp_reply
-from slimta_tx.spool import Spool
+from slimta_tx.spool import Spool, not_stored
 from slimta_tx.state import COMMANDS, UNIMPLEMENTED, State, after, check
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -93,7 +94,8 @@ class ESMTPServerProtocol(Protocol):
         self._processing = False
         self._paused = False
         self._closing = False
-        self._shutdown_requested = False
+        # The 421 to send after the transaction under way (the edge is closing, time is up).
+        self._last_words: Reply | None = None
         self._banner_pending = False
         self._timer: IDelayedCall | None = None
         # A restart asked for while processing input, applied once when processing stops.
@@ -109,6 +111,7 @@ class ESMTPServerProtocol(Protocol):
         self.milters = edge.milters.session(self) if edge.milters else None
         # When the body began (354 or first BDAT) and ended: the transaction event's timings.
         self._data_at = self._dot_at = 0.0
+        self.deadlines = SessionDeadlines(self, self.clock)
 
     # -- transport events -----------------------------------------------------------------
 
@@ -130,6 +133,7 @@ class ESMTPServerProtocol(Protocol):
         self.session.server_address = (getattr(host, "host", ""), getattr(host, "port", 0))
         self.edge.connection_made(self)
         self.edge.events.connection_opened(self.session)
+        self.deadlines.start()
         if starttls.begin_implicit(self):
             # TLS from the first byte (RFC 8314): the banner waits for the handshake.
             self.restart_timer(self.policy.command_timeout)
@@ -171,6 +175,7 @@ class ESMTPServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.cancel_timer()
+        self.deadlines.stop()
         if self._abort_timer is not None and self._abort_timer.active():
             self._abort_timer.cancel()
         previous, self.state = self.state, _CLOSED
@@ -306,10 +311,8 @@ class ESMTPServerProtocol(Protocol):
         code = reply.code
         if code == "421" or code == "221":  # reply.closes_connection
             self.close_after_flush()
-        elif self._shutdown_requested and self.state in (_CONNECTED, _READY):
-            self._out.append(
-                Reply("421", f"{self.policy.hostname} Service shutting down", "4.3.2").render()
-            )
+        elif self._last_words is not None and self.state in (_CONNECTED, _READY):
+            self._out.append(self._last_words.render())
             self.close_after_flush()
 
     def flush(self) -> None:
@@ -352,6 +355,7 @@ class ESMTPServerProtocol(Protocol):
     def close_after_flush(self) -> None:
         self._closing = True
         self._timer_due = None  # the idle timer is kept: flush_now makes it the abort deadline
+        self.deadlines.stop()
 
     def _abort_if_open(self) -> None:
         if self.state is not _CLOSED and self.transport is not None:
@@ -510,10 +514,12 @@ class ESMTPServerProtocol(Protocol):
             nul=self.policy.nul,
         )
         self._data_at = self.clock.seconds()
+        self.deadlines.transfer_started()
         self.restart_timer(self.policy.data_timeout)
 
     def _data_bytes(self, data: bytes) -> None:
         assert self.decoder is not None
+        self.deadlines.received += len(data)
         rest = self.decoder.feed(data)
         if rest is None:
             return
@@ -533,6 +539,9 @@ class ESMTPServerProtocol(Protocol):
             refusal = refusal.copy()
             self.edge.events.rejected(self.session, _REFUSAL_REASONS[result], refusal)
             self._complete_transaction(refusal)
+            return
+        if spool.error is not None:  # full disk, I/O error: a 4xx, and the session goes on
+            self._complete_transaction(not_stored(spool, self.session.address))
             return
         envelope.refresh_from(self.session)
         envelope.message = spool
@@ -562,6 +571,11 @@ class ESMTPServerProtocol(Protocol):
         anything else (the client then gets 451 4.3.0)."""
         return smtp_reply(result, envelope)
 
+    @property
+    def spool(self) -> Spool | None:
+        """The body of the message in transfer, if any."""
+        return self._spool
+
     def _complete_transaction(self, reply: Reply) -> None:
         envelope = self.session.envelope
         self.session.transactions += 1
@@ -586,16 +600,31 @@ class ESMTPServerProtocol(Protocol):
 
     # -- shutdown --------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
-        """Close at the next point between transactions (the edge is closing)."""
-        self._shutdown_requested = True
-        if self.state in (_CONNECTED, _READY, _GREETING) and not self._waiting:
-            self.force_close()
+    @property
+    def waiting(self) -> bool:
+        """A hook or the bus has not answered yet (input is paused)."""
+        return self._waiting
 
-    def force_close(self) -> None:
+    @property
+    def closing(self) -> bool:
+        """The session has sent its last reply and is closing."""
+        return self._closing
+
+    def shutdown(self, reply: Reply | None = None) -> None:
+        """Close at the next point between transactions with ``reply`` (a 421; by default
+        ``421 4.3.2``: the edge is closing)."""
+        self._last_words = reply or self._shutting_down()
+        if self.state in (_CONNECTED, _READY, _GREETING) and not self._waiting:
+            self.force_close(self._last_words)
+
+    def force_close(self, reply: Reply | None = None) -> None:
+        """Close now with ``reply`` (by default ``421 4.3.2``); a body in transfer is dropped."""
         if self.state is _CLOSED or self._closing:
             return
         if self.state in _SPOOLING_STATES and not self._waiting:  # not while the bus reads it
             self._discard_spool()
-        self.send(Reply("421", f"{self.policy.hostname} Service shutting down", "4.3.2"))
+        self.send(reply or self._shutting_down())
         self.flush()
+
+    def _shutting_down(self) -> Reply:
+        return Reply("421", f"{self.policy.hostname} Service shutting down", "4.3.2")

@@ -317,12 +317,16 @@ def listener_service(
     description: str, edge: SmtpEdge, reactor: Any, factory: Any = None
 ) -> IService:
     """``strports.service(description, factory or edge)``, with slimta_tx's PROXY layer for a
-    ``haproxy:`` description (not Twisted's). Binding still fails fast at start-up."""
+    ``haproxy:`` description (not Twisted's) and a listen backlog of
+    :data:`slimta_tx.capacity.DEFAULT_LISTEN_BACKLOG` where none is named. Binding still fails
+    fast at start-up."""
+    from slimta_tx.capacity import with_backlog  # a large listen backlog unless one is named
+
     factory = factory if factory is not None else edge
     inner = proxied_description(description)
     if inner is None:
-        return strports.service(description, factory, reactor=reactor)
-    return strports.service(inner, ProxyFactory(edge, factory), reactor=reactor)
+        return strports.service(with_backlog(description), factory, reactor=reactor)
+    return strports.service(with_backlog(inner), ProxyFactory(edge, factory), reactor=reactor)
 
 
 # -- Twisted's own haproxy wrapper ------------------------------------------------------------

@@ -83,7 +83,8 @@ class EdgeService(MultiService):
     """Listens on each endpoint description; on stop, drains sessions through ``edge.close``.
 
     Listening uses ``strports.service``, so a port that cannot be bound fails start-up
-    (``twistd`` exits 1 and says why) instead of running with no listener.
+    (``twistd`` exits 1 and says why) instead of running with no listener. A description
+    without ``backlog=`` gets :data:`slimta_tx.capacity.DEFAULT_LISTEN_BACKLOG`.
     """
 
     #: Under ``twistd`` (set by ``twistd slimta``): a port that cannot be bound ends start-up

@@ -3,6 +3,11 @@
 A connection holds at most ``memory_limit`` bytes of message in memory; past that the body
 streams to an unlinked temporary file in ``directory``. Writes to that file go to the page
 cache (no fsync: durability is the bus's job), so they are cheap enough for the reactor thread.
+
+A write that fails (a full disk, no descriptor left, an I/O error) does not raise: the spool
+remembers the error, drops what it holds and ignores further writes, so the session reads the
+body to its end and answers :func:`storage_failure_reply` after it (``452 4.3.1`` for a full
+disk, else ``451 4.3.0``); the client keeps the message and tries again.
 """
 
 from __future__ import annotations
@@ -14,14 +19,49 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
-__all__ = ["Spool", "SpoolFactory"]
+from twisted.logger import Logger
+
+from slimta_tx.reply import Reply
+
+__all__ = ["Spool", "SpoolFactory", "not_stored", "storage_failure_reply"]
+
+log = Logger()
 
 DEFAULT_MEMORY_LIMIT = 256 * 1024
 READ_SIZE = 256 * 1024
+# Errors that mean "no room": RFC 5321 4.3.2 lists 452 (insufficient system storage) after the
+# data, and RFC 3463 X.3.1 is "mail system full".
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def storage_failure_reply(error: BaseException) -> Reply:
+    """The reply to a message that could not be stored because of ``error``."""
+    if isinstance(error, OSError) and error.errno in _NO_ROOM:
+        return Reply("452", "Insufficient system storage; try again later", "4.3.1")
+    return Reply("451", "Local error in processing; try again later", "4.3.0")
+
+
+def not_stored(spool: Spool, peer: object) -> Reply:
+    """The reply to a body ``spool`` could not store, and the one log line saying why."""
+    error = spool.error or OSError("unknown error")
+    reply = storage_failure_reply(error)
+    log.error(
+        "{peer} message not stored: spool write failed: {error} ({size} bytes); "
+        "answered {code} {esc}",
+        peer=peer,
+        error=error,
+        size=spool.size,
+        code=reply.code,
+        esc=reply.enhanced_status_code,
+    )
+    return reply
 
 
 class Spool:
     """One message body, written once then read any number of times."""
+
+    #: Spool files open in this process (each holds a descriptor; see slimta_tx.capacity).
+    files_open = 0
 
     def __init__(self, directory: str | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT):
         self._directory = directory
@@ -30,10 +70,18 @@ class Spool:
         self._file: BinaryIO | None = None
         self.size = 0
         self.closed = False
+        #: The first write error (the body is then dropped and later writes ignored).
+        self.error: OSError | None = None
 
     @property
     def in_memory(self) -> bool:
         return self._file is None
+
+    def _check_readable(self) -> None:
+        if self.closed:
+            raise ValueError("spool is closed")
+        if self.error is not None:
+            raise OSError(self.error.errno, f"the message was not stored: {self.error}")
 
     def write(self, data: bytes) -> None:
         if self.closed:
@@ -43,13 +91,38 @@ class Spool:
             if len(self._memory) + len(data) <= self._memory_limit:
                 self._memory += data
                 return
-            # Unbuffered: each chunk is one write(2), with no copy into a Python buffer.
-            self._file = tempfile.TemporaryFile(
-                dir=self._directory, prefix="slimta-spool-", buffering=0
-            )
-            self._write_all(self._memory)
+            try:
+                # Unbuffered: each chunk is one write(2), with no copy into a Python buffer.
+                self._file = tempfile.TemporaryFile(
+                    dir=self._directory, prefix="slimta-spool-", buffering=0
+                )
+                Spool.files_open += 1
+                self._write_all(self._memory)
+            except OSError as e:
+                self._failed(e)
+                return
             self._memory = None
-        self._write_all(data)
+        elif self.error is not None:
+            return
+        try:
+            self._write_all(data)
+        except OSError as e:
+            self._failed(e)
+
+    def _failed(self, error: OSError) -> None:
+        """Keep the error, release the memory and the file (and its blocks on disk)."""
+        self.error = error
+        self._memory = None
+        self._close_file()
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            Spool.files_open -= 1
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
 
     def _write_all(self, data: bytes | bytearray) -> None:
         assert self._file is not None
@@ -60,8 +133,7 @@ class Spool:
 
     def open(self) -> BinaryIO:
         """A new binary reader positioned at the start of the body."""
-        if self.closed:
-            raise ValueError("spool is closed")
+        self._check_readable()
         if self._memory is not None:
             return io.BytesIO(bytes(self._memory))
         assert self._file is not None
@@ -71,8 +143,7 @@ class Spool:
 
     def chunks(self, size: int = READ_SIZE) -> Iterator[bytes]:
         """The body in chunks of at most ``size`` bytes (reads with ``pread``: position-safe)."""
-        if self.closed:
-            raise ValueError("spool is closed")
+        self._check_readable()
         if self._memory is not None:
             view = bytes(self._memory)
             for start in range(0, len(view), size):
@@ -120,9 +191,7 @@ class Spool:
         return b"".join(self.chunks())
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close_file()
         self._memory = None
         self.closed = True
 

@@ -15,6 +15,7 @@ from slimta_tx.cli import (
     buses,
     core,
     esmtp,
+    limits,
     lmtp,
     logs,
     milter,
@@ -26,7 +27,7 @@ from slimta_tx.cli import (
 
 __all__ = ["Options", "makeService"]
 
-GROUPS = (core, tls, auth, policies, milter, buses, esmtp, lmtp, logs, proxy, workers)
+GROUPS = (core, tls, auth, policies, limits, milter, buses, esmtp, lmtp, logs, proxy, workers)
 
 
 class Options(
@@ -34,6 +35,7 @@ class Options(
     tls.OptionGroup,
     auth.OptionGroup,
     policies.OptionGroup,
+    limits.OptionGroup,
     milter.OptionGroup,
     buses.OptionGroup,
     esmtp.OptionGroup,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
@@ -145,11 +145,16 @@ def connect(
         IPv6Address("TCP", host, peer[1]) if ":" in host else IPv4Address("TCP", host, peer[1])
     )
     local = IPv4Address("TCP", "127.0.0.1", 25)
-    proto = edge.build_session_protocol()
-    if clock is not None:
-        proto.clock = clock
-    elif not isinstance(proto.clock, Clock):
-        proto.clock = Clock()
+    # As the reactor does: the edge may turn the connection away (its connection gate) or hold
+    # it for accept(); only a session has timers to move onto the Clock.
+    from slimta_tx.protocol import ESMTPServerProtocol as _Session
+
+    proto = cast("ESMTPServerProtocol", edge.buildProtocol(address))
+    if isinstance(proto, _Session):
+        if clock is not None:
+            proto.clock = clock
+        elif not isinstance(proto.clock, Clock):
+            proto.clock = Clock()
     transport = StringTransport(hostAddress=local, peerAddress=address)
     proto.makeConnection(transport)
     return proto, transport

@@ -46,6 +46,7 @@ from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from slimta_tx import capacity
 from slimta_tx.service import SighupReload, offer_log_observer
 from slimta_tx.supervise import STOP_MARGIN, RestartLimits, WorkerPool
 
@@ -62,10 +63,11 @@ __all__ = [
 #: The options whose listeners the parent binds and the workers share.
 LISTENER_OPTIONS = ("listen", "tls-listen", "lmtp-listen")
 
-#: The listen backlog of sockets the parent binds (``backlog=`` in a description wins). Large,
-#: so that a burst of connections waits in the kernel while every worker is busy instead of
-#: being refused; the kernel caps it at ``net.core.somaxconn``.
-LISTEN_BACKLOG = 4096
+#: The listen backlog of sockets the parent binds (``backlog=`` in a description wins): the
+#: same as a single process's (:data:`slimta_tx.capacity.DEFAULT_LISTEN_BACKLOG`), so that a
+#: burst of connections waits in the kernel while every worker is busy instead of being
+#: refused; the kernel caps it at ``net.core.somaxconn``.
+LISTEN_BACKLOG = capacity.DEFAULT_LISTEN_BACKLOG
 
 #: Endpoint types the parent can bind and hand over; ``haproxy:`` may wrap any of them.
 SUPPORTED_LISTENERS = ("tcp", "tcp6", "unix", "systemd")
@@ -93,11 +95,10 @@ def split_listener(description: str) -> tuple[str, str]:
 
 
 def with_backlog(leaf: str) -> str:
-    """Add ``backlog=LISTEN_BACKLOG`` to a tcp/tcp6/unix description that names none."""
-    kind = leaf.split(":", 1)[0].strip().lower()
-    if kind == "systemd" or "backlog=" in leaf:
-        return leaf  # systemd's socket unit sets its own (Backlog=)
-    return f"{leaf}:backlog={LISTEN_BACKLOG}"
+    """Add ``backlog=LISTEN_BACKLOG`` to a tcp/tcp6/unix description that names none
+    (:func:`slimta_tx.capacity.with_backlog`, as a single process does); systemd's socket unit
+    sets its own (``Backlog=``)."""
+    return capacity.with_backlog(leaf, LISTEN_BACKLOG)
 
 
 def worker_description(prefix: str, domain: str, index: int) -> str:

@@ -162,3 +162,27 @@ def test_any_chunking_gives_the_reference_lines(pieces: list[bytes], cuts: list[
     chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
     assert read_all(chunks, max_length=8) == reference(data, 8)
     assert read_all([data[i : i + 1] for i in range(len(data))], 8) == reference(data, 8)
+
+
+def test_a_chunk_is_let_go_once_its_lines_are_taken() -> None:
+    """A connection waiting for its next command holds no read buffer: the chunk a read
+    returned is released when its last line is taken, and only a partial line is kept, as a
+    copy (a chunk held between reads fragments the heap: bench/soak.py, issue 11)."""
+    import sys
+
+    chunk = b"NOOP\r\n" * 100 + b"MAIL FROM:<a@"
+    chunk = chunk[:]  # a fresh object the test alone refers to
+    held = sys.getrefcount(chunk)
+    reader = LineReader()
+    reader.feed(chunk)
+    assert drain(reader) == [b"NOOP"] * 100
+    assert reader.buffered == len(b"MAIL FROM:<a@")
+    assert sys.getrefcount(chunk) == held
+    whole = b"NOOP\r\nRSET\r\n" + b"x" * 10
+    whole = whole[:-10]
+    held = sys.getrefcount(whole)
+    reader = LineReader()
+    reader.feed(whole)
+    assert drain(reader) == [b"NOOP", b"RSET"]
+    assert reader.buffered == 0
+    assert sys.getrefcount(whole) == held

@@ -282,12 +282,13 @@ def test_fsync_false_skips_every_sync_but_still_delivers(
 @pytest.mark.parametrize(
     "error", [errno.ENOSPC, errno.EACCES, errno.EIO], ids=["ENOSPC", "EACCES", "EIO"]
 )
-def test_disk_error_at_any_step_is_451_and_leaves_nothing_visible(
+def test_disk_error_at_any_step_is_4xx_and_leaves_nothing_visible(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str, error: int, naming: str
 ) -> None:
     """Disk full, permission denied or an I/O error at any step: the client gets
-    451 4.3.0, new/ and tmp/ hold nothing, and the next message on the same connection is
-    delivered normally, with its envelope."""
+    452 4.3.1 for a full disk (RFC 5321 4.3.2, RFC 3463 X.3.1) and 451 4.3.0 otherwise,
+    new/ and tmp/ hold nothing, and the next message on the same connection is delivered
+    normally, with its envelope."""
     maildir = tmp_path / "md"
     bus = MaildirBus(str(maildir), run_in_thread=run_now, sync_mode="per-file")
     client = Client(edge_for(bus))
@@ -295,7 +296,8 @@ def test_disk_error_at_any_step_is_451_and_leaves_nothing_visible(
     spy.install(monkeypatch.setattr)
 
     [(code, text)] = client.send_message()
-    assert (code, text.split(" ", 1)[0]) == ("451", "4.3.0")
+    expected = ("452", "4.3.1") if error == errno.ENOSPC else ("451", "4.3.0")
+    assert (code, text.split(" ", 1)[0]) == expected
     assert step in spy.steps
     assert listing(maildir) == {"tmp": [], "new": [], "cur": []}
 

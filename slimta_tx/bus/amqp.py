@@ -15,8 +15,15 @@ by the message bytes as received; the ``slimta-envelope`` header holds the envel
 
 Connection handling: :meth:`AmqpBus.start` connects (``send`` starts it if nobody did). When
 the connection fails or drops, the bus reconnects after ``0.5, 1, 2, 4, ...`` seconds (capped
-by ``max_backoff``, with jitter). While a connection attempt is in progress a message waits for
-it (within its timeout); while the broker is known to be down, messages get 451 at once.
+by ``max_backoff``, with jitter). While a first connection attempt is in progress a message
+waits for it (within its timeout); while the broker is known to be down (an attempt failed, and
+the next is in progress or scheduled), messages get 451 at once.
+
+A silent partition (no RST, no answers) leaves the connection open and confirms never come.
+Once the broker has confirmed nothing for ``stall_timeout`` seconds while publishes wait, the
+link counts as stalled: new messages get 451 at once instead of waiting for the confirm
+timeout, and once a publish has waited ``timeout`` seconds the connection is dropped and
+reopened (which fails fast, or finds the broker again).
 
 Per recipient (``per_recipient=True``, ``--amqp-per-recipient``): one message per recipient,
 each with the envelope JSON of that recipient alone, ``message_id`` ``<queue id>.<n>`` (n from
@@ -126,6 +133,9 @@ class AmqpBus:
         ``declare`` is False); messages go through the default exchange.
     :param exchange: publish to this existing exchange with ``routing_key`` instead.
     :param timeout: seconds from ``send`` to the broker's confirm; past it, 451.
+    :param stall_timeout: seconds without any confirm, while publishes wait, after which the
+        link is known to be stalled and new messages get 451 at once (default: a third of
+        ``timeout``).
     :param connect_timeout: seconds for one connection attempt (TCP, AMQP handshake, declare).
     :param max_message_size: larger messages get 552 5.3.4; 0: no limit of the bus's own.
     :param max_inflight_bytes: memory budget for message bodies being published.
@@ -150,6 +160,7 @@ class AmqpBus:
         routing_key: str = "",
         declare: bool = True,
         timeout: float = 30.0,
+        stall_timeout: float | None = None,
         connect_timeout: float = 10.0,
         max_message_size: int = 0,
         max_inflight_bytes: int = 256 * 1024 * 1024,
@@ -185,6 +196,7 @@ class AmqpBus:
         self.url = url
         self.reactor = reactor
         self.timeout = timeout
+        self.stall_timeout = timeout / 3 if stall_timeout is None else stall_timeout
         self.connect_timeout = connect_timeout
         self.max_message_size = max_message_size
         self.initial_backoff = initial_backoff
@@ -346,12 +358,29 @@ class AmqpBus:
         if link is not None and link.is_open:
             if link.blocked is not None:
                 raise BrokerUnavailable("broker blocked publishing (resource alarm)")
+            stalled = link.unconfirmed_for()
+            if stalled >= self.stall_timeout:
+                if stalled >= self.timeout:
+                    self._drop_stalled(link, stalled)
+                raise BrokerUnavailable(f"broker silent: no confirm for {stalled:.0f}s")
             return link
         if self._attempt is None:
             raise BrokerUnavailable("broker unreachable")
+        if self._failures:
+            raise BrokerUnavailable("broker unreachable, reconnecting")
         waiter: Deferred[AmqpLink] = Deferred(lambda d: self._forget_waiter(d))
         self._waiters.append(waiter)
         return await waiter
+
+    def _drop_stalled(self, link: AmqpLink, stalled: float) -> None:
+        """Confirms have not come for longer than the confirm timeout: stop trusting this
+        connection and reconnect (a failure: new messages do not wait for the attempt)."""
+        self.log.warn(
+            "AMQP: no confirm from the broker for {seconds:.0f}s; dropping the connection",
+            seconds=stalled,
+        )
+        self._failures = max(self._failures, 1)
+        link.abort(f"no confirm for {stalled:.0f}s")
 
     def _forget_waiter(self, d: Deferred[AmqpLink]) -> None:
         if d in self._waiters:

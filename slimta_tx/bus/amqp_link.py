@@ -19,6 +19,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 __all__ = ["AmqpLink", "PublishFailed", "Target", "close_quietly", "describe_error", "open_link"]
@@ -65,6 +66,7 @@ class Target:
 class _Pending:
     deferred: Deferred[None]
     message_id: str | None
+    published_at: float = 0.0
     returned: str | None = None
 
 
@@ -74,13 +76,18 @@ class AmqpLink:
     :param connection: the ``TwistedProtocolConnection`` (after its handshake), or anything
         with ``close()``; None in tests.
     :param channel: the raw ``pika.channel.Channel`` (confirms already on), or a fake.
+    :param clock: to tell how long publishes have waited (:meth:`unconfirmed_for`); None:
+        never stalled.
     """
 
     log = Logger()
 
-    def __init__(self, connection: Any, channel: Any) -> None:
+    def __init__(self, connection: Any, channel: Any, clock: IReactorTime | None = None) -> None:
         self.connection = connection
         self.channel = channel
+        self.clock = clock
+        # When the broker last confirmed anything (ack or nack), or the link opened.
+        self._last_confirm = clock.seconds() if clock is not None else 0.0
         self.blocked: str | None = None
         self.closed: Deferred[BaseException] = Deferred()
         self._open = True
@@ -96,6 +103,23 @@ class AmqpLink:
     @property
     def in_flight(self) -> int:
         return len(self._pending)
+
+    def unconfirmed_for(self) -> float:
+        """Seconds the broker has gone without confirming anything while a publish waits
+        (0 when none waits). A broker behind a silent partition (no RST, no answers) never
+        confirms; a slow but working one keeps confirming something."""
+        if not self._pending or self.clock is None:
+            return 0.0
+        oldest = next(iter(self._pending.values())).published_at
+        return self.clock.seconds() - max(oldest, self._last_confirm)
+
+    def abort(self, reason: str) -> None:
+        """Give up on this connection now: pending publishes fail, ``closed`` fires and the
+        TCP connection is dropped without waiting for the broker to agree."""
+        transport = getattr(self.connection, "transport", None)
+        self._on_channel_closed(self.channel, ConnectionError(reason))
+        if transport is not None:
+            transport.abortConnection()
 
     def publish(
         self, exchange: str, routing_key: str, body: bytes, properties: Any
@@ -113,7 +137,8 @@ class AmqpLink:
         )
         self._next_tag += 1
         d: Deferred[None] = Deferred()
-        self._pending[self._next_tag] = _Pending(d, getattr(properties, "message_id", None))
+        now = self.clock.seconds() if self.clock is not None else 0.0
+        self._pending[self._next_tag] = _Pending(d, getattr(properties, "message_id", None), now)
         return d
 
     def close(self) -> Deferred[Any]:
@@ -129,6 +154,8 @@ class AmqpLink:
         """``basic.ack`` or ``basic.nack`` for one delivery tag, or every tag up to it."""
         method = frame.method
         ack = type(method).__name__ == "Ack"
+        if self.clock is not None:
+            self._last_confirm = self.clock.seconds()
         if method.multiple:
             tags = [tag for tag in self._pending if tag <= method.delivery_tag]
         else:
@@ -234,7 +261,7 @@ async def open_link(reactor: Any, url: str, target: Target, connect_timeout: flo
         elif target.exchange:
             await twisted_channel.exchange_declare(exchange=target.exchange, passive=True)
         selected, fire = _callback_deferred()
-        link = AmqpLink(protocol, channel)
+        link = AmqpLink(protocol, channel, clock=reactor)
         channel.confirm_delivery(ack_nack_callback=link.on_confirm, callback=fire)
         await selected
         protocol._impl.add_on_connection_blocked_callback(link.on_blocked)

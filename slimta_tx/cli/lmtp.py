@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application import strports
 from twisted.python import usage
 
 
@@ -31,7 +30,9 @@ def validate(config: Any) -> None:
 
 def configure(config: Any, edge: Any, service: Any, reactor: Any) -> None:
     from slimta_tx.lmtp import LmtpFactory
+    from slimta_tx.proxy import listener_service
 
     for description in config["lmtp-listen"]:
+        # As --listen: a large backlog, and haproxy:... behind slimta_tx's PROXY layer.
         factory = LmtpFactory(edge)
-        strports.service(description, factory, reactor=reactor).setServiceParent(service)
+        listener_service(description, edge, reactor, factory).setServiceParent(service)

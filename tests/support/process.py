@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,10 +29,15 @@ class Twistd:
     """One ``twistd -n slimta`` process; use :func:`running_twistd` to get one."""
 
     def __init__(
-        self, argv: Sequence[str], cwd: str | None = None, new_session: bool = False
+        self,
+        argv: Sequence[str],
+        cwd: str | None = None,
+        new_session: bool = False,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         """``new_session``: in a process group of its own (its pid is the group's id), so that
-        it and its workers can be signalled together with ``os.killpg``."""
+        it and its workers can be signalled together with ``os.killpg``. ``preexec_fn``: run in
+        the child before twistd (e.g. resource limits for the child only)."""
         self.argv = list(argv)
         self.proc = subprocess.Popen(
             self.argv,
@@ -41,6 +46,7 @@ class Twistd:
             stdin=subprocess.DEVNULL,
             cwd=cwd,
             start_new_session=new_session,
+            preexec_fn=preexec_fn,
         )
         self.pid = self.proc.pid
         self.lines: list[str] = []

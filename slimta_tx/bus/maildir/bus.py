@@ -14,7 +14,8 @@ the syncs per message fall well below one; a message alone (one client) pays one
 in the writer (nothing could overlap). The two stages are threads of the bus's own (not the
 reactor's thread pool, which other buses and name resolution share) and hand batches to each
 other directly; one hand-over per batch and stage, not per message or per system call. Any
-failure answers ``451 4.3.0`` to every message it concerns (see docs/maildir.md).
+failure answers ``451 4.3.0`` (``452 4.3.1`` for a full disk) to every message it concerns
+(see docs/maildir.md).
 
 With a ``run_in_thread`` runner (tests, or an application that wants its own threads) the
 same two stages are scheduled from the reactor thread instead, each through the runner.
@@ -38,10 +39,10 @@ from slimta_tx.bus.maildir.store import MaildirStore
 from slimta_tx.envelope import Envelope
 from slimta_tx.interfaces import IBus
 from slimta_tx.reply import Reply
+from slimta_tx.spool import storage_failure_reply
 
 __all__ = ["MaildirBus"]
 
-_LOCAL_ERROR = ("451", "Local error in processing; try again later", "4.3.0")
 #: How often a started bus runs :meth:`MaildirBus.clean` (seconds).
 CLEAN_INTERVAL = 3600.0
 
@@ -186,14 +187,24 @@ class MaildirBus:
             self._sync_written()
 
     def _fail(self, failure: Failure, batches: list[Batch]) -> None:
-        self.log.failure(
-            "maildir delivery of {queue_ids} failed",
-            failure,
-            queue_ids=" ".join(envelope.queue_id for batch in batches for envelope, _, _ in batch),
-        )
+        reply = storage_failure_reply(failure.value or Exception())
+        queue_ids = " ".join(envelope.queue_id for batch in batches for envelope, _, _ in batch)
+        if failure.check(OSError):
+            # A disk problem, not a bug: one line, no traceback (452 4.3.1 for a full disk).
+            self.log.error(
+                "maildir delivery of {queue_ids} failed: {error}; answered {code} {esc}",
+                queue_ids=queue_ids,
+                error=failure.value,
+                code=reply.code,
+                esc=reply.enhanced_status_code,
+            )
+        else:
+            self.log.failure(
+                "maildir delivery of {queue_ids} failed", failure, queue_ids=queue_ids
+            )
         for batch in batches:
             for _, d, _ in batch:
-                d.callback(Reply(*_LOCAL_ERROR))
+                d.callback(reply.copy())
 
     def deliver(self, envelope: Envelope) -> Reply:
         """Blocking delivery of one message, in the calling thread (raises OSError)."""
