@@ -216,9 +216,11 @@ def test_a_header_in_time_cancels_the_timeout(layer: Callable[[SmtpEdge], Any]) 
     edge, clock = make_edge()
     conn = Connection(edge, layer)
     conn.send(v1_header(CLIENT, LISTENER))
-    assert clock.getDelayedCalls() and all(
-        call.getTime() == POLICY.command_timeout for call in clock.getDelayedCalls()
-    )  # only the session's command timer is left
+    # Only the session's own timers are left: its command timer and its session deadline.
+    assert sorted(call.getTime() for call in clock.getDelayedCalls()) == [
+        POLICY.command_timeout,
+        POLICY.session_deadline,
+    ]
     clock.advance(60)
     assert not conn.closed
 
