@@ -31,7 +31,8 @@ from slimta_tx.milter.message import (
 from slimta_tx.reply import Reply
 
 if TYPE_CHECKING:  # pragma: no cover
-    from slimta_tx.milter.session import Link, MilterSession
+    from slimta_tx.milter.link import Link
+    from slimta_tx.milter.session import MilterSession
 
 __all__ = ["DISCARD", "Modifications", "Verdict", "apply", "send_message"]
 
@@ -81,7 +82,7 @@ async def send_message(
         left = deadline[0] - session.clock.seconds()
         if left <= 0:
             raise MilterTimeout(f"message not filtered within {timeout:g} seconds")
-        response = await session.answer(link, command, left)
+        response = await link.answer(session.clock, command, left)
         return session.decide(link, command, response)
 
     async def drained() -> None:
