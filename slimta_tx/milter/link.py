@@ -9,7 +9,7 @@ connection (:meth:`Link.negotiate`) and waits for the milter's decision (:meth:`
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -18,7 +18,7 @@ from slimta_tx.milter import codec
 from slimta_tx.milter.client import MilterConnection
 from slimta_tx.milter.codec import Negotiated, ProtocolError, Response
 from slimta_tx.milter.config import Milter
-from slimta_tx.milter.macros import DEFAULT_MACROS
+from slimta_tx.milter.macros import DEFAULT_MACROS, MacroContext, macro_values
 from slimta_tx.reply import Reply
 
 __all__ = ["EVENT_NAMES", "Link", "connect_facts"]
@@ -41,6 +41,10 @@ class Link:
     in_transaction: bool = False  # MAIL was sent and the transaction not ended
     message_done: bool = False  # accepted (or discarded) this message: no more events for it
     skip: bytes | None = None  # SMFIR_SKIP: no more events of this type for now
+    # The last macro values sent and their encoding (DATA, end of headers and end of
+    # message all send the queue id alone: encoded once a message).
+    _macro_values: list[tuple[str, str]] = field(default_factory=list, repr=False)
+    _macro_data: bytes = field(default=b"", repr=False)
 
     def flag(self, bit: int) -> bool:
         return self.negotiated is not None and bool(self.negotiated.protocol & bit)
@@ -53,6 +57,16 @@ class Link:
     def macros(self, command: bytes) -> tuple[str, ...]:
         assert self.negotiated is not None
         return self.negotiated.macros.get(command, DEFAULT_MACROS.get(command, ()))
+
+    def macro_packet(self, command: bytes, context: MacroContext) -> bytes:
+        """The macros of event ``command`` that have a value now, as a packet (or b"")."""
+        values = macro_values(self.macros(command), context)
+        if not values:
+            return b""
+        if values != self._macro_values:
+            self._macro_values = values
+            self._macro_data = codec.macro_data(values)
+        return codec.packet(codec.SMFIC_MACRO, command + self._macro_data)
 
     @property
     def in_message(self) -> bool:

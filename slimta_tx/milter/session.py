@@ -40,7 +40,7 @@ from slimta_tx.milter.codec import ProtocolError, Response
 from slimta_tx.milter.config import Milter
 from slimta_tx.milter.content import DISCARD, Verdict, apply, send_message
 from slimta_tx.milter.link import EVENT_NAMES, Link, connect_facts
-from slimta_tx.milter.macros import MacroContext, macro_values
+from slimta_tx.milter.macros import MacroContext
 from slimta_tx.milter.message import (
     HeadTooBig,
     read_head,
@@ -293,11 +293,7 @@ class MilterSession:
         if not link.wants(command):
             return link.verdict
         no_event, no_reply = codec.EVENT_FLAGS[command]
-        out = b""
-        if context is not None:
-            macros = macro_values(link.macros(command), context)
-            if macros:
-                out += codec.macro_packet(command, macros)
+        out = link.macro_packet(command, context) if context is not None else b""
         skipped = link.flag(no_event) or link.skip == command
         if link.skip is not None and link.skip != command:
             link.skip = None
