@@ -7,11 +7,13 @@ flow control: :meth:`~MilterConnection.drained` fires when the socket buffer has
 slow milter never makes a body pile up in memory.
 
 A milter conversation is lockstep: each event is one write, then a wait for the answer. So
-the per-packet costs are kept low: on a plain TCP or unix connection with nothing queued, a
-write goes straight to the socket (as :mod:`slimta_tx.fastwrite` does for SMTP replies: no
-reactor turn and no two ``epoll_ctl`` calls before the milter sees it; anything the socket
-does not take goes through ``transport.write`` as before), and one timer per connection
-serves every wait (moved, not re-created, for each packet).
+the per-packet costs are kept low. On a plain TCP or unix connection, what the sessions write
+during one reactor pass goes out at the end of that pass (:func:`slimta_tx.fastwrite.
+at_end_of_pass`, as the SMTP replies do), straight to the socket when nothing is queued before
+it: no two ``epoll_ctl`` calls and no reactor dispatch per packet, and the milter, woken once,
+finds the packets of many sessions waiting. Anything the socket does not take goes through
+``transport.write`` as before. One timer per connection serves every wait (moved, not
+re-created, for each packet).
 
 :class:`Connector` opens connections, at most ``max_connections`` per milter at once: a
 session beyond that waits for a free slot within the milter's connect timeout (then the
@@ -39,6 +41,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from slimta_tx.fastwrite import at_end_of_pass
 from slimta_tx.milter.codec import PacketReader, ProtocolError
 from slimta_tx.milter.config import Milter
 
@@ -72,6 +75,7 @@ class MilterConnection(Protocol):
         self._paused = False
         self._drain_waiters: list[Deferred[None]] = []
         self.on_close: Callable[[], None] | None = None
+        self._out: list[bytes] = []  # written during this reactor pass, sent at its end
 
     # -- transport events ---------------------------------------------------------------------
 
@@ -95,6 +99,7 @@ class MilterConnection(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.connected = False
+        self._out = []
         self._stop_timer()
         if self.failure is None:
             why = reason.getErrorMessage() if reason is not None else "connection lost"
@@ -123,6 +128,7 @@ class MilterConnection(Protocol):
 
     def drained(self) -> Deferred[None]:
         """Fires when more may be written (at once unless the socket buffer is full)."""
+        self.flush()  # (what waits for the end of the pass counts too)
         d: Deferred[None] = Deferred()
         if not self._paused or not self.connected:
             d.callback(None)
@@ -137,11 +143,23 @@ class MilterConnection(Protocol):
             raise self.failure
         transport = self.transport
         assert transport is not None
-        if isinstance(transport, tcp.Connection):  # (TCP and unix)
-            data = _write_through(transport, data)
-            if not data:
-                return
-        transport.write(data)
+        if not isinstance(transport, tcp.Connection):  # (TCP and unix are)
+            transport.write(data)
+        elif self._out:
+            self._out.append(data)
+        else:
+            self._out.append(data)
+            at_end_of_pass(self.clock, self.flush)
+
+    def flush(self) -> None:
+        """Send what waits for the end of the reactor pass now."""
+        out, self._out = self._out, []
+        transport = self.transport
+        if not out or transport is None or not self.connected:
+            return
+        data = _write_through(transport, out[0] if len(out) == 1 else b"".join(out))
+        if data:
+            transport.write(data)
 
     def next_packet(self, timeout: float) -> Deferred[tuple[bytes, bytes]]:
         """The next packet from the milter; fails with MilterFailure (closed, broken) or
@@ -199,10 +217,12 @@ class MilterConnection(Protocol):
 
     def close(self) -> None:
         """Close after what was written (QUIT sent)."""
+        self.flush()
         if self.transport is not None and self.connected:
             self.transport.loseConnection()
 
     def abort(self) -> None:
+        self._out = []
         if self.transport is not None and self.connected:
             abort = getattr(self.transport, "abortConnection", None)
             if abort is not None:
