@@ -186,8 +186,12 @@ def test_no_reply_flags_are_honoured() -> None:
     does not wait for it (no timer is left running)."""
     flags = 0x1000 | 0x2000 | 0x4000 | 0x8000 | 0x10000 | 0x80 | 0x40000 | 0x80000
     s = Session(script(protocol=flags))
+    pauses: list[str] = []
+    s.transport.pauseProducing = lambda: pauses.append("paused")  # type: ignore[method-assign]
     assert s.transaction() == ["250", "250", "250", "354", "250"]
     assert s.milter().events() == [b"C", b"H", b"M", b"R", b"T", b"L", b"L", b"N", b"B", b"E"]
+    # Only the end of the message waits (no step before it pauses the client's input).
+    assert len(pauses) == 1
 
 
 def test_a_message_needing_no_answer_until_its_end_is_one_write() -> None:

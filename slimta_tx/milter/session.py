@@ -145,7 +145,10 @@ class MilterSession:
             return False
         if name == "BANNER" or self.discarded:
             return True
-        return any(link.state in ("open", "refused") or link.verdict for link in self.links)
+        for link in self.links:
+            if link.state == "open" or link.state == "refused" or link.verdict is not None:
+                return True
+        return False
 
     def reset(self) -> None:
         """The transaction is over (done, refused or reset): abort it at the milters that are
