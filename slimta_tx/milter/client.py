@@ -145,11 +145,10 @@ class MilterConnection(Protocol):
         assert transport is not None
         if not isinstance(transport, tcp.Connection):  # (TCP and unix are)
             transport.write(data)
-        elif self._out:
-            self._out.append(data)
         else:
+            if not self._out:
+                at_end_of_pass(self.clock, self.flush)
             self._out.append(data)
-            at_end_of_pass(self.clock, self.flush)
 
     def flush(self) -> None:
         """Send what waits for the end of the reactor pass now."""
