@@ -312,3 +312,11 @@ def test_a_worker_logging_through_its_parent_drops_what_is_below_the_level() -> 
     for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error):
         switch({"log_level": level, "log_namespace": "x"})
     assert [e["log_level"] for e in seen] == [LogLevel.debug, LogLevel.warn, LogLevel.error]
+
+
+def test_listening_ports_have_stop_reading() -> None:
+    """The parent keeps a bound port open without accepting: ``stopReading()``, a
+    FileDescriptor method beyond IListeningPort (docs/architecture.md, private internals)."""
+    from twisted.internet import tcp, unix
+
+    assert callable(tcp.Port.stopReading) and callable(unix.Port.stopReading)

@@ -10,6 +10,14 @@ delivery tag resolves on its own.
 
 :func:`open_link` connects (TCP or TLS for ``amqps://``), opens the channel, turns confirms
 on and declares the target; any failure closes the connection and raises.
+
+Two pika internals are used (``tests/test_amqp_internals.py`` pins them; pika is held below 2):
+``TwistedChannel._channel``, the raw channel under the Twisted wrapper, for the confirms and
+returns above; there is no public way to it, and the wrapper's own confirms are the unsafe path
+this module avoids, so without it :func:`open_link` refuses with :class:`PikaIncompatible`
+rather than fall back. ``TwistedProtocolConnection._impl``, the pika connection, for the
+broker's connection.blocked notices; without it one warning says so and the link goes without
+them (a blocked broker is then noticed as unconfirmed publishes, the stall check of the bus).
 """
 
 from __future__ import annotations
@@ -22,7 +30,54 @@ from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapCl
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-__all__ = ["AmqpLink", "PublishFailed", "Target", "close_quietly", "describe_error", "open_link"]
+__all__ = [
+    "AmqpLink",
+    "PikaIncompatible",
+    "PublishFailed",
+    "Target",
+    "close_quietly",
+    "describe_error",
+    "open_link",
+    "raw_channel",
+]
+
+
+class PikaIncompatible(Exception):
+    """The installed pika lacks an internal this module needs (the message names it)."""
+
+
+def raw_channel(twisted_channel: Any) -> Any:
+    """The ``pika.channel.Channel`` under a ``TwistedChannel`` (pika's private ``_channel``)."""
+    channel = getattr(twisted_channel, "_channel", None)
+    if channel is None or not callable(getattr(channel, "confirm_delivery", None)):
+        raise PikaIncompatible(
+            "this pika's TwistedChannel has no _channel (a raw pika channel); "
+            "slimta_tx's AMQP bus needs pika>=1.2,<2"
+        )
+    return channel
+
+
+_warned_no_impl = False
+
+
+def watch_blocked(protocol: Any, link: AmqpLink) -> bool:
+    """Hand ``link`` the broker's connection.blocked/unblocked notices, through pika's private
+    ``TwistedProtocolConnection._impl``; without it, warn once and return False."""
+    global _warned_no_impl
+    impl = getattr(protocol, "_impl", None)
+    on_blocked = getattr(impl, "add_on_connection_blocked_callback", None)
+    on_unblocked = getattr(impl, "add_on_connection_unblocked_callback", None)
+    if on_blocked is None or on_unblocked is None:
+        if not _warned_no_impl:
+            _warned_no_impl = True
+            AmqpLink.log.warn(
+                "this pika's TwistedProtocolConnection has no _impl with blocked callbacks: "
+                "a blocked broker shows as unconfirmed publishes"
+            )
+        return False
+    on_blocked(link.on_blocked)
+    on_unblocked(link.on_unblocked)
+    return True
 
 
 class PublishFailed(Exception):
@@ -250,7 +305,7 @@ async def open_link(reactor: Any, url: str, target: Target, connect_timeout: flo
     try:
         await protocol.ready
         twisted_channel = await protocol.channel()
-        channel = twisted_channel._channel  # the raw pika channel (see the module docstring)
+        channel = raw_channel(twisted_channel)  # see the module docstring
         if target.queue is not None:
             await twisted_channel.queue_declare(
                 queue=target.queue,
@@ -264,8 +319,7 @@ async def open_link(reactor: Any, url: str, target: Target, connect_timeout: flo
         link = AmqpLink(protocol, channel, clock=reactor)
         channel.confirm_delivery(ack_nack_callback=link.on_confirm, callback=fire)
         await selected
-        protocol._impl.add_on_connection_blocked_callback(link.on_blocked)
-        protocol._impl.add_on_connection_unblocked_callback(link.on_unblocked)
+        watch_blocked(protocol, link)
         return link
     except BaseException as e:
         if isinstance(e, CancelledError) and protocol.transport is not None:
