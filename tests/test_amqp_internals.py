@@ -92,3 +92,28 @@ def test_without_underscore_impl_one_warning_and_no_blocked_notices(
 def test_without_underscore_channel_the_link_refuses_by_name() -> None:
     with pytest.raises(PikaIncompatible, match=r"no _channel.*pika>=1\.2,<2"):
         raw_channel(object())
+
+
+def test_why_an_opening_connection_failed_is_where_the_link_reads_it() -> None:
+    """The adapter passes its ``_on_connection_failed`` as the open-error callback (which
+    the link overrides to keep the error); the broker's connection.close waits in
+    ``_impl._error`` until the TCP close (the link reads it first)."""
+    assert {"_connection", "_error_message"} <= parameters(
+        TwistedProtocolConnection._on_connection_failed
+    )
+    connection = amqp_link._connection_class(TwistedProtocolConnection)(
+        pika.ConnectionParameters()
+    )
+    assert connection._impl._error is None
+    refused = pika.exceptions.ConnectionClosedByBroker(403, "ACCESS_REFUSED - no")
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
+
+    connection.makeConnection(StringTransport())  # pika sends its protocol header
+    connection._impl._error = refused  # what pika does on the broker's connection.close
+    failed: list[Any] = []
+    connection.ready.addErrback(failed.append)
+    connection.connectionLost(Failure(ConnectionDone()))
+    assert connection.open_error is refused
+    assert failed  # and `ready` failed, as before

@@ -165,4 +165,3 @@ def test_a_maildir_that_is_not_the_bus_is_not_checked(tmp_path: Path) -> None:
     config = Options()
     config.parseOptions(["--maildir", str(tmp_path / "afile"), "--relay", "127.0.0.1:25"])
     assert config["relay"] == "127.0.0.1:25"
-
