@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 __all__ = ["at_end_of_pass", "flush_later", "write"]
@@ -116,10 +117,10 @@ def write(transport: Any, data: bytes) -> None:
 class _PassBatch:
     """The flushes asked for during one reactor pass, run together at its end."""
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: IReactorTime) -> None:
         self.reactor = reactor
         self.flushes: list[Callable[[], None]] = []
-        self.call: Any = None
+        self.call: IDelayedCall | None = None
 
     def add(self, flush: Callable[[], None]) -> None:
         self.flushes.append(flush)
@@ -139,7 +140,7 @@ class _PassBatch:
 _batches: weakref.WeakKeyDictionary[Any, _PassBatch] = weakref.WeakKeyDictionary()
 
 
-def at_end_of_pass(reactor: Any, call: Callable[[], None]) -> None:
+def at_end_of_pass(reactor: IReactorTime, call: Callable[[], None]) -> None:
     """Call ``call`` at the end of this reactor pass, with the replies' flushes (one
     ``callLater(0)`` per pass for all of them: the log sink's writes share it)."""
     batch = _batches.get(reactor)

@@ -6,13 +6,13 @@ Against the real RabbitMQ on 127.0.0.1:5672 (as tests/test_amqp_rabbitmq.py: und
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from slimta_tx.bus.amqp import AmqpBus
 from slimta_tx.bus.amqp_link import BrokerRefused, Target, describe_error, open_link
@@ -58,12 +58,12 @@ async def test_the_bus_logs_an_authentication_failure_and_keeps_retrying(broker:
                 two.callback(None)
 
     bus = AmqpBus(WRONG_PASSWORD, queue=queue, reactor=reactor, initial_backoff=0.01, jitter=0)
-    globalLogPublisher.addObserver(observe)
+    globalLogPublisher.addObserver(cast(ILogObserver, observe))
     try:
         bus.start()
         await two.addTimeout(30, reactor)
     finally:
-        globalLogPublisher.removeObserver(observe)
+        globalLogPublisher.removeObserver(cast(ILogObserver, observe))
         await bus.stop()
     assert [event["error"] for event in lines] == [AUTH, AUTH]
     assert bus.last_error == AUTH

@@ -169,13 +169,16 @@ def test_helpers() -> None:
 def test_logger_emit_adds_the_keys_the_events_add_themselves_then_calls_observer() -> None:
     """Fails loudly when Logger.emit's event changes shape: the events here build it
     themselves (EMIT_KEYS) and call ``Logger.observer`` as emit does."""
-    from twisted.logger import Logger
+    from typing import cast
+
+    from twisted.logger import ILogObserver, Logger
 
     from slimta_tx import events as events_module
 
     seen: list[dict[str, Any]] = []
-    log = Logger(namespace="n", source="s", observer=seen.append)
-    assert log.observer == seen.append
+    observer = cast(ILogObserver, seen.append)
+    log = Logger(namespace="n", source="s", observer=observer)
+    assert log.observer is observer
     log.emit(LogLevel.info, "hello {who}", who="you")
     (emitted,) = seen
     assert set(emitted) == {"who", *events_module.EMIT_KEYS}

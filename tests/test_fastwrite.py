@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pytest
@@ -131,7 +132,7 @@ def test_flushes_asked_for_in_one_pass_run_together_at_its_end() -> None:
     ran: list[str] = []
     conns = [connection(FakeSocket(), reactor=clock) for _ in range(3)]
     for i, conn in enumerate(conns):
-        assert fastwrite.flush_later(conn, lambda i=i: ran.append(f"c{i}"))
+        assert fastwrite.flush_later(conn, partial(ran.append, f"c{i}"))
     assert ran == [] and len(clock.getDelayedCalls()) == 1
     clock.advance(0)
     assert ran == ["c0", "c1", "c2"] and clock.getDelayedCalls() == []

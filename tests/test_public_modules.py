@@ -36,7 +36,7 @@ def public_names() -> dict[str, set[str]]:
 
 def imports_in(code: str) -> list[tuple[str, str]]:
     """``(module, name)`` for every ``from slimta_tx... import name`` in ``code``."""
-    found = []
+    found: list[tuple[str, str]] = []
     for node in ast.walk(ast.parse(code)):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("slimta_tx"):
             assert node.module is not None
@@ -71,7 +71,7 @@ def test_docs_and_examples_import_only_public_names() -> None:
     table = public_names()
     sources = user_code()
     assert len(sources) > 10  # the pages and examples were found
-    private = []
+    private: list[str] = []
     for where, code in sources.items():
         try:
             found = imports_in(code)
