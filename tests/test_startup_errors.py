@@ -104,6 +104,25 @@ def one_line(tmp_path: Path, *args: str) -> str:
             "twistd slimta: --lmtp-listen bogus:24: unknown endpoint type: 'bogus' "
             "(tcp:PORT, tcp6:PORT, unix:PATH, ssl:..., systemd:...)" + SEE,
         ),
+        # Checked before (each with a test of its own), here as a new user meets them:
+        (
+            ["--tls-cert", "missing.pem"],
+            "twistd slimta: TLS: cannot read certificate missing.pem: No such file or "
+            "directory" + SEE,
+        ),
+        (
+            ["--auth-passwd", "."],
+            "twistd slimta: --auth-passwd: cannot read password file .: [Errno 21] Is a "
+            "directory: '.'" + SEE,
+        ),
+        (
+            ["--relay", "mx.example:smtp"],
+            "twistd slimta: --relay: not a port number: 'smtp'" + SEE,
+        ),
+        (
+            ["--amqp", "amqp://u:p@127.0.0.1:notaport/", "--amqp-queue", "q"],
+            "twistd slimta: --amqp: Port could not be cast to integer value as 'notaport'" + SEE,
+        ),
         (
             ["--workers", "2", "--listen", "tcp:notaport"],
             "twistd slimta: --listen tcp:notaport: 'notaport' is not a number" + SEE,

@@ -38,7 +38,12 @@ def _reason(error: BaseException) -> str:
 
 
 def check_listener(option: str, description: str) -> None:
-    """Parse a listener description as ``twistd slimta`` will (without binding it)."""
+    """Parse a listener description as ``twistd slimta`` will (without binding it).
+
+    With the reactor ``twistd`` runs (installed before the plugin's options are parsed), so
+    an endpoint plugin that looks at its reactor while parsing sees the real one.
+    """
+    from twisted.internet import reactor
     from twisted.internet.endpoints import serverFromString
 
     from slimta_tx.proxy import ProxyConfigError, proxied_description
@@ -48,7 +53,7 @@ def check_listener(option: str, description: str) -> None:
     except ProxyConfigError as e:
         raise usage.UsageError(f"--{option} {e}") from None
     try:
-        serverFromString(None, inner)
+        serverFromString(reactor, inner)
     except Exception as e:
         raise usage.UsageError(f"--{option} {description}: {_reason(e)}") from None
     kind, _, rest = inner.partition(":")
