@@ -321,3 +321,28 @@ def test_listening_ports_have_stop_reading() -> None:
     from twisted.internet import tcp, unix
 
     assert callable(tcp.Port.stopReading) and callable(unix.Port.stopReading)
+
+
+def test_a_worker_event_reaches_the_parents_observers_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The parent hands a worker's event on unchanged, to ``Logger.observer``, or to the
+    global publisher when a Logger has none (docs/architecture.md, private internals)."""
+    from types import SimpleNamespace
+
+    from twisted.logger import Logger
+
+    from slimta_tx.worker_log import encode_event
+    from slimta_tx.workers import WorkerProcess
+    from tests.support.logs import captured_events
+
+    line = encode_event(
+        {"log_namespace": "w", "log_level": None, "log_format": "hi", "log_time": 1.0}
+    )
+    for log in (Logger(namespace="slimta_tx.workers"), SimpleNamespace()):  # no observer
+        monkeypatch.setattr(WorkerProcess, "log", log)
+        process = WorkerProcess(3, None, b"")  # type: ignore[arg-type]
+        with captured_events() as events:
+            process.childDataReceived(1, line)
+        (event,) = events
+        assert (event["log_namespace"], event["log_time"], event["worker"]) == ("w", 1.0, 3)
