@@ -142,16 +142,16 @@ class StdlibTLS:
                 chunk = read(_READ_SIZE)
             except ssl.SSLWantReadError:
                 break
-            except ssl.SSLZeroReturnError:  # the client's close_notify: the session is over
-                self._deliver(chunks)
-                self.loseConnection()
-                return
+            except ssl.SSLZeroReturnError:
+                chunk = b""
             except (ssl.SSLError, OSError, ValueError) as e:
                 self._deliver(chunks)
                 self._fail(e)
                 return
-            if not chunk:
-                break
+            if not chunk:  # the client's close_notify: answer it and close
+                self._deliver(chunks)
+                self.loseConnection()
+                return
             chunks.append(chunk)
         if self.outgoing.pending:
             self._send_pending()  # what reading produced (a TLS 1.3 key update, an alert)
