@@ -135,8 +135,8 @@ class StdlibTLS:
                 self.write(chunk)
             if self.tls is None or not self.connection.connected:
                 return
-        chunks = []
-        read = tls.read
+        chunks: list[bytes] = []
+        read, incoming = tls.read, self.incoming
         while True:
             try:
                 chunk = read(_READ_SIZE)
@@ -153,6 +153,8 @@ class StdlibTLS:
                 self.loseConnection()
                 return
             chunks.append(chunk)
+            if not incoming.pending and not tls.pending():
+                break  # all read: another read would only say "want read" (an exception)
         if self.outgoing.pending:
             self._send_pending()  # what reading produced (a TLS 1.3 key update, an alert)
         self._deliver(chunks)

@@ -271,7 +271,9 @@ def test_reload_reaches_the_stdlib_layer(certs: Certs, tmp_path: Path) -> Any:
         reactor.callFromThread(reload_certificates, server.context)  # type: ignore[attr-defined]
 
     try:
-        before, code, after = yield in_thread(serial_across_reload, server.port, client_context(certs), reload)
+        before, code, after = yield in_thread(
+            serial_across_reload, server.port, client_context(certs), reload
+        )
     finally:
         gen.close()
     assert code == 250
