@@ -43,6 +43,14 @@ from typing import Any
 import twistd_server
 from run import proc_cpu
 
+
+def proc_sys(pid: int) -> float:
+    """System (kernel) CPU seconds of ``pid``: the sockets' share of its CPU."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 HERE = Path(__file__).resolve().parent
 KINDS = ("twistd-slimta", "twistd-pyopenssl", "slimta_tx", "twisted.mail")
 SCENARIOS = ("reused", "churn")
@@ -107,7 +115,7 @@ def one_run(
         )
         if warm.returncode != 0:
             raise SystemExit(f"{kind}: warm-up failed: {warm.stderr.strip()[-300:]}")
-        cpu0 = proc_cpu(proc.pid)
+        cpu0, sys0 = proc_cpu(proc.pid), proc_sys(proc.pid)
         churn = scenario == "churn"
         out = subprocess.run(
             [
@@ -121,6 +129,7 @@ def one_run(
             timeout=args.time_limit + 60,
         )
         server_cpu = proc_cpu(proc.pid) - cpu0
+        server_sys = proc_sys(proc.pid) - sys0
         if out.returncode != 0:
             raise SystemExit(f"{kind}: load failed: {out.stderr.strip()[-300:]}")
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -129,6 +138,7 @@ def one_run(
     result["server"] = kind
     result["scenario"] = scenario
     result["server_cpu"] = server_cpu
+    result["server_sys"] = server_sys
     result["server_cpu_per_msg"] = server_cpu / result["messages"] if result["messages"] else None
     return result
 
@@ -178,7 +188,8 @@ def main() -> int:
                     print(
                         f"  round {round_ + 1} {scenario:6} {kind:16} {r['msgs_per_s']:7.0f} "
                         f"msgs/s  server {srv:4.0f}% {r['server_cpu_per_msg'] * 1e6:5.0f} "
-                        f"us/msg  client {cli:4.0f}% {r['client_cpu_per_msg'] * 1e6:5.0f} "
+                        f"us/msg (sys {r['server_sys'] / max(r['server_cpu'], 1e-9):3.0%})  "
+                        f"client {cli:4.0f}% {r['client_cpu_per_msg'] * 1e6:5.0f} "
                         f"us/msg  errors {r['error_count']}  load {os.getloadavg()[0]:.2f}",
                         flush=True,
                     )
