@@ -345,6 +345,9 @@ class ServerTLS:
         context.minimum_version = _STDLIB_MIN_VERSIONS[self.min_version]
         context.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION
         context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+        # TLS 1.2 renegotiation: a CPU cost a client can make the server pay at will; no MTA
+        # needs it (TLS 1.3 has none).
+        context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
         names = SSL.Connection(twin, None).get_cipher_list()
         tls12 = [name for name in names if not name.startswith("TLS_")]
         try:
