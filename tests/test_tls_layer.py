@@ -8,6 +8,7 @@ import smtplib
 import socket
 import ssl
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -374,3 +375,38 @@ def test_client_close_notify_ends_the_session_cleanly(server: Server, certs: Cer
     assert first.startswith(b"250 ")
     assert not server.edge.connections
     assert seen == []
+
+
+def silent_after_starttls(port: int) -> tuple[bytes, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()
+        sock.sendall(b"EHLO client.test\r\n")
+        while not reader.readline().startswith(b"250 "):
+            pass
+        sock.sendall(b"STARTTLS\r\n")
+        reply = reader.readline()
+        return reply, sock.recv(1024)  # no ClientHello: the server must close (EOF)
+
+
+@pytest_twisted.inlineCallbacks
+def test_handshake_that_never_starts_times_out(certs: Certs, tmp_path: Path) -> Any:
+    """A client that says STARTTLS and then nothing is closed after the command timeout, with
+    a handshake failure logged, under the stdlib layer."""
+    cert = certs.leaf("localhost", "127.0.0.1", stem="layer-timeout")
+    gen = _serve(ServerTLS(str(cert)), tmp_path)
+    server = next(gen)
+    server.edge.policy = replace(server.edge.policy, command_timeout=0.3)
+    seen, stop = failed_handshakes()
+    try:
+        reply, rest = yield in_thread(silent_after_starttls, server.port)
+        for _ in range(100):
+            if seen:
+                break
+            yield deferLater(0.01)
+    finally:
+        stop()
+        gen.close()
+    assert reply == b"220 2.0.0 Ready to start TLS\r\n"
+    assert rest == b""
+    assert seen and seen[0]["why"]
