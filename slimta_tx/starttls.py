@@ -25,6 +25,7 @@ from twisted.internet.interfaces import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from slimta_tx import tlslayer
 from slimta_tx.reply import Reply
 from slimta_tx.state import State
 from slimta_tx.tls import tls_info
@@ -128,7 +129,7 @@ def proto_start_tls(proto: ESMTPServerProtocol) -> Any:
         proto.state = State.CONNECTED
         proto.tls_started = True
         log.debug("{peer} STARTTLS", peer=proto.session.address)
-        cast(Any, proto.transport).startTLS(proto.edge.tls_context)
+        tlslayer.start_tls(proto.transport, proto.edge.tls_context)
 
     return done
 
@@ -151,7 +152,7 @@ def begin_implicit(proto: ESMTPServerProtocol) -> bool:
         if not ITLSTransport.providedBy(transport):
             raise TypeError(f"{transport!r} cannot start TLS")
         proto.tls_started = True
-        cast(Any, transport).startTLS(edge.tls_context)
+        tlslayer.start_tls(transport, edge.tls_context)
         return True
     return False
 

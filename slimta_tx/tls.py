@@ -19,6 +19,7 @@ stays and :class:`TLSConfigError` says why in one line.
 from __future__ import annotations
 
 import os
+import ssl
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import (
     Encoding,
+    NoEncryption,
+    PrivateFormat,
     PublicFormat,
     load_pem_private_key,
 )
@@ -41,6 +44,7 @@ from zope.interface import implementer
 from slimta_tx.envelope import TLSInfo
 
 __all__ = [
+    "LAYERS",
     "MIN_VERSIONS",
     "Identity",
     "ServerTLS",
@@ -51,6 +55,10 @@ __all__ = [
 
 #: ``--tls-min-version`` values.
 MIN_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
+_STDLIB_MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+#: ``--tls-layer`` values: which TLS implementation serves STARTTLS (see slimta_tx.tlslayer).
+LAYERS = ("stdlib", "twisted")
 
 _PRIVATE_KEY_MARKER = b"PRIVATE KEY-----"
 
@@ -226,6 +234,7 @@ class ServerTLS:
         client_ca: str | None = None,
         min_version: str = "1.2",
         ciphers: str | None = None,
+        layer: str = "stdlib",
     ) -> None:
         if certificate is None and certificate_dir is None:
             raise TLSConfigError("a certificate or a certificate directory is needed")
@@ -241,12 +250,17 @@ class ServerTLS:
         self.chain = chain
         self.certificate_dir = certificate_dir
         self.client_ca = client_ca
+        if layer not in LAYERS:
+            raise TLSConfigError(f"TLS layer must be one of {', '.join(LAYERS)}, not {layer!r}")
         self.min_version = min_version
         self.ciphers = ciphers
+        self.layer = layer
         self.default: Identity
         self.identities: dict[str, Identity] = {}
         self._context: SSL.Context
         self._by_name: dict[str, SSL.Context] = {}
+        self._stdlib: ssl.SSLContext | None = None
+        self._stdlib_by_name: dict[str, ssl.SSLContext] = {}
         self.reload()
 
     # -- loading -----------------------------------------------------------------------------
@@ -273,9 +287,19 @@ class ServerTLS:
             name: self._build(identity, acceptable, client_cas, sni=False)
             for name, identity in identities.items()
         }
+        stdlib: ssl.SSLContext | None = None
+        stdlib_by_name: dict[str, ssl.SSLContext] = {}
+        if self.layer == "stdlib" and not client_cas and _memory_files():
+            stdlib = self._build_stdlib(default, context)
+            stdlib_by_name = {
+                name: self._build_stdlib(identity, by_name[name])
+                for name, identity in identities.items()
+            }
+            stdlib.sni_callback = self._stdlib_sni
         # Swap only when everything loaded: a bad file never leaves a half-built state.
         self.default, self.identities = default, identities
         self._context, self._by_name = context, by_name
+        self._stdlib, self._stdlib_by_name = stdlib, stdlib_by_name
         for identity in [default, *identities.values()]:
             if identity.expires < datetime.now(timezone.utc):
                 self.log.warn(
@@ -314,6 +338,57 @@ class ServerTLS:
             context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _record_verification)
         return context
 
+    def _build_stdlib(self, identity: Identity, twin: SSL.Context) -> ssl.SSLContext:
+        """The standard-library context serving ``identity`` as ``twin`` does (same versions,
+        same TLS 1.2 ciphers in the same order, no session tickets)."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = _STDLIB_MIN_VERSIONS[self.min_version]
+        context.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION
+        context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+        # TLS 1.2 renegotiation: a CPU cost a client can make the server pay at will; no MTA
+        # needs it (TLS 1.3 has none).
+        context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0)
+        names = SSL.Connection(twin, None).get_cipher_list()
+        tls12 = [name for name in names if not name.startswith("TLS_")]
+        try:
+            if tls12:
+                context.set_ciphers(":".join(tls12))
+        except ssl.SSLError as e:
+            raise TLSConfigError(f"{identity.source}: {_first_line(e)}") from None
+        pem = identity.key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        for certificate in (identity.certificate, *identity.chain):
+            pem += certificate.public_bytes(Encoding.PEM)
+        # From memory (a memfd, never on disk): the same key and certificates pyOpenSSL got.
+        fd = os.memfd_create("slimta-tls", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, pem)
+            path = f"/proc/self/fd/{fd}"
+            context.load_cert_chain(path, path)
+        except (ssl.SSLError, OSError) as e:
+            raise TLSConfigError(f"{identity.source}: {_first_line(e)}") from None
+        finally:
+            os.close(fd)
+        return context
+
+    def stdlib_context(self) -> ssl.SSLContext | None:
+        """The standard-library context for new connections, or None when this configuration
+        needs pyOpenSSL (client certificates, ``layer="twisted"``, no ``memfd_create``)."""
+        return self._stdlib
+
+    def _stdlib_sni(self, tls: ssl.SSLObject, server_name: str | None, context: Any) -> None:
+        if server_name:
+            _SERVER_NAMES[tls] = server_name
+            chosen = self._stdlib_context_for_name(server_name)
+            if chosen is not None:
+                tls.context = chosen
+
+    def _stdlib_context_for_name(self, server_name: str) -> ssl.SSLContext | None:
+        name = server_name.lower().rstrip(".")
+        found = self._stdlib_by_name.get(name)
+        if found is None and "." in name:
+            found = self._stdlib_by_name.get("*." + name.split(".", 1)[1])
+        return found
+
     # -- SNI ----------------------------------------------------------------------------------
 
     def context_for_name(self, server_name: str | None) -> SSL.Context | None:
@@ -341,8 +416,26 @@ class ServerTLS:
         return self._context
 
 
-def tls_info(connection: SSL.Connection) -> TLSInfo:
+def _memory_files() -> bool:
+    return hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd")
+
+
+# The name each standard-library connection asked for (SNI), for tls_info.
+_SERVER_NAMES: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
+
+
+def tls_info(connection: SSL.Connection | ssl.SSLObject) -> TLSInfo:
     """What a session records once its handshake is complete."""
+    if isinstance(connection, ssl.SSLObject):
+        cipher = connection.cipher()
+        return TLSInfo(
+            version=connection.version() or "",
+            cipher=cipher[0] if cipher else "",
+            client_certificate=False,  # never asked for: client CAs use pyOpenSSL's layer
+            client_certificate_verified=False,
+            client_subject=None,
+            server_name=_SERVER_NAMES.get(connection),
+        )
     peer = connection.get_peer_certificate(as_cryptography=True)
     subject = peer.subject.rfc4514_string() if peer is not None else None
     server_name = connection.get_servername()

@@ -64,3 +64,28 @@ def test_twistd_tls_listen_require_tls_and_sighup_reload(tmp_path: Path) -> None
             assert smtp.noop()[0] == 250  # the session opened before the reload goes on
         assert before != after
         assert len(list((tmp_path / "Maildir" / "new").iterdir())) == 1
+
+
+_WORKER_READY = re.compile(r"worker 2 ready \(pid")
+
+
+@pytest.mark.parametrize("layer", ["stdlib", "twisted"])
+def test_twistd_workers_starttls(tmp_path: Path, layer: str) -> None:
+    """``--workers 2`` with STARTTLS, on either TLS layer: the workers' sessions start TLS and
+    deliver (Received: says ESMTPS); the transaction lines carry the TLS version."""
+    certs = make_certs(tmp_path)
+    cert = certs.leaf("localhost", "127.0.0.1", stem="server")
+    maildir = tmp_path / "Maildir"
+    argv = twistd_argv(maildir, "--tls-cert", str(cert), "--workers", "2", "--tls-layer", layer)
+    ctx = ssl.create_default_context(cafile=str(certs.ca_file))
+    with running_twistd(argv) as twistd:
+        twistd.wait_for_line(_WORKER_READY)
+        for _ in range(4):
+            with smtplib.SMTP("127.0.0.1", twistd.port, timeout=10) as smtp:
+                smtp.starttls(context=ctx)
+                smtp.sendmail("a@sender.test", ["postmaster"], MESSAGE)
+        output = twistd.output
+    messages = [p.read_bytes() for p in (maildir / "new").iterdir()]
+    assert len(messages) == 4
+    assert all(b"with ESMTPS" in m for m in messages)
+    assert "TLSv1.3" in output

@@ -14,7 +14,7 @@ from twisted.python import usage
 
 from slimta_tx.cli.startup import check_listener
 from slimta_tx.proxy import listener_service
-from slimta_tx.tls import MIN_VERSIONS, ServerTLS, TLSConfigError
+from slimta_tx.tls import LAYERS, MIN_VERSIONS, ServerTLS, TLSConfigError
 
 log = Logger(namespace="slimta_tx.cli.tls")
 
@@ -43,6 +43,12 @@ class OptionGroup:
         ],
         ["tls-min-version", None, "1.2", "Lowest TLS version: 1.2 or 1.3."],
         ["tls-ciphers", None, None, "OpenSSL cipher list for TLS 1.2 (default: Twisted's)."],
+        [
+            "tls-layer",
+            None,
+            "stdlib",
+            "TLS implementation after STARTTLS: stdlib (Python's ssl) or twisted (pyOpenSSL).",
+        ],
     ]
     optFlags: list[list[Any]] = [
         ["require-tls", None, "Refuse MAIL and AUTH before STARTTLS (530 5.7.0; submission)."],
@@ -66,6 +72,8 @@ def validate(config: Any) -> None:
                 raise usage.UsageError(f"--{option} needs --tls-cert or --tls-cert-dir")
         if config["tls-min-version"] != "1.2":
             raise usage.UsageError("--tls-min-version needs --tls-cert or --tls-cert-dir")
+        if config["tls-layer"] != "stdlib":
+            raise usage.UsageError("--tls-layer needs --tls-cert or --tls-cert-dir")
         if config["tls-listen"]:
             raise usage.UsageError("--tls-listen needs --tls-cert or --tls-cert-dir")
         if config["require-tls"]:
@@ -78,6 +86,10 @@ def validate(config: Any) -> None:
             f"--tls-min-version must be one of {', '.join(MIN_VERSIONS)}, "
             f"not {config['tls-min-version']!r}"
         )
+    if config["tls-layer"] not in LAYERS:
+        raise usage.UsageError(
+            f"--tls-layer must be one of {', '.join(LAYERS)}, not {config['tls-layer']!r}"
+        )
     try:
         config["tls"] = ServerTLS(
             certificate,
@@ -87,6 +99,7 @@ def validate(config: Any) -> None:
             client_ca=config["tls-client-ca"],
             min_version=config["tls-min-version"],
             ciphers=config["tls-ciphers"],
+            layer=config["tls-layer"],
         )
     except TLSConfigError as e:
         raise usage.UsageError(f"TLS: {e}") from None
