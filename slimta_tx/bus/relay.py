@@ -24,8 +24,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from slimta_tx.bus import relay_transaction, replies
@@ -39,7 +40,7 @@ from slimta_tx.bus.smtp_client import (
     SmtpClientProtocol,
 )
 from slimta_tx.envelope import Envelope
-from slimta_tx.interfaces import IBus
+from slimta_tx.interfaces import IBus, IReadiness
 from slimta_tx.reply import Reply
 from slimta_tx.results import BusResult
 
@@ -119,7 +120,7 @@ class _ClientFactory(Factory):
         return SmtpClientProtocol(self.clock, self.timeout)
 
 
-@implementer(IBus)
+@implementer(IBus, IReadiness)
 class RelayBus:
     """Forward each message to the next hop at ``endpoint``.
 
@@ -186,6 +187,23 @@ class RelayBus:
         """One reply, or one per recipient for an LMTP listener's envelope (see
         :mod:`slimta_tx.bus.relay_transaction`)."""
         return Deferred.fromCoroutine(self._send(envelope))
+
+    def ready(self) -> Deferred[str | None]:
+        """IReadiness: None when a connection to the next hop is open or can be opened now
+        (a TCP connection, closed at once), else why not."""
+        if self.pool.size > 0:
+            return succeed(None)
+        probe = self.endpoint.connect(Factory.forProtocol(Protocol))
+
+        def opened(protocol: Protocol) -> None:
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
+
+        def failed(failure: Failure) -> str:
+            return f"next hop {self.name} unreachable: {failure.getErrorMessage()}"[:200]
+
+        d: Deferred[Any] = probe.addTimeout(self.timeout, self.clock)
+        return d.addCallbacks(opened, failed)
 
     def close(self) -> None:
         """QUIT idle connections; busy ones close when their transaction ends."""
