@@ -39,11 +39,11 @@ def install(service: Any, description: str | None, reactor: Any) -> EdgeMetrics:
     given an endpoint ``description``, serve ``/metrics`` and ``/healthz`` there, as a child of
     ``service``. Without one (a worker of ``--workers``), only count, and report the bus's
     readiness (the parent serves every worker's figures)."""
+    from prometheus_client import disable_created_metrics
+
     from slimta_tx.metrics import labels
     from slimta_tx.metrics.health import ReadinessReporter, edge_readiness
     from slimta_tx.metrics.http import metrics_service
-
-    from prometheus_client import disable_created_metrics
 
     # No ``*_created`` series beside each counter: twice the series for nothing a dashboard
     # uses (process-wide, as prometheus_client has it).

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
@@ -50,6 +50,8 @@ def bus_readiness(bus: Any, reactor: Any, timeout: float = CHECK_TIMEOUT) -> Def
         return str(reason)[:200] if reason else None
 
     def failed(failure: Failure) -> str:
+        if failure.check(TimeoutError):
+            return f"bus readiness check timed out after {timeout:g} s"
         kind = failure.type.__name__ if failure.type else "error"
         return f"bus readiness check failed: {kind}"
 
