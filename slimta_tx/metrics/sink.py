@@ -63,7 +63,7 @@ _DEFINITIONS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("recipients_total", "counter", ("result",), "Recipients of those messages."),
     ("message_size_bytes", "histogram", (), "Size of messages received in full."),
     ("bus_seconds", "histogram", ("bus",), "Time from the final dot to the bus's reply."),
-    ("replies_total", "counter", ("code",), "Final replies and refusals, by code class."),
+    ("replies_total", "counter", ("code",), "Final replies to messages, by code class."),
     ("rejections_total", "counter", ("reason",), "Commands or messages refused, by reason."),
     ("auth_total", "counter", ("mechanism", "result"), "AUTH exchanges that ended."),
     ("tls_handshakes_total", "counter", ("result", "version"), "TLS handshakes."),
@@ -146,10 +146,8 @@ class EdgeMetrics:
                 self._bus_seconds.observe(bus_seconds)
 
     def rejected(self, reason: str, reply: Reply) -> None:
+        # (A refused body's reply is also the transaction's: counted in replies_total there.)
         self._child("rejections_total", labels.rejection_reason(reason)).inc()
-        self._child(
-            "replies_total", labels.reply_code(reply.code, reply.effective_enhanced_code())
-        ).inc()
 
     def timed_out(self, state: str, limit: str) -> None:
         self._child("timeouts_total", labels.state(state)).inc()

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
 
 from slimta_tx.metrics import process_registry
 from slimta_tx.metrics.health import Check
@@ -33,6 +34,8 @@ from slimta_tx.metrics.http import metrics_service
 from slimta_tx.metrics.sink import PREFIX
 
 __all__ = ["ENV", "MetricsDirectory", "serve_for_workers", "workers_readiness"]
+
+log = Logger(namespace="slimta_tx.metrics")
 
 #: The variable prometheus_client reads (at import) in each worker.
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -56,6 +59,7 @@ class MetricsDirectory(Service):
             self.path = tempfile.mkdtemp(prefix="slimta-tx-metrics-")
             self.collector = MultiProcessCollector(self.registry, path=self.path)
             self.reactor.addSystemEventTrigger("after", "shutdown", self.remove)
+            log.info("the workers' metrics in {path}", path=self.path)
         self.workers.worker_env[ENV] = self.path
 
     def worker_exited(self, pid: int) -> None:
