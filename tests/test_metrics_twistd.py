@@ -15,6 +15,7 @@ import smtplib
 import socket
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -60,6 +61,22 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def settled(port: int, name: str, expected: float, deadline: float = 10.0, **labels: str) -> float:
+    """The value of ``name`` once it is ``expected``, or at the deadline: what happens when a
+    connection ends (close, a failed handshake) reaches the server a moment after the client
+    saw its last reply."""
+    end = time.monotonic() + deadline
+    while True:
+        found = value(scrape(port), name, **labels)
+        if found == expected or time.monotonic() > end:
+            return found
+        time.sleep(0.05)  # retry interval of a bounded poll
+
+
+def open_connections(port: int) -> float:
+    return settled(port, "slimta_tx_connections_open", 0)
 
 
 def slimta_series(samples: dict) -> set:
@@ -148,6 +165,9 @@ def test_counters_after_real_sessions(tmp_path: Path) -> None:
         with socket.create_connection(("127.0.0.1", tls_port), timeout=10) as raw:
             raw.sendall(b"EHLO not-tls\r\n")
             raw.recv(1024)  # the server's TLS alert, or the end
+        failed = {"result": "failed", "version": "none"}
+        assert settled(port, "slimta_tx_tls_handshakes_total", 1, **failed) == 1
+        assert open_connections(port) == 0
         status, text = get(port, "/metrics")
         assert status == 200
         promtool_check(text)
@@ -199,7 +219,7 @@ def test_counters_after_real_sessions(tmp_path: Path) -> None:
         after = scrape(port)
         assert slimta_series(after) == before
         assert not any("helo-" in v for _, labels in after for _, v in labels)
-        assert value(after, "slimta_tx_connections_open") == 0
+        assert open_connections(port) == 0
 
         # /healthz: ready; the Maildir gone is a 503 with the reason; back, ready again.
         assert get(port, "/healthz") == (200, "ok\n")
@@ -266,7 +286,7 @@ def test_workers_one_scrape_gives_the_totals(tmp_path: Path) -> None:
                 smtp.sendmail("a@sender.test", ["postmaster"], MESSAGE)
         samples = scrape(port)
         assert value(samples, "slimta_tx_messages_total", result="accepted") == 6
-        assert value(samples, "slimta_tx_connections_open") == 0
+        assert open_connections(port) == 0
         assert value(samples, "slimta_tx_bus_ready") == 1
         assert get(port, "/healthz") == (200, "ok\n")
         promtool_check(get(port, "/metrics")[1])
