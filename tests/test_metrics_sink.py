@@ -233,3 +233,38 @@ def test_metrics_page_is_prometheus_clients_exposition() -> None:
     text = b"".join(request.written).decode()
     assert 'slimta_tx_rejections_total{reason="relay"} 1.0' in text
     assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+
+
+# -- the option --------------------------------------------------------------------------------
+
+
+def built(tmp_path: Any, *argv: str) -> Any:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from slimta_tx.tap import Options, makeService
+
+    config = Options()
+    config.parseOptions(["--maildir", str(tmp_path / "Maildir"), *argv])
+    return makeService(config, reactor=MemoryReactorClock())
+
+
+def test_without_metrics_the_edge_counts_nothing(tmp_path: Any) -> None:
+    service = built(tmp_path)
+    assert service.edge.events.metrics is None
+    assert all(getattr(child, "name", None) != "metrics" for child in service)
+
+
+def test_metrics_option_adds_the_sink_and_the_endpoint(tmp_path: Any) -> None:
+    service = built(tmp_path, "--metrics", "tcp:0:interface=127.0.0.1")
+    assert isinstance(service.edge.events.metrics, EdgeMetrics)
+    assert service.edge.events.metrics.bus == "maildir"
+    assert service.getServiceNamed("metrics") is not None
+
+
+def test_a_bad_metrics_endpoint_is_a_usage_error() -> None:
+    from twisted.python import usage
+
+    from slimta_tx.tap import Options
+
+    with pytest.raises(usage.UsageError, match="--metrics: not an endpoint"):
+        Options().parseOptions(["--metrics", "nonsense:9101"])
