@@ -56,10 +56,14 @@ class Endpoint:
 
 def test_a_relay_is_ready_when_its_next_hop_accepts_a_connection() -> None:
     endpoint = Endpoint(refuse=False)
-    bus = RelayBus(endpoint, Clock(), name="127.0.0.1:2526")  # type: ignore[arg-type]
+    clock = Clock()
+    bus = RelayBus(endpoint, clock, name="127.0.0.1:2526")  # type: ignore[arg-type]
     assert answer(bus.ready()) is None
     assert endpoint.transports[0].disconnecting  # the probe is closed at once
     endpoint.refuse = True
+    assert answer(bus.ready()) is None  # the last answer, for a few seconds
+    assert len(endpoint.transports) == 1
+    clock.advance(5)
     assert answer(bus.ready()).startswith(
         "next hop 127.0.0.1:2526 unreachable: Connection was refused"
     )

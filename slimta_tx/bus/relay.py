@@ -50,6 +50,10 @@ TLSMode = Literal["none", "opportunistic", "required"]
 TLS_MODES: tuple[TLSMode, ...] = ("none", "opportunistic", "required")
 
 
+#: Seconds a readiness probe's answer is reused (see RelayBus.ready).
+READY_PROBE_INTERVAL = 5.0
+
+
 class NextHopUnavailable(Exception):
     """Setting up a connection failed; ``reply`` is what the client gets."""
 
@@ -175,6 +179,7 @@ class RelayBus:
         self.timeout = timeout
         self.name = name or repr(endpoint)
         self._factory = _ClientFactory(reactor, timeout)
+        self._last_probe: tuple[float, str | None] | None = None  # (when, answer) of ready()
         self.pool: ConnectionPool[NextHopConnection] = ConnectionPool(
             self._open,
             reactor,
@@ -190,9 +195,15 @@ class RelayBus:
 
     def ready(self) -> Deferred[str | None]:
         """IReadiness: None when a connection to the next hop is open or can be opened now
-        (a TCP connection, closed at once), else why not."""
+        (a TCP connection, closed at once), else why not. A probe's answer is kept for
+        :data:`READY_PROBE_INTERVAL` seconds: a load balancer asking every second costs the
+        next hop one connection every few seconds at most."""
         if self.pool.size > 0:
             return succeed(None)
+        now = self.clock.seconds()
+        last = self._last_probe
+        if last is not None and now - last[0] < READY_PROBE_INTERVAL:
+            return succeed(last[1])
         probe = self.endpoint.connect(Factory.forProtocol(Protocol))
 
         def opened(protocol: Protocol) -> None:
@@ -202,8 +213,12 @@ class RelayBus:
         def failed(failure: Failure) -> str:
             return f"next hop {self.name} unreachable: {failure.getErrorMessage()}"[:200]
 
+        def remember(reason: str | None) -> str | None:
+            self._last_probe = (now, reason)
+            return reason
+
         d: Deferred[Any] = probe.addTimeout(self.timeout, self.clock)
-        return d.addCallbacks(opened, failed)
+        return d.addCallbacks(opened, failed).addCallback(remember)
 
     def close(self) -> None:
         """QUIT idle connections; busy ones close when their transaction ends."""
