@@ -8,6 +8,7 @@ both servers over real sockets, so this isolates what our own Python costs per m
     .venv/bin/python bench/proto.py                 # both servers, 3 interleaved rounds
     .venv/bin/python bench/proto.py --only slimta --profile   # cProfile of one run
     .venv/bin/python bench/proto.py --per-connection          # a new session per message
+    .venv/bin/python bench/proto.py --metrics       # slimta_tx with and without --metrics' sink
 
 With ``--per-connection`` every message is a whole session: a new protocol and transport,
 ``makeConnection`` (the banner), EHLO, the message, QUIT, ``connectionLost``; what one message
@@ -65,8 +66,9 @@ Driver = tuple[Any, StringTransport]
 PASSES: list[Clock] = []
 
 
-def slimta() -> Callable[[], Driver]:
-    """Sessions of one edge, its events at ``info`` as under ``twistd slimta``."""
+def slimta(metrics: bool = False) -> Callable[[], Driver]:
+    """Sessions of one edge, its events at ``info`` as under ``twistd slimta``; ``metrics``:
+    counted as with ``--metrics`` (slimta_tx.metrics.EdgeMetrics, a registry of its own)."""
     from twisted.logger import LogLevel
 
     from slimta_tx.bus.simple import DiscardBus
@@ -75,6 +77,12 @@ def slimta() -> Callable[[], Driver]:
 
     edge = SmtpEdge(DiscardBus(), Policy(max_message_size=256 << 20), reactor=Clock())
     edge.events.set_level(LogLevel.info)
+    if metrics:
+        from prometheus_client import CollectorRegistry
+
+        from slimta_tx.metrics import EdgeMetrics
+
+        edge.events.metrics = EdgeMetrics("other", CollectorRegistry())
     return lambda: (edge.buildProtocol(PEER), StringTransport(peerAddress=PEER))
 
 
@@ -87,6 +95,7 @@ def twisted_mail() -> Callable[[], Driver]:
 
 SERVERS: dict[str, Callable[[], Callable[[], Driver]]] = {
     "slimta": slimta,
+    "slimta-metrics": lambda: slimta(metrics=True),
     "twisted": twisted_mail,
 }
 
@@ -164,6 +173,11 @@ def main() -> None:
         help="warn: warnings only (the default); text, json: twistd slimta's default log "
         "(info, slimta_tx.logsink.LogSink) to /dev/null, flushed every 50 messages",
     )
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="compare slimta_tx with and without the metrics sink (issue 13) instead",
+    )
     args = parser.parse_args()
     if args.log == "warn":
         observer: Any = FilteringLogObserver(
@@ -181,6 +195,8 @@ def main() -> None:
     message = body()
     measure = run_connections if args.per_connection else run
     names = [args.only] if args.only else ["slimta", "twisted"]
+    if args.metrics:
+        names = ["slimta", "slimta-metrics"]
     if args.profile:
         profile = cProfile.Profile()
         profile.runcall(measure, SERVERS[names[0]](), args.messages, message)
@@ -194,8 +210,14 @@ def main() -> None:
             print(f"round {round_ + 1} {name:8} {cost:7.1f} us/msg", flush=True)
     for name in names:
         print(f"{name:8} best {best[name]:7.1f} us/msg")
-    if len(best) == 2:
+    if "twisted" in best and "slimta" in best:
         print(f"ratio twisted/slimta {best['twisted'] / best['slimta']:.2f}x msgs/s")
+    if "slimta-metrics" in best:
+        extra = best["slimta-metrics"] - best["slimta"]
+        print(
+            f"metrics sink: +{extra:.1f} us/msg, {extra / best['slimta'] * 100:+.1f}% of the "
+            "protocol's cost"
+        )
 
 
 if __name__ == "__main__":

@@ -35,92 +35,93 @@ def metered(bus: Any = None, policy: Policy | None = None, level: LogLevel = Log
         reactor=clock,
     )
     edge.events.set_level(level)
-    registry = CollectorRegistry()
-    edge.events.metrics = EdgeMetrics("maildir", registry)
-    return Driver(edge=edge, clock=clock), registry
+    metrics = EdgeMetrics("maildir", CollectorRegistry())
+    edge.events.metrics = metrics
+    return Driver(edge=edge, clock=clock), metrics
 
 
-def value(registry: CollectorRegistry, name: str, **label_values: str) -> float:
-    found = registry.get_sample_value(name, label_values)
+def value(metrics: EdgeMetrics, name: str, **label_values: str) -> float:
+    """What a scrape would say now (the page flushes the counts first)."""
+    metrics.flush()
+    found = metrics.registry.get_sample_value(name, label_values)
     return 0.0 if found is None else found
 
 
 def test_an_accepted_message_counts_once_in_each_metric() -> None:
-    d, registry = metered()
-    assert value(registry, "slimta_tx_connections_total", listener="smtp", tls="none") == 1
-    assert value(registry, "slimta_tx_connections_open") == 1
+    d, metrics = metered()
+    assert value(metrics, "slimta_tx_connections_total", listener="smtp", tls="none") == 1
+    assert value(metrics, "slimta_tx_connections_open") == 1
     d.start_data()
     d.clock.advance(0.5)
     d.send(MESSAGE + b".\r\n")
-    assert value(registry, "slimta_tx_messages_total", result="accepted") == 1
-    assert value(registry, "slimta_tx_recipients_total", result="accepted") == 1
-    assert value(registry, "slimta_tx_replies_total", code="2.6.x") == 1
-    assert value(registry, "slimta_tx_message_size_bytes_count") == 1
-    assert value(registry, "slimta_tx_message_size_bytes_sum") == len(MESSAGE)
-    assert value(registry, "slimta_tx_bus_seconds_count", bus="maildir") == 1
+    assert value(metrics, "slimta_tx_messages_total", result="accepted") == 1
+    assert value(metrics, "slimta_tx_recipients_total", result="accepted") == 1
+    assert value(metrics, "slimta_tx_replies_total", code="2.6.x") == 1
+    assert value(metrics, "slimta_tx_message_size_bytes_count") == 1
+    assert value(metrics, "slimta_tx_message_size_bytes_sum") == len(MESSAGE)
+    assert value(metrics, "slimta_tx_bus_seconds_count", bus="maildir") == 1
     d.send(b"QUIT\r\n")
     d.proto.connectionLost(None)
-    assert value(registry, "slimta_tx_connections_open") == 0
+    assert value(metrics, "slimta_tx_connections_open") == 0
 
 
 def test_counts_do_not_depend_on_the_log_level() -> None:
-    d, registry = metered(level=LogLevel.critical)
+    d, metrics = metered(level=LogLevel.critical)
     d.start_data()
     d.send(MESSAGE + b".\r\n")
-    assert value(registry, "slimta_tx_messages_total", result="accepted") == 1
+    assert value(metrics, "slimta_tx_messages_total", result="accepted") == 1
 
 
 def test_relay_refusal_counts_a_rejection_and_no_message() -> None:
-    d, registry = metered()
+    d, metrics = metered()
     d.greet()
     assert d.codes(b"MAIL FROM:<a@sender.test>\r\n") == ["250"]
     code, _ = d.cmd("RCPT TO:<someone@elsewhere.test>")
     assert code.startswith("5")
-    assert value(registry, "slimta_tx_rejections_total", reason="relay") == 1
-    assert value(registry, "slimta_tx_replies_total", code="5.7.x") == 0  # no message
-    assert value(registry, "slimta_tx_messages_total", result="rejected") == 0
+    assert value(metrics, "slimta_tx_rejections_total", reason="relay") == 1
+    assert value(metrics, "slimta_tx_replies_total", code="5.7.x") == 0  # no message
+    assert value(metrics, "slimta_tx_messages_total", result="rejected") == 0
 
 
 def test_an_oversized_body_is_a_size_rejection_without_a_bus_time() -> None:
     policy = Policy(hostname="mx.test", accepted_domains=("example.com",), max_message_size=100)
-    d, registry = metered(policy=policy)
+    d, metrics = metered(policy=policy)
     d.start_data()
     assert d.codes(b"Subject: big\r\n\r\n" + b"x" * 200 + b"\r\n.\r\n") == ["552"]
-    assert value(registry, "slimta_tx_rejections_total", reason="size") == 1
-    assert value(registry, "slimta_tx_messages_total", result="rejected") == 1
-    assert value(registry, "slimta_tx_message_size_bytes_count") == 0
-    assert value(registry, "slimta_tx_bus_seconds_count", bus="maildir") == 0
+    assert value(metrics, "slimta_tx_rejections_total", reason="size") == 1
+    assert value(metrics, "slimta_tx_messages_total", result="rejected") == 1
+    assert value(metrics, "slimta_tx_message_size_bytes_count") == 0
+    assert value(metrics, "slimta_tx_bus_seconds_count", bus="maildir") == 0
 
 
 def test_a_failing_bus_is_a_tempfailed_message() -> None:
-    d, registry = metered(bus=FailingBus())
+    d, metrics = metered(bus=FailingBus())
     d.start_data()
     assert d.codes(MESSAGE + b".\r\n") == ["451"]
-    assert value(registry, "slimta_tx_messages_total", result="tempfailed") == 1
-    assert value(registry, "slimta_tx_replies_total", code="4.3.x") == 1
+    assert value(metrics, "slimta_tx_messages_total", result="tempfailed") == 1
+    assert value(metrics, "slimta_tx_replies_total", code="4.3.x") == 1
 
 
 def test_an_idle_timeout_counts_the_state_and_the_limit() -> None:
-    d, registry = metered()
+    d, metrics = metered()
     d.greet()
     d.clock.advance(d.proto.policy.command_timeout + 1)
-    assert value(registry, "slimta_tx_timeouts_total", state="ready") == 1
-    assert value(registry, "slimta_tx_time_limits_total", limit="idle") == 1
+    assert value(metrics, "slimta_tx_timeouts_total", state="ready") == 1
+    assert value(metrics, "slimta_tx_time_limits_total", limit="idle") == 1
 
 
 def test_tls_and_auth_events_count_with_closed_label_sets() -> None:
-    registry = CollectorRegistry()
-    metrics = EdgeMetrics("relay", registry)
+    metrics = EdgeMetrics("relay", CollectorRegistry())
     metrics.tls_handshake(TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384"))
     metrics.tls_handshake(TLSInfo("made-up <script>", "x"))
     metrics.tls_failed()
     metrics.auth("plain", True)
     metrics.auth("X-CLIENT-CHOSEN", False)
-    assert value(registry, "slimta_tx_tls_handshakes_total", result="ok", version="TLSv1.3") == 1
-    assert value(registry, "slimta_tx_tls_handshakes_total", result="ok", version="other") == 1
-    assert value(registry, "slimta_tx_tls_handshakes_total", result="failed", version="none") == 1
-    assert value(registry, "slimta_tx_auth_total", mechanism="PLAIN", result="ok") == 1
-    assert value(registry, "slimta_tx_auth_total", mechanism="other", result="failed") == 1
+    assert value(metrics, "slimta_tx_tls_handshakes_total", result="ok", version="TLSv1.3") == 1
+    assert value(metrics, "slimta_tx_tls_handshakes_total", result="ok", version="other") == 1
+    assert value(metrics, "slimta_tx_tls_handshakes_total", result="failed", version="none") == 1
+    assert value(metrics, "slimta_tx_auth_total", mechanism="PLAIN", result="ok") == 1
+    assert value(metrics, "slimta_tx_auth_total", mechanism="other", result="failed") == 1
 
 
 def test_label_values_are_closed_sets() -> None:
@@ -195,14 +196,14 @@ def test_bus_readiness_answers() -> None:
 
 def test_the_reporter_sets_the_gauge_every_interval() -> None:
     clock = Clock()
-    registry = CollectorRegistry()
+    metrics = EdgeMetrics("maildir", CollectorRegistry())
     bus = Ready(None)
-    reporter = ReadinessReporter(bus, EdgeMetrics("maildir", registry), clock, interval=2)
+    reporter = ReadinessReporter(bus, metrics, clock, interval=2)
     reporter.startService()
-    assert value(registry, "slimta_tx_bus_ready") == 1
+    assert value(metrics, "slimta_tx_bus_ready") == 1
     bus.answer = "broker not connected"
     clock.advance(2)
-    assert value(registry, "slimta_tx_bus_ready") == 0
+    assert value(metrics, "slimta_tx_bus_ready") == 0
     reporter.stopService()
 
 
@@ -227,9 +228,9 @@ def test_healthz_page(answer: str | None, code: int, body: bytes) -> None:
 
 
 def test_metrics_page_is_prometheus_clients_exposition() -> None:
-    registry = CollectorRegistry()
-    EdgeMetrics("maildir", registry).rejected("relay", Reply("554", "no", "5.7.1"))
-    request = rendered(MetricsPage(registry))
+    metrics = EdgeMetrics("maildir", CollectorRegistry())
+    metrics.rejected("relay", Reply("554", "no", "5.7.1"))
+    request = rendered(MetricsPage(metrics.registry, metrics.flush))
     text = b"".join(request.written).decode()
     assert 'slimta_tx_rejections_total{reason="relay"} 1.0' in text
     assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
@@ -268,3 +269,42 @@ def test_a_bad_metrics_endpoint_is_a_usage_error() -> None:
 
     with pytest.raises(usage.UsageError, match="--metrics: not an endpoint"):
         Options().parseOptions(["--metrics", "nonsense:9101"])
+
+
+def test_counts_wait_for_the_flush_and_histograms_keep_their_buckets() -> None:
+    metrics = EdgeMetrics("relay", CollectorRegistry())
+    registry = metrics.registry
+    for seconds in (0.0005, 0.02, 0.02, 100.0):
+        metrics._bus_seconds.observe(seconds)
+    metrics.rejected("relay", Reply("554", "no", "5.7.1"))
+    assert registry.get_sample_value("slimta_tx_rejections_total", {"reason": "relay"}) is None
+    metrics.flush()
+    metrics.flush()  # a second flush adds nothing
+    assert registry.get_sample_value("slimta_tx_rejections_total", {"reason": "relay"}) == 1
+
+    def bucket(le: str) -> float | None:
+        return registry.get_sample_value(
+            "slimta_tx_bus_seconds_bucket", {"bus": "relay", "le": le}
+        )
+
+    assert (bucket("0.001"), bucket("0.025"), bucket("60.0"), bucket("+Inf")) == (1, 3, 3, 4)
+    count = registry.get_sample_value("slimta_tx_bus_seconds_count", {"bus": "relay"})
+    total = registry.get_sample_value("slimta_tx_bus_seconds_sum", {"bus": "relay"})
+    assert (count, total) == (4, 100.0405)
+
+
+def test_a_worker_flushes_every_second_and_when_it_stops() -> None:
+    from slimta_tx.metrics.sink import FlushService
+
+    clock = Clock()
+    metrics = EdgeMetrics("maildir", CollectorRegistry())
+    service = FlushService(metrics, clock)
+    service.startService()
+    metrics.rejected("size", Reply("552", "too big", "5.3.4"))
+    read = metrics.registry.get_sample_value
+    assert read("slimta_tx_rejections_total", {"reason": "size"}) is None
+    clock.advance(1)
+    assert read("slimta_tx_rejections_total", {"reason": "size"}) == 1
+    metrics.rejected("size", Reply("552", "too big", "5.3.4"))
+    service.stopService()
+    assert read("slimta_tx_rejections_total", {"reason": "size"}) == 2

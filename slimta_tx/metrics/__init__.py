@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from slimta_tx.metrics.sink import EdgeMetrics
+from slimta_tx.metrics.sink import EdgeMetrics, FlushService
 
 __all__ = ["EdgeMetrics", "install", "process_registry"]
 
@@ -55,5 +55,11 @@ def install(service: Any, description: str | None, reactor: Any) -> EdgeMetrics:
     ReadinessReporter(edge.bus, metrics, reactor).setServiceParent(service)
     if description is not None:
         check = edge_readiness(service, reactor)
-        metrics_service(description, registry, check, reactor).setServiceParent(service)
+        metrics_service(description, registry, check, reactor, metrics.flush).setServiceParent(
+            service
+        )
+    else:
+        # Nobody scrapes a worker: it flushes every second, and once more after draining.
+        FlushService(metrics, reactor).setServiceParent(service)
+        reactor.addSystemEventTrigger("after", "shutdown", metrics.flush)
     return metrics

@@ -8,6 +8,7 @@ Requests are not logged: a scrape every few seconds is not news.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -28,11 +29,16 @@ _TEXT = b"text/plain; charset=utf-8"
 class MetricsPage(Resource):
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, before: Callable[[], object] | None = None
+    ) -> None:
         super().__init__()
         self.registry = registry
+        self.before = before
 
     def render_GET(self, request: Request) -> bytes:
+        if self.before is not None:
+            self.before()  # EdgeMetrics.flush: the counts since the last scrape
         accept = request.getHeader("accept")
         encoder, content_type = choose_encoder(accept or "")
         output: bytes = encoder(self.registry)
@@ -84,19 +90,26 @@ class MetricsSite(Site):
         pass
 
 
-def metrics_site(registry: CollectorRegistry, check: Check) -> Site:
+def metrics_site(
+    registry: CollectorRegistry, check: Check, before: Callable[[], object] | None = None
+) -> Site:
     root = Resource()
-    root.putChild(b"metrics", MetricsPage(registry))
+    root.putChild(b"metrics", MetricsPage(registry, before))
     root.putChild(b"healthz", HealthPage(check))
     return MetricsSite(root)
 
 
 def metrics_service(
-    description: str, registry: CollectorRegistry, check: Check, reactor: Any
+    description: str,
+    registry: CollectorRegistry,
+    check: Check,
+    reactor: Any,
+    before: Callable[[], object] | None = None,
 ) -> IService:
-    """Serve both pages on ``description`` (a Twisted endpoint); binding fails start-up."""
+    """Serve both pages on ``description`` (a Twisted endpoint); binding fails start-up.
+    ``before``: called before each scrape."""
     service: IService = strports.service(
-        description, metrics_site(registry, check), reactor=reactor
+        description, metrics_site(registry, check, before), reactor=reactor
     )
     service.setName("metrics")
     return service
