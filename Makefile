@@ -73,7 +73,9 @@ test: services lint news typecheck pytest trial docs
 # The oldest versions pyproject.toml allows, in a venv of their own: every ">=X" (build system,
 # dependencies, every extra) pinned to "==X" by .ci/lowest_constraints.py, then `make lint
 # typecheck` and the suite on them. `make test` tests the newest. The packaging test is left out
-# here: it builds a wheel and installs it with the newest dependencies from the index.
+# here: it builds a wheel and installs it with the newest dependencies from the index. The oldest
+# releases of some (zope.interface 5.0) have no wheel for newer Pythons: wheel and setuptools
+# build them from source without build isolation.
 LOWEST := .venv-lowest
 LOWEST_TESTS ?= --ignore=tests/test_packaging.py
 
@@ -81,7 +83,7 @@ $(LOWEST)/.installed: $(BUILD_INPUTS) .ci/lowest_constraints.py
 	rm -rf $(LOWEST)
 	$(PYTHON) -m venv $(LOWEST)
 	$(PYTHON) .ci/lowest_constraints.py >$(LOWEST)/constraints.txt
-	$(LOWEST)/bin/python -m pip install --quiet -c $(LOWEST)/constraints.txt pip hatchling
+	$(LOWEST)/bin/python -m pip install --quiet -c $(LOWEST)/constraints.txt pip hatchling wheel setuptools
 	$(LOWEST)/bin/python -m pip install --quiet --no-build-isolation \
 	  -c $(LOWEST)/constraints.txt -e ".[$$($(PYTHON) .ci/lowest_constraints.py --extras)]"
 	$(LOWEST)/bin/python -m pip list --format=freeze >$(LOWEST)/installed.txt

@@ -5,6 +5,7 @@ Usage::
     python bench/milter.py                      # none, a no-op milter, Rspamd (discard bus)
     python bench/milter.py --cases none,noop --messages 5000 --rounds 3
     python bench/milter.py --postfix            # also Postfix with the same Rspamd (root)
+    python bench/milter.py --cases none,noop --compare-tree /tmp/before   # A/B in one run
 
 Cases, all in one run on 127.0.0.1 with free ports, each a fresh ``twistd -n slimta`` (discard
 bus: ``--bus slimta_tx.bus.simple:DiscardBus``, so the milter is what is measured; with
@@ -17,6 +18,10 @@ bus: ``--bus slimta_tx.bus.simple:DiscardBus``, so the milter is what is measure
   (tests/support/milters.py: no network, only the milter_headers module);
 - with ``--postfix``: a private Postfix (tests/support/postfix.py; queue files fsynced, then the
   ``discard`` transport) with no milter and with the same Rspamd as ``smtpd_milters``.
+
+With ``--compare-tree DIR`` (a checkout or ``git archive`` of another version, e.g. before a
+change) every slimta case also runs with that tree's ``slimta_tx`` (same venv, labelled
+``@base``), interleaved with the others: before and after in the same run.
 
 The load is bench/load.py (``--connections`` clients, ``--size`` bytes, lockstep), bounded by
 ``--messages`` and ``--time-limit``. Server CPU per message comes from /proc (utime+stime of the
@@ -151,7 +156,9 @@ def load(port: int, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def run_slimta(case: str, milter_spec: str | None, milter_pids: list[int], args: Any) -> dict:
+def run_slimta(
+    case: str, milter_spec: str | None, milter_pids: list[int], args: Any, tree: str | None = None
+) -> dict:
     port = free_port()
     argv = [
         *(TWISTD, "-n", "--pidfile=", "--logfile=/dev/null", "slimta"),
@@ -165,7 +172,10 @@ def run_slimta(case: str, milter_spec: str | None, milter_pids: list[int], args:
         argv += ["--bus", "slimta_tx.bus.simple:DiscardBus"]
     if milter_spec:
         argv += ["--milter", f"{milter_spec},max_connections={args.connections * 2}"]
-    server = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL)
+    env = dict(os.environ)
+    if tree is not None:  # that tree's slimta_tx (and twistd plugin) first on the path
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [tree, env.get("PYTHONPATH")]))
+    server = subprocess.Popen(argv, cwd=tree or ROOT, stdin=subprocess.DEVNULL, env=env)
     try:
         wait_port(port, banner=True)
         return measure(case, port, [server.pid], milter_pids, args)
@@ -240,6 +250,10 @@ def main() -> None:
         default="discard",
         help="maildir: fsynced, as Postfix's queue (compare with --postfix)",
     )
+    parser.add_argument(
+        "--compare-tree",
+        help="also run each slimta case with this source tree's slimta_tx (labelled @base)",
+    )
     parser.add_argument("--serve-noop", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_noop:
@@ -264,13 +278,19 @@ def main() -> None:
             milters["rspamd"] = (spam.spec, [spam.proc.pid])
         for round_ in range(args.rounds):
             plan = [("slimta", c) for c in cases]
+            if args.compare_tree:
+                plan = [p for c in cases for p in (("slimta", c), ("slimta@base", c))]
             if args.postfix:
                 plan += [("postfix", "none"), ("postfix", "rspamd")]
             shift = round_ % len(plan)
             for server, case in plan[shift:] + plan[:shift]:
                 spec, pids = milters.get(case, (None, []))
-                runner = run_postfix if server == "postfix" else run_slimta
-                result = runner(f"{server}+{case}", spec, pids, args)
+                label = f"{server.split('@')[0]}+{case}" + ("@base" if "@" in server else "")
+                if server == "postfix":
+                    result = run_postfix(label, spec, pids, args)
+                else:
+                    tree = args.compare_tree if "@" in server else None
+                    result = run_slimta(label, spec, pids, args, tree)
                 result["round"] = round_
                 results.append(result)
                 print(json.dumps(result), flush=True)
@@ -279,13 +299,13 @@ def main() -> None:
         f"{args.connections} connections x {args.size} B, lockstep, slimta bus: {args.slimta_bus}"
     )
     print(
-        f"{'case':<16}{'msgs/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'srv us/msg':>12}"
+        f"{'case':<20}{'msgs/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'srv us/msg':>12}"
         f"{'milter us/msg':>15}{'load':>6}"
     )
     for r in results:
         milter_cpu = "-" if r["milter_cpu_us_per_msg"] is None else r["milter_cpu_us_per_msg"]
         print(
-            f"{r['case']:<16}{r['msgs_per_s']:>9}{r['p50_ms']:>9}{r['p99_ms']:>9}"
+            f"{r['case']:<20}{r['msgs_per_s']:>9}{r['p50_ms']:>9}{r['p99_ms']:>9}"
             f"{r['server_cpu_us_per_msg']:>12}{milter_cpu:>15}{r['load']:>6.2f}"
         )
 

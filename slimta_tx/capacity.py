@@ -247,7 +247,7 @@ def open_descriptors() -> int | None:
         return None
 
 
-def reactor_descriptor_cap(reactor: Any) -> int | None:
+def reactor_descriptor_cap(reactor: object) -> int | None:
     """The most descriptors the reactor can watch (select(): FD_SETSIZE), or None."""
     name = type(reactor).__name__.lower()
     return _FD_SETSIZE if "select" in name else None

@@ -20,12 +20,15 @@ Cost: an event below :attr:`EdgeEvents.level` is not built at all (``twistd slim
 --log-level``, default ``info``: the per-connection ``debug`` events cost one comparison).
 The events are handed to the logger's observer directly, as ``Logger.emit`` would after
 checking the level (it sorts the log levels on every call to validate one that is constant
-here).
+here). That relies on ``Logger.observer`` and on the keys ``Logger.emit`` adds (:data:`EMIT_KEYS`;
+``tests/test_events.py`` pins both); on a Twisted whose ``Logger`` has no ``observer``, one
+warning says so and the events go through ``Logger.emit``.
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger, LogLevel
@@ -45,6 +48,23 @@ __all__ = [
 ]
 
 _DEBUG, _INFO = LogLevel.debug, LogLevel.info
+
+#: The keys ``Logger.emit`` adds to an event, which the events here add themselves.
+EMIT_KEYS = ("log_logger", "log_level", "log_namespace", "log_source", "log_format", "log_time")
+
+#: Whether a ``Logger`` has the ``observer`` that ``Logger.emit`` calls (checked once).
+_DIRECT = callable(getattr(Logger(namespace=__name__), "observer", None))
+_warned = False
+
+
+def _through_emit(log: Logger, event: dict[str, Any]) -> None:
+    """The fallback: hand ``event`` (built for the observer) to ``Logger.emit`` instead."""
+    level = event["log_level"]
+    log_format = event["log_format"]
+    fields = {key: value for key, value in event.items() if key not in EMIT_KEYS}
+    log.emit(level, log_format, **fields)
+
+
 _ORDER = {level: rank for rank, level in enumerate(LogLevel.iterconstants())}
 
 #: ``event`` field -> what it says (docs/logging.md lists the fields of each).
@@ -151,6 +171,10 @@ class EdgeEvents:
         self.info = True
         self.level = level
         self.set_level(level)
+        global _warned
+        if not _DIRECT and not _warned:
+            _warned = True
+            self.log.warn("twisted.logger.Logger has no observer: events go through Logger.emit")
 
     def set_level(self, level: LogLevel) -> None:
         """Build only events at ``level`` or above from now on."""
@@ -167,7 +191,10 @@ class EdgeEvents:
         event["log_source"] = log.source
         event["log_format"] = log_format
         event["log_time"] = time.time()
-        log.observer(event)
+        if _DIRECT:
+            log.observer(event)
+        else:
+            _through_emit(log, event)
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -249,7 +276,7 @@ class EdgeEvents:
         received_at = envelope.received_at
         message = envelope.message
         log = self.log
-        log.observer(
+        (log.observer if _DIRECT else partial(_through_emit, log))(
             {
                 "event": "smtp.transaction",
                 "client": session.address[0],

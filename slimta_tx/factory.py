@@ -27,6 +27,7 @@ from slimta_tx.validators import SmtpValidators, Validator, Validators, install_
 if TYPE_CHECKING:  # pragma: no cover
     from twisted.internet.interfaces import IAddress
 
+    from slimta_tx.auth import Auth
     from slimta_tx.capacity import ConnectionGate
 
 __all__ = ["SmtpEdge"]
@@ -54,7 +55,7 @@ class SmtpEdge(ServerFactory):
         self,
         bus: IBus,
         policy: Policy | None = None,
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
         milters: Sequence[Milter | str] = (),
         lmtp: bool = False,
     ) -> None:
@@ -87,6 +88,10 @@ class SmtpEdge(ServerFactory):
         self.tls_context: Any = None
         self.tls_immediately = False
         self.require_tls = False
+        # The MAIL check that require_tls adds (530 5.7.0 before STARTTLS): once per edge.
+        self.tls_mail_check: Callable[[Session, MailArgument], Reply | None] | None = None
+        # AUTH (see enable_authentication): its configuration, None until enabled.
+        self.auth: Auth | None = None
         self.connections: set[ESMTPServerProtocol] = set()
         # Called with each session when its connection ends (policies keep counts with it).
         self.disconnect_hooks: list[Callable[[Session], None]] = []
@@ -154,7 +159,7 @@ class SmtpEdge(ServerFactory):
         """True when this session must start TLS before MAIL or AUTH (530 5.7.0)."""
         return self.require_tls and session.security is None
 
-    def enable_authentication(self, auth: Any) -> None:
+    def enable_authentication(self, auth: Auth) -> None:
         """Offer SMTP AUTH (RFC 4954) as configured by ``auth``, a :class:`slimta_tx.auth.Auth`.
 
         Fails closed: without a credential checker nothing is offered; PLAIN and LOGIN need

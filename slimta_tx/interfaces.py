@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["IBus", "IReadiness"]
 
 
-class IBus(Interface):  # type: ignore[misc]
+class IBus(Interface):
     """Takes each accepted message; its reply is the client's reply to the final dot.
 
     A bus promises: a 2xx reply means the message is on stable storage (written and fsynced)
@@ -29,16 +29,16 @@ class IBus(Interface):  # type: ignore[misc]
     :mod:`slimta_tx.results`): an LMTP client hears each, an SMTP client one summary.
     """
 
-    def send(envelope: Envelope) -> Deferred[Any]:  # type: ignore[misc]
+    def send(envelope: Envelope) -> Deferred[Any]:
         """Store or forward ``envelope``; fire with the reply (or replies) for the client:
         a ``Reply`` or a sequence of them (``slimta_tx.results.BusResult``; typed ``Any`` here
         so that a bus declaring ``Deferred[Reply]`` or ``Deferred[list[Reply]]`` fits)."""
 
 
-class IReadiness(Interface):  # type: ignore[misc]
+class IReadiness(Interface):
     """Optional, beside :class:`IBus`: whether the bus can take mail now (``/healthz`` of
     ``twistd slimta --metrics``, see docs/metrics.md). A bus without it counts as ready."""
 
-    def ready() -> Any:  # type: ignore[misc]
+    def ready() -> Any:
         """None when ready, else a short reason (``"broker not connected"``); or a Deferred
         firing with one of those. Cheap: a load balancer may ask every second or two."""

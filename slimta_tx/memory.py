@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.internet import TimerService
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 __all__ = ["DEFAULT_TRIM_INTERVAL", "DEFAULT_TRIM_THRESHOLD", "HeapInfo", "MemoryTrimmer"]
@@ -108,7 +109,7 @@ class MemoryTrimmer(TimerService):
         self,
         interval: float = DEFAULT_TRIM_INTERVAL,
         threshold: int = DEFAULT_TRIM_THRESHOLD,
-        reactor: Any = None,
+        reactor: IReactorTime | None = None,
         allocator: Any = None,
     ) -> None:
         super().__init__(interval, self.check)

@@ -117,10 +117,12 @@ class EdgeService(MultiService):
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
-        except CannotListenError as e:
+        except (CannotListenError, OSError, OverflowError) as e:
+            # OSError: a unix: socket's lock file; OverflowError: a port past 65535.
             if not self.exit_on_listen_error:
                 raise
-            raise SystemExit(f"slimta: {e}") from None
+            reason = e if isinstance(e, CannotListenError) else f"cannot listen: {e}"
+            raise SystemExit(f"slimta: {reason}") from None
 
     def stopService(self) -> Deferred[None]:
         d: Deferred[Any] = super().stopService()  # stops listening first

@@ -69,13 +69,12 @@ def enable(edge: SmtpEdge, context: Any, immediately: bool, require_tls: bool) -
     edge.extra_commands["STARTTLS"] = handle_starttls
     if _advertise not in edge.ehlo_extensions:
         edge.ehlo_extensions.append(_advertise)
-    check = getattr(edge, "_require_tls_check", None)
-    if check is None:
+    if edge.tls_mail_check is None:
 
         def check(session: Session, argument: MailArgument) -> Reply | None:
             return MUST_STARTTLS.copy() if edge.tls_required(session) else None
 
-        edge._require_tls_check = check  # type: ignore[attr-defined]
+        edge.tls_mail_check = check
         edge.mail_checks.append(check)
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 
 __all__ = [
@@ -145,7 +146,7 @@ class WorkerPool:
         self,
         count: int,
         spawn: Spawn,
-        reactor: Any,
+        reactor: IReactorTime,
         limits: RestartLimits | None = None,
         stop_timeout: float = 30.0 + STOP_MARGIN,
         on_give_up: Callable[[str], object] | None = None,

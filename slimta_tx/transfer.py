@@ -16,6 +16,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 
 from slimta_tx.data import DataDecoder, DataResult
 from slimta_tx.reply import Reply
@@ -57,7 +58,7 @@ class MessageTransfer:
     if TYPE_CHECKING:  # what the protocol provides
         edge: SmtpEdge
         policy: Policy
-        clock: Any
+        clock: IReactorTime
         session: Session
         reader: LineReader
         state: State

@@ -43,7 +43,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError, ProcessTerminated
 from twisted.internet.interfaces import IListeningPort, IProcessTransport
 from twisted.internet.protocol import Factory, ProcessProtocol
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 
 from slimta_tx import capacity
@@ -186,7 +186,10 @@ class WorkerProcess(ProcessProtocol):
 
             event = decode_event(line, self.slot)
             if event is not None:
-                self.log.observer(event)
+                # Complete already (its own time, namespace, level): handed on as it is, to
+                # the observer Logger.emit would call (the global publisher if it has none).
+                observer = getattr(self.log, "observer", None) or globalLogPublisher
+                observer(event)
                 return
         text = line.decode("utf-8", "replace").rstrip("\r")
         if text:

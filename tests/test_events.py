@@ -161,3 +161,98 @@ def test_helpers() -> None:
     assert events.debug and events.info
     events.set_level(LogLevel.warn)
     assert not events.debug and not events.info
+
+
+# -- the twisted.logger internals relied on (issue 14) ------------------------------------------
+
+
+def test_logger_emit_adds_the_keys_the_events_add_themselves_then_calls_observer() -> None:
+    """Fails loudly when Logger.emit's event changes shape: the events here build it
+    themselves (EMIT_KEYS) and call ``Logger.observer`` as emit does."""
+    from typing import cast
+
+    from twisted.logger import ILogObserver, Logger
+
+    from slimta_tx import events as events_module
+
+    seen: list[dict[str, Any]] = []
+    observer = cast(ILogObserver, seen.append)
+    log = Logger(namespace="n", source="s", observer=observer)
+    assert log.observer is observer
+    log.emit(LogLevel.info, "hello {who}", who="you")
+    (emitted,) = seen
+    assert set(emitted) == {"who", *events_module.EMIT_KEYS}
+    assert emitted["log_logger"] is log and emitted["log_level"] is LogLevel.info
+    assert (emitted["log_namespace"], emitted["log_source"]) == ("n", "s")
+    assert emitted["log_format"] == "hello {who}" and isinstance(emitted["log_time"], float)
+    assert events_module._DIRECT
+
+
+def _transaction_and_rejection() -> list[dict[str, Any]]:
+    with captured_events() as events:
+        d = driver_at(LogLevel.info, Policy(hostname="mx.test", accepted_domains=("example.com",)))
+        d.send(b"EHLO client.test\r\n")
+        d.send(b"MAIL FROM:<a@example.org>\r\n")
+        d.send(b"RCPT TO:<b@elsewhere.test>\r\n")  # relay refused: an smtp.reject event
+        d.start_data()
+        d.send(MESSAGE + b".\r\n")
+    return [e for e in events if "event" in e]
+
+
+def test_events_are_those_logger_emit_would_have_made() -> None:
+    from twisted.logger import formatEvent
+
+    from slimta_tx.events import EMIT_KEYS
+
+    events = _transaction_and_rejection()
+    assert [e["event"] for e in events] == ["smtp.reject", "smtp.transaction"]
+    for event in events:
+        assert set(EMIT_KEYS) <= set(event)
+        assert formatEvent(event)  # the format and its fields agree
+
+
+def test_without_logger_observer_events_go_through_emit_with_one_warning(
+    monkeypatch: Any,
+) -> None:
+    from slimta_tx import events as events_module
+
+    direct = _transaction_and_rejection()
+    monkeypatch.setattr(events_module, "_DIRECT", False)
+    monkeypatch.setattr(events_module, "_warned", False)
+    with captured_events() as warnings:
+        driver_at(LogLevel.info)
+        driver_at(LogLevel.info)
+    assert [e["log_format"] for e in warnings if e["log_level"] is LogLevel.warn] == [
+        "twisted.logger.Logger has no observer: events go through Logger.emit"
+    ]
+    through_emit = _transaction_and_rejection()
+    assert [e["event"] for e in through_emit] == [e["event"] for e in direct]
+    for a, b in zip(direct, through_emit, strict=True):
+        assert set(a) == set(b)
+        assert {
+            k: v
+            for k, v in a.items()
+            if k
+            not in (
+                "log_time",
+                "log_logger",
+                "session_id",
+                "queue_id",
+                "seconds",
+                "connect_to_mail_seconds",
+                "log_source",
+            )
+        } == {
+            k: v
+            for k, v in b.items()
+            if k
+            not in (
+                "log_time",
+                "log_logger",
+                "session_id",
+                "queue_id",
+                "seconds",
+                "connect_to_mail_seconds",
+                "log_source",
+            )
+        }

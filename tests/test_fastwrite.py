@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pytest
@@ -131,7 +132,7 @@ def test_flushes_asked_for_in_one_pass_run_together_at_its_end() -> None:
     ran: list[str] = []
     conns = [connection(FakeSocket(), reactor=clock) for _ in range(3)]
     for i, conn in enumerate(conns):
-        assert fastwrite.flush_later(conn, lambda i=i: ran.append(f"c{i}"))
+        assert fastwrite.flush_later(conn, partial(ran.append, f"c{i}"))
     assert ran == [] and len(clock.getDelayedCalls()) == 1
     clock.advance(0)
     assert ran == ["c0", "c1", "c2"] and clock.getDelayedCalls() == []
@@ -224,3 +225,84 @@ def test_a_closing_reply_is_sent_at_once_after_what_was_waiting() -> None:
     assert closed == ["lose"]
     clock.advance(0)  # the pending flush finds nothing left to send
     assert len(sock.sent) == 2 and closed == ["lose"]
+
+
+# -- the Twisted internals relied on (issue 14) ---------------------------------------------------
+
+
+class _Reactor:
+    """Just what a tcp.Server asks of its reactor: which descriptors to watch."""
+
+    def __init__(self) -> None:
+        self.readers: set[Any] = set()
+        self.writers: set[Any] = set()
+
+    def addReader(self, reader: Any) -> None:
+        self.readers.add(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        self.readers.discard(reader)
+
+    def addWriter(self, writer: Any) -> None:
+        self.writers.add(writer)
+
+    def removeWriter(self, writer: Any) -> None:
+        self.writers.discard(writer)
+
+
+def test_twisted_tcp_transport_internals_mean_what_fastwrite_assumes() -> None:
+    """Fails loudly when a Twisted release changes the TCP transport's write buffer.
+
+    fastwrite reads: ``_tempDataLen`` (bytes written since the last ``doWrite``),
+    ``dataBuffer[offset:]`` (bytes not yet sent), ``producer``, ``connected``,
+    ``disconnecting``, ``TLS``, ``socket`` (the socket to ``send`` on) and calls ``doWrite``
+    (send what is buffered, as the reactor would).
+    """
+    import socket
+
+    from twisted.internet.protocol import Protocol
+
+    ours, theirs = socket.socketpair()
+    try:
+        ours.setblocking(False)
+        reactor = _Reactor()
+        conn = tcp.Server(ours, Protocol(), ("127.0.0.1", 1), None, 1, reactor)  # type: ignore[arg-type]
+        for name in fastwrite.TRANSPORT_INTERNALS:
+            assert hasattr(conn, name), name
+        assert conn.socket is ours
+        assert conn.connected and not conn.disconnecting and not conn.TLS
+        assert conn.producer is None
+        assert (conn._tempDataLen, conn.offset, conn.dataBuffer) == (0, 0, b"")
+
+        conn.write(b"queued ")  # Twisted queues: nothing sent, the reactor asked to write
+        assert conn._tempDataLen == len(b"queued ") and conn in reactor.writers
+        conn.doWrite()  # what the reactor calls: everything goes, nothing is left
+        assert conn._tempDataLen == 0 and conn.offset == len(conn.dataBuffer)
+        assert conn not in reactor.writers
+
+        fastwrite.write(conn, b"at once")  # idle again: straight to the socket
+        assert conn._tempDataLen == 0 and conn not in reactor.writers
+        assert theirs.recv(100) == b"queued at once"
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_without_the_internals_writes_go_through_twisted_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(fastwrite, "_usable", None)
+    monkeypatch.setattr(
+        fastwrite, "TRANSPORT_INTERNALS", (*fastwrite.TRANSPORT_INTERNALS, "_goneInTwisted99")
+    )
+    clock = Clock()
+    sock = FakeSocket()
+    conns = [connection(sock, reactor=clock) for _ in range(2)]
+    with captured_events() as events:
+        for conn in conns:
+            fastwrite.write(conn, b"250 2.0.0 Ok\r\n")
+            assert fastwrite.flush_later(conn, lambda: None) is False
+    assert sock.sent == [] and [c.queued for c in conns] == [[b"250 2.0.0 Ok\r\n"]] * 2
+    warnings = [e for e in events if "fastwrite" in e.get("log_format", "")]
+    assert len(warnings) == 1
+    assert warnings[0]["missing"] == "_goneInTwisted99"

@@ -26,7 +26,9 @@ from tests.smtp_driver import Driver
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
 
 
-def metered(bus: Any = None, policy: Policy | None = None, level: LogLevel = LogLevel.info):
+def metered(
+    bus: Any = None, policy: Policy | None = None, level: LogLevel = LogLevel.info
+) -> tuple[Driver, EdgeMetrics]:
     """A session of an edge that counts into a registry of its own."""
     clock = Clock()
     edge = SmtpEdge(
@@ -233,7 +235,8 @@ def test_metrics_page_is_prometheus_clients_exposition() -> None:
     request = rendered(MetricsPage(metrics.registry, metrics.flush))
     text = b"".join(request.written).decode()
     assert 'slimta_tx_rejections_total{reason="relay"} 1.0' in text
-    assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(b"text/plain")
+    [content_type] = request.responseHeaders.getRawHeaders(b"content-type") or [b""]
+    assert content_type.startswith(b"text/plain")
 
 
 # -- the option --------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.process import Twistd, free_port, running_twistd, twistd_argv
-from test_tls_helpers import make_certs
 
 from slimta_tx.metrics.sink import metric_names
+from tests.support.process import Twistd, free_port, running_twistd, twistd_argv
+from tests.test_tls_helpers import make_certs
 
 pytestmark = pytest.mark.slow
 
@@ -48,26 +48,29 @@ def get(port: int, path: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int) -> Samples:
     """{(sample name, sorted labels): value} of one scrape, through prometheus_client's parser."""
     status, text = get(port, "/metrics")
     assert status == 200
-    samples = {}
+    samples: Samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
 
 
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return float(samples.get((name, tuple(sorted(labels.items()))), 0.0))
 
 
-def settled(port: int, name: str, expected: float, deadline: float = 10.0, **labels: str) -> float:
+def settled(port: int, name: str, expected: float, **labels: str) -> float:
     """The value of ``name`` once it is ``expected``, or at the deadline: what happens when a
     connection ends (close, a failed handshake) reaches the server a moment after the client
     saw its last reply."""
-    end = time.monotonic() + deadline
+    end = time.monotonic() + 10.0
     while True:
         found = value(scrape(port), name, **labels)
         if found == expected or time.monotonic() > end:
@@ -79,7 +82,7 @@ def open_connections(port: int) -> float:
     return settled(port, "slimta_tx_connections_open", 0)
 
 
-def slimta_series(samples: dict) -> set:
+def slimta_series(samples: Samples) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
     return {key for key in samples if key[0].startswith("slimta_tx_")}
 
 
@@ -231,7 +234,7 @@ def test_counters_after_real_sessions(tmp_path: Path) -> None:
         assert get(port, "/healthz") == (200, "ok\n")
 
 
-def python_info_labels(samples: dict) -> dict[str, str]:
+def python_info_labels(samples: Samples) -> dict[str, str]:
     (labels,) = [dict(labels) for name, labels in samples if name == "python_info"]
     return labels
 

@@ -8,7 +8,13 @@ import struct
 import pytest
 
 from slimta_tx.milter import codec, parse_milter
-from slimta_tx.milter.codec import PacketReader, ProtocolError, parse_optneg, parse_response
+from slimta_tx.milter.codec import (
+    PacketReader,
+    ProtocolError,
+    Response,
+    parse_optneg,
+    parse_response,
+)
 from slimta_tx.milter.config import Milter
 from slimta_tx.milter.message import BodyWriter, Edits, HeadTooBig, read_head, rewrite, split_field
 from slimta_tx.spool import Spool
@@ -51,6 +57,26 @@ def test_reader_splits_packets_across_reads() -> None:
         out += reader.feed(stream[i : i + 1])
     assert out == [(b"c", b""), (b"h", b"X-A\x001\x00"), (b"a", b"")]
     assert reader.buffered == 0
+
+
+def test_reader_keeps_a_partial_packet_after_whole_ones() -> None:
+    """Whole packets and the start of the next in one read; a big packet in many pieces."""
+    reader = PacketReader()
+    big = resp(b"b", b"x" * 200_000)
+    assert reader.feed(resp(b"c") + resp(b"a") + big[:10]) == [(b"c", b""), (b"a", b"")]
+    out = []
+    for i in range(10, len(big), 4096):
+        out += reader.feed(big[i : i + 4096] + (resp(b"t") if i + 4096 >= len(big) else b""))
+    assert out == [(b"b", b"x" * 200_000), (b"t", b"")]
+    assert reader.buffered == 0
+
+
+def test_simple_responses_and_macro_data() -> None:
+    """A continue is a continue each time; macro values are NUL-terminated, NULs replaced."""
+    assert parse_response(b"c", b"") == parse_response(b"c", b"") == Response("continue")
+    with pytest.raises(ProtocolError):
+        parse_response(b"c", b"x")
+    assert codec.macro_data([("j", "mx"), ("{a\0}", "\0é")]) == "j\0mx\0{a?}\0?é\0".encode()
 
 
 @pytest.mark.parametrize("length", [0, codec.MAX_PACKET + 1, 0xFFFFFFFF])

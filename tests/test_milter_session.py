@@ -186,8 +186,65 @@ def test_no_reply_flags_are_honoured() -> None:
     does not wait for it (no timer is left running)."""
     flags = 0x1000 | 0x2000 | 0x4000 | 0x8000 | 0x10000 | 0x80 | 0x40000 | 0x80000
     s = Session(script(protocol=flags))
+    pauses: list[str] = []
+    s.transport.pauseProducing = lambda: pauses.append("paused")  # type: ignore[method-assign]
     assert s.transaction() == ["250", "250", "250", "354", "250"]
     assert s.milter().events() == [b"C", b"H", b"M", b"R", b"T", b"L", b"L", b"N", b"B", b"E"]
+    # Only the end of the message waits (no step before it pauses the client's input).
+    assert len(pauses) == 1
+
+
+def test_a_message_needing_no_answer_until_its_end_is_one_write() -> None:
+    """SMFIP_NR_HDR/NR_EOH/NR_BODY: the header fields, end of headers, the body and end of
+    message, with their macros, reach the milter in one write and in order."""
+    s = Session(script(protocol=0x80 | 0x40000 | 0x80000))
+    s.send(b"EHLO c\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<u@example.com>\r\n")
+    assert s.send(b"DATA\r\n")[0][0] == "354"
+    link = s.proto.milters.links[0]  # type: ignore[union-attr]
+    transport: Any = link.connection.transport  # type: ignore[union-attr]
+    writes: list[bytes] = []
+    write = transport.write
+    transport.write = lambda data: (writes.append(data), write(data))
+    assert s.send(MESSAGE + b".\r\n")[0][0] == "250"
+    assert len(writes) == 1
+    m = s.milter()
+    assert m.events()[-5:] == [b"L", b"L", b"N", b"B", b"E"]
+    queue_id = s.bus.messages[0].envelope.queue_id  # type: ignore[attr-defined]
+    assert m.macros[b"N"] == m.macros[b"E"] == {"i": queue_id}
+
+
+def test_the_answer_timeout_runs_only_while_an_answer_is_awaited() -> None:
+    """One timer per milter connection serves every wait: a session idle for longer than
+    command_timeout keeps its milter; a shorter wait later (the content timeout) still times
+    out on time; each message's macros carry its own queue id."""
+    milters = [Milter("inet:m:1", name="m", command_timeout=10, content_timeout=3)]
+    hang = {"on": False}
+
+    def handle(m: ScriptedMilter, cmd: bytes, data: bytes) -> Any:
+        return HANG if hang["on"] and cmd == b"L" else None
+
+    s = Session(script(on_event=handle), milters=milters)
+    assert s.transaction() == ["250", "250", "250", "354", "250"]
+    first = s.milter().macros[b"E"]["i"]
+    s.clock.advance(100)
+    settle(s.clock)
+    assert s.transaction() == ["250", "250", "250", "354", "250"]
+    assert s.milter().macros[b"E"]["i"] != first
+    assert [m.envelope.queue_id for m in s.bus.messages] == [  # type: ignore[attr-defined]
+        first,
+        s.milter().macros[b"E"]["i"],
+    ]
+    hang["on"] = True
+    s.send(b"MAIL FROM:<a@sender.test>\r\nRCPT TO:<u@example.com>\r\n")
+    assert s.send(b"DATA\r\n")[0][0] == "354"
+    s.proto.dataReceived(MESSAGE + b".\r\n")
+    settle(s.clock)
+    s.clock.advance(2.9)
+    settle(s.clock)
+    assert s.read() == []
+    s.clock.advance(0.1)
+    settle(s.clock)
+    assert s.read() == [("451", "4.7.1 Service unavailable - try again later")]
 
 
 def test_leading_space_flag() -> None:

@@ -36,7 +36,7 @@ def public_names() -> dict[str, set[str]]:
 
 def imports_in(code: str) -> list[tuple[str, str]]:
     """``(module, name)`` for every ``from slimta_tx... import name`` in ``code``."""
-    found = []
+    found: list[tuple[str, str]] = []
     for node in ast.walk(ast.parse(code)):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("slimta_tx"):
             assert node.module is not None
@@ -71,7 +71,7 @@ def test_docs_and_examples_import_only_public_names() -> None:
     table = public_names()
     sources = user_code()
     assert len(sources) > 10  # the pages and examples were found
-    private = []
+    private: list[str] = []
     for where, code in sources.items():
         try:
             found = imports_in(code)
@@ -94,3 +94,42 @@ def test_the_check_sees_an_internal_import() -> None:
     assert [pair for pair in found if pair[1] not in table.get(pair[0], set())] == [
         ("slimta_tx.protocol", "ESMTPServerProtocol")
     ]
+
+
+AUTODOC = re.compile(
+    r"^\.\. (?P<kind>automodule|autoclass|autofunction|slimta-interface):: (?P<target>\S+)"
+    r"(?P<options>(?:\n   :.*)*)",
+    re.MULTILINE,
+)
+
+
+def referenced_names() -> list[tuple[str, str | None]]:
+    """``(module, name)`` for each name the Python reference documents (None: a module)."""
+    text = (ROOT / "docs" / "reference" / "python.md").read_text()
+    found: list[tuple[str, str | None]] = []
+    for match in AUTODOC.finditer(text):
+        target = match["target"]
+        if match["kind"] == "automodule":
+            listed = re.search(r":members: (\S.*)", match["options"])
+            if listed is None:
+                found.append((target, None))
+            else:
+                found.extend((target, name.strip()) for name in listed[1].split(","))
+        else:
+            module, _, name = target.rpartition(".")
+            found.append((module, name))
+    return found
+
+
+def test_the_python_reference_documents_only_public_names() -> None:
+    """The reference (docs/reference/python.md) and the table agree: what the reference
+    shows users is public, so the table is the one list of what is."""
+    table = public_names()
+    referenced = referenced_names()
+    assert len(referenced) > 10
+    not_public = [
+        f"{module}.{name}" if name else module
+        for module, name in referenced
+        if module not in table or (name is not None and name not in table[module])
+    ]
+    assert not_public == []

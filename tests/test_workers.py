@@ -86,8 +86,9 @@ def test_workers_builds_the_parent_with_everything_it_needs(tmp_path: Path) -> N
         (["--worker-restarts", "5"], "--worker-restarts takes N/SECONDS, e.g. 5/60, not '5'"),
         (["--worker-restarts", "5/0"], "--worker-restarts takes N/SECONDS, e.g. 5/60, not '5/0'"),
         (
-            ["--workers", "2", "--listen", "ssl:465:privateKey=k.pem"],
-            "--workers: cannot share the listener 'ssl:465:privateKey=k.pem' between workers; "
+            # (A valid description: --listen checks an ssl: key file exists first.)
+            ["--workers", "2", "--listen", "stdio:"],
+            "--workers: cannot share the listener 'stdio:' between workers; "
             "use tcp:, tcp6:, unix:, systemd: (also behind haproxy:)",
         ),
     ],
@@ -99,7 +100,7 @@ def test_bad_values_are_one_line(args: list[str], message: str) -> None:
 
 
 def test_any_listener_is_fine_with_one_worker() -> None:
-    assert parse("--listen", "ssl:465:privateKey=k.pem")["listen"] == ["ssl:465:privateKey=k.pem"]
+    assert parse("--listen", "stdio:")["listen"] == ["stdio:"]
 
 
 def test_listener_descriptions_for_the_workers() -> None:
@@ -312,3 +313,36 @@ def test_a_worker_logging_through_its_parent_drops_what_is_below_the_level() -> 
     for level in (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error):
         switch({"log_level": level, "log_namespace": "x"})
     assert [e["log_level"] for e in seen] == [LogLevel.debug, LogLevel.warn, LogLevel.error]
+
+
+def test_listening_ports_have_stop_reading() -> None:
+    """The parent keeps a bound port open without accepting: ``stopReading()``, a
+    FileDescriptor method beyond IListeningPort (docs/architecture.md, private internals)."""
+    from twisted.internet import tcp, unix
+
+    assert callable(tcp.Port.stopReading) and callable(unix.Port.stopReading)
+
+
+def test_a_worker_event_reaches_the_parents_observers_whole(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The parent hands a worker's event on unchanged, to ``Logger.observer``, or to the
+    global publisher when a Logger has none (docs/architecture.md, private internals)."""
+    from types import SimpleNamespace
+
+    from twisted.logger import Logger
+
+    from slimta_tx.worker_log import encode_event
+    from slimta_tx.workers import WorkerProcess
+    from tests.support.logs import captured_events
+
+    line = encode_event(
+        {"log_namespace": "w", "log_level": None, "log_format": "hi", "log_time": 1.0}
+    )
+    for log in (Logger(namespace="slimta_tx.workers"), SimpleNamespace()):  # no observer
+        monkeypatch.setattr(WorkerProcess, "log", log)
+        process = WorkerProcess(3, None, b"")  # type: ignore[arg-type]
+        with captured_events() as events:
+            process.childDataReceived(1, line)
+        (event,) = events
+        assert (event["log_namespace"], event["log_time"], event["worker"]) == ("w", 1.0, 3)

@@ -44,7 +44,7 @@ __all__ = [
 SecretFunc = Callable[[str], Any]
 
 
-class IAuthenticatedIdentity(Interface):  # type: ignore[misc]
+class IAuthenticatedIdentity(Interface):
     """The avatar interface SMTP AUTH asks a realm for: the avatar is the identity (str)."""
 
 

@@ -306,7 +306,7 @@ class AuthExchange:
         delay = limits.delay(max(here, from_address))
         if not delay:
             return reply
-        return deferLater(proto.clock, delay, lambda: reply)  # type: ignore[arg-type]
+        return deferLater(proto.clock, delay, lambda: reply)
 
     def _after_check(self, reply: Reply) -> None:
         proto, session = self.proto, self.proto.session

@@ -176,14 +176,14 @@ class CramMD5Credentials:
         return f"<CramMD5Credentials username={self.username!r}>"
 
 
-class ISCRAMCredentials(Interface):  # type: ignore[misc]
+class ISCRAMCredentials(Interface):
     """SCRAM credentials a checker can verify from stored keys, without the password."""
 
     username = Attribute("the authentication identity (str)")
     salt = Attribute("the salt sent to the client (bytes)")
     iterations = Attribute("the iteration count sent to the client (int)")
 
-    def check_keys(stored_key: bytes, server_key: bytes) -> bool:  # type: ignore[misc]
+    def check_keys(stored_key: bytes, server_key: bytes) -> bool:
         """True if the client's proof matches ``stored_key``; remembers the signature."""
 
 

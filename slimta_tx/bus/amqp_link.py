@@ -10,10 +10,23 @@ delivery tag resolves on its own.
 
 :func:`open_link` connects (TCP or TLS for ``amqps://``), opens the channel, turns confirms
 on and declares the target; any failure closes the connection and raises.
+
+Two pika internals are used (``tests/test_amqp_internals.py`` pins them; pika is held below 2):
+``TwistedChannel._channel``, the raw channel under the Twisted wrapper, for the confirms and
+returns above; there is no public way to it, and the wrapper's own confirms are the unsafe path
+this module avoids, so without it :func:`open_link` refuses with :class:`PikaIncompatible`
+rather than fall back. ``TwistedProtocolConnection._impl``, the pika connection, for the
+broker's connection.blocked notices; without it one warning says so and the link goes without
+them (a blocked broker is then noticed as unconfirmed publishes, the stall check of the bus).
+And why an opening connection was refused, which pika's adapter drops: the broker's
+``connection.close`` (``_impl._error`` before the TCP close) or pika's guess (given to the
+private ``_on_connection_failed``) becomes :class:`BrokerRefused` (``authentication failed:
+403 ACCESS_REFUSED - ...``); without them the failure is pika's bare ``AMQPConnectionError``.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +35,55 @@ from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapCl
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-__all__ = ["AmqpLink", "PublishFailed", "Target", "close_quietly", "describe_error", "open_link"]
+__all__ = [
+    "AmqpLink",
+    "BrokerRefused",
+    "PikaIncompatible",
+    "PublishFailed",
+    "Target",
+    "close_quietly",
+    "describe_error",
+    "open_link",
+    "raw_channel",
+]
+
+
+class PikaIncompatible(Exception):
+    """The installed pika lacks an internal this module needs (the message names it)."""
+
+
+def raw_channel(twisted_channel: Any) -> Any:
+    """The ``pika.channel.Channel`` under a ``TwistedChannel`` (pika's private ``_channel``)."""
+    channel = getattr(twisted_channel, "_channel", None)
+    if channel is None or not callable(getattr(channel, "confirm_delivery", None)):
+        raise PikaIncompatible(
+            "this pika's TwistedChannel has no _channel (a raw pika channel); "
+            "slimta_tx's AMQP bus needs pika>=1.2,<2"
+        )
+    return channel
+
+
+_warned_no_impl = False
+
+
+def watch_blocked(protocol: Any, link: AmqpLink) -> bool:
+    """Hand ``link`` the broker's connection.blocked/unblocked notices, through pika's private
+    ``TwistedProtocolConnection._impl``; without it, warn once and return False."""
+    global _warned_no_impl
+    impl = getattr(protocol, "_impl", None)
+    on_blocked = getattr(impl, "add_on_connection_blocked_callback", None)
+    on_unblocked = getattr(impl, "add_on_connection_unblocked_callback", None)
+    if on_blocked is None or on_unblocked is None:
+        if not _warned_no_impl:
+            _warned_no_impl = True
+            AmqpLink.log.warn(
+                "this pika's TwistedProtocolConnection has no _impl with blocked callbacks: "
+                "a blocked broker shows as unconfirmed publishes"
+            )
+        return False
+    on_blocked(link.on_blocked)
+    on_unblocked(link.on_unblocked)
+    return True
 
 
 class PublishFailed(Exception):
@@ -215,13 +276,63 @@ def close_quietly(connection: Any) -> Any:
         return None
 
 
+class BrokerRefused(Exception):
+    """The broker closed the connection while it was being opened; the message says why
+    (``authentication failed: 403 ACCESS_REFUSED - ...``)."""
+
+    def __init__(self, reason: BaseException) -> None:
+        super().__init__(_opening_refusal(reason))
+        self.reason = reason
+
+
+#: What the broker's reply code means when it closes a connection being opened.
+OPENING_CODES = {
+    403: "authentication failed",  # RabbitMQ: ACCESS_REFUSED - Login was refused ...
+    530: "access refused",  # NOT_ALLOWED - vhost ... not found / access to vhost refused
+}
+
+
+def _opening_refusal(reason: BaseException) -> str:
+    code = getattr(reason, "reply_code", None)
+    text = getattr(reason, "reply_text", None)
+    if code is not None and text is not None:
+        label = OPENING_CODES.get(code, "the broker refused the connection")
+        return f"{label}: {code} {text}"
+    return describe_error(reason)
+
+
+#: What pika's errors while opening a connection mean, by class name (pika guesses them from
+#: the step at which the broker closed the connection).
+REFUSALS = {
+    "ProbableAuthenticationError": "authentication failed (the broker refused the user or "
+    "password)",
+    "AuthenticationError": "authentication failed (no login mechanism the broker accepts)",
+    "ProbableAccessDeniedError": "access refused (no such virtual host, or the user may not "
+    "use it)",
+    "IncompatibleProtocolError": "the broker refused the protocol (not AMQP 0-9-1?)",
+}
+_REPLY = re.compile(r"\((\d{3})\)\s*'([^']*)'|\((\d{3}), '([^']*)'\)")
+
+
 def describe_error(error: BaseException) -> str:
-    """A one-line description, with the AMQP reply code and text when there is one."""
+    """A one-line description, with the AMQP reply code and text when there is one; pika's
+    guesses at why an opening connection was closed are named (:data:`REFUSALS`), with the
+    broker's own reply when it sent one, e.g. ``authentication failed (...): 403
+    ACCESS_REFUSED - Login was refused ...``."""
     code = getattr(error, "reply_code", None)
     text = getattr(error, "reply_text", None)
     if code is not None and text is not None:
         return f"{code} {text}"
-    return (str(error) or type(error).__name__).splitlines()[0][:200]
+    line = (str(error) or type(error).__name__).splitlines()[0][:200]
+    for kind in type(error).__mro__:
+        label = REFUSALS.get(kind.__name__)
+        if label is not None:
+            reply = _REPLY.search(str(error))
+            if reply is None:
+                return label
+            code_text = [part for part in reply.groups() if part is not None]
+            return f"{label}: {' '.join(code_text)}"[:300]
+    return line
 
 
 def _callback_deferred() -> tuple[Deferred[Any], Any]:
@@ -232,6 +343,48 @@ def _callback_deferred() -> tuple[Deferred[Any], Any]:
             d.callback(args[0] if len(args) == 1 else args)
 
     return d, fire
+
+
+_connection_classes: dict[type, type] = {}
+
+
+def _connection_class(base: type) -> type:
+    """``TwistedProtocolConnection`` keeping the reason a connection could not be opened.
+
+    pika's adapter passes its private ``_on_connection_failed`` to the connection as the
+    open-error callback and drops the error it is given; the override keeps it as
+    ``open_error`` first (``tests/test_amqp_internals.py`` pins the method). Without that
+    method in pika, the override is never called and failures say only
+    ``AMQPConnectionError``, as before.
+    """
+    cls = _connection_classes.get(base)
+    if cls is None:
+        from twisted.internet.error import ConnectionDone
+
+        def connectionLost(self: Any, reason: Any = None) -> None:
+            # The broker's connection.close (e.g. 403 ACCESS_REFUSED) is pika's pending
+            # error until the TCP close replaces it with ConnectionDone: keep it first.
+            pending = getattr(getattr(self, "_impl", None), "_error", None)
+            if self.ready is not None and getattr(pending, "reply_code", None) is not None:
+                self.open_error = pending
+            base.connectionLost(self, reason)  # type: ignore[attr-defined]
+
+        def _on_connection_failed(self: Any, connection: Any, error: Any = None) -> None:
+            if self.open_error is None and not isinstance(error, ConnectionDone):
+                self.open_error = error
+            base._on_connection_failed(self, connection, error)  # type: ignore[attr-defined]
+
+        cls = type(
+            "ReasonKeepingConnection",
+            (base,),
+            {
+                "open_error": None,
+                "connectionLost": connectionLost,
+                "_on_connection_failed": _on_connection_failed,
+            },
+        )
+        _connection_classes[base] = cls
+    return cls
 
 
 async def open_link(reactor: Any, url: str, target: Target, connect_timeout: float) -> AmqpLink:
@@ -245,12 +398,20 @@ async def open_link(reactor: Any, url: str, target: Target, connect_timeout: flo
         from twisted.internet.ssl import optionsForClientTLS
 
         endpoint = wrapClientTLS(optionsForClientTLS(params.host), endpoint)
-    protocol = TwistedProtocolConnection(params, custom_reactor=reactor)
+    protocol = _connection_class(TwistedProtocolConnection)(params, custom_reactor=reactor)
     await connectProtocol(endpoint, protocol)
     try:
-        await protocol.ready
+        try:
+            await protocol.ready
+        except Exception as e:
+            # pika's Twisted adapter fails `ready` with AMQPConnectionError(attempts), dropping
+            # why; the reason is kept by the subclass below.
+            reason = getattr(protocol, "open_error", None)
+            if isinstance(reason, Exception) and reason is not e:
+                raise BrokerRefused(reason) from e
+            raise
         twisted_channel = await protocol.channel()
-        channel = twisted_channel._channel  # the raw pika channel (see the module docstring)
+        channel = raw_channel(twisted_channel)  # see the module docstring
         if target.queue is not None:
             await twisted_channel.queue_declare(
                 queue=target.queue,
@@ -264,8 +425,7 @@ async def open_link(reactor: Any, url: str, target: Target, connect_timeout: flo
         link = AmqpLink(protocol, channel, clock=reactor)
         channel.confirm_delivery(ack_nack_callback=link.on_confirm, callback=fire)
         await selected
-        protocol._impl.add_on_connection_blocked_callback(link.on_blocked)
-        protocol._impl.add_on_connection_unblocked_callback(link.on_unblocked)
+        watch_blocked(protocol, link)
         return link
     except BaseException as e:
         if isinstance(e, CancelledError) and protocol.transport is not None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 __all__ = ["ConnectionPool", "PoolClosed", "PoolTimeout", "Poolable"]
@@ -46,7 +46,7 @@ class ConnectionPool(Generic[C]):
     def __init__(
         self,
         connect: Callable[[], Deferred[C]],
-        clock: Any,
+        clock: IReactorTime,
         max_size: int = 10,
         idle_timeout: float = 30.0,
         wait_timeout: float = 60.0,

@@ -23,7 +23,7 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -116,7 +116,7 @@ def next_hop_endpoint(reactor: Any, address: str, timeout: float = 30.0) -> IStr
 
 
 class _ClientFactory(Factory):
-    def __init__(self, clock: Any, timeout: float) -> None:
+    def __init__(self, clock: IReactorTime, timeout: float) -> None:
         self.clock = clock
         self.timeout = timeout
 

@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IConsumer, IDelayedCall, IPullProducer, ITCPTransport
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IPullProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -258,7 +264,7 @@ class SmtpClientProtocol(Protocol):
         :class:`NextHopTimeout`.
     """
 
-    def __init__(self, clock: Any, timeout: float) -> None:
+    def __init__(self, clock: IReactorTime, timeout: float) -> None:
         self.clock = clock
         self.timeout = timeout
         self.parser = ReplyParser()

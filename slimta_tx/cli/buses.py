@@ -89,6 +89,9 @@ def defaults(config: Any) -> None:
 def validate(config: Any) -> None:
     _validate_amqp_and_plugin(config)
     _validate_relay(config)
+    from slimta_tx.cli.startup import check_bus_paths
+
+    check_bus_paths(config)
 
 
 def _validate_relay(config: Any) -> None:
@@ -133,16 +136,13 @@ def make_bus(config: Any, reactor: Any) -> IBus:
     bus = _chosen_bus(config, reactor)
     if config["also-maildir"]:
         from slimta_tx.bus.compose import ChainBus
-        from slimta_tx.bus.maildir import MaildirBus
 
-        copies = [MaildirBus(path, reactor=reactor) for path in config["also-maildir"]]
+        copies = [maildir_bus("also-maildir", path, reactor) for path in config["also-maildir"]]
         bus = ChainBus([*copies, bus])
     return bus
 
 
 def _chosen_bus(config: Any, reactor: Any) -> IBus:
-    from slimta_tx.bus.maildir import MaildirBus
-
     if config["bus"]:
         from slimta_tx.bus.loader import load_bus
 
@@ -165,7 +165,22 @@ def _chosen_bus(config: Any, reactor: Any) -> IBus:
             reactor=reactor,
             per_recipient=bool(config["amqp-per-recipient"]),
         )
-    return MaildirBus(config["maildir"], reactor=reactor)
+    return maildir_bus("maildir", config["maildir"], reactor)
+
+
+def maildir_bus(option: str, path: str, reactor: Any) -> IBus:
+    """A MaildirBus; a directory that cannot be created after all (what the checks of
+    slimta_tx.cli.startup could not foresee, e.g. EPERM on a special file system) is one line
+    and exit 1."""
+    from slimta_tx.bus.maildir import MaildirBus
+
+    try:
+        return MaildirBus(path, reactor=reactor)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise SystemExit(
+            f"twistd slimta: --{option} {path}: cannot create it: {e.strerror}{where}"
+        ) from None
 
 
 def configure(config: Any, edge: Any, service: Any, reactor: Any) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from twisted.python import usage
 
 from slimta_tx.cli.coerce import seconds, whole_number
+from slimta_tx.cli.startup import check_listener
 from slimta_tx.data import BareNewlinePolicy
 from slimta_tx.policy import DEFAULT_TRUSTED_NETWORKS, Network, Policy, parse_network
 
@@ -97,6 +98,8 @@ def defaults(config: Any) -> None:
 def validate(config: Any) -> None:
     if not config["listen"]:
         config["listen"] = [DEFAULT_LISTEN]
+    for description in config["listen"]:
+        check_listener("listen", description)
     try:
         bare_newline = BareNewlinePolicy(config["bare-newline"])
     except ValueError:

@@ -25,7 +25,10 @@ def defaults(config: Any) -> None:
 
 
 def validate(config: Any) -> None:
-    pass
+    from slimta_tx.cli.startup import check_listener
+
+    for description in config["lmtp-listen"]:
+        check_listener("lmtp-listen", description)
 
 
 def configure(config: Any, edge: Any, service: Any, reactor: Any) -> None:

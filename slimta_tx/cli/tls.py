@@ -12,6 +12,7 @@ from typing import Any
 from twisted.logger import Logger
 from twisted.python import usage
 
+from slimta_tx.cli.startup import check_listener
 from slimta_tx.proxy import listener_service
 from slimta_tx.tls import MIN_VERSIONS, ServerTLS, TLSConfigError
 
@@ -70,6 +71,8 @@ def validate(config: Any) -> None:
         if config["require-tls"]:
             raise usage.UsageError("--require-tls needs --tls-cert or --tls-cert-dir")
         return
+    for description in config["tls-listen"]:
+        check_listener("tls-listen", description)
     if config["tls-min-version"] not in MIN_VERSIONS:
         raise usage.UsageError(
             f"--tls-min-version must be one of {', '.join(MIN_VERSIONS)}, "

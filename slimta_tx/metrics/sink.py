@@ -134,8 +134,10 @@ class EdgeMetrics:
 
     def __init__(self, bus: str = "other", registry: CollectorRegistry | None = None) -> None:
         if registry is None:
-            from prometheus_client import REGISTRY as registry
-        self.registry = registry
+            from prometheus_client import REGISTRY
+
+            registry = REGISTRY
+        self.registry: CollectorRegistry = registry
         self.bus = bus
         made: dict[str, Any] = {}
         for name, kind, label_names, doc in _DEFINITIONS:

@@ -10,6 +10,7 @@ connected, and may refuse, accept, discard, quarantine or change the message.
 - :mod:`~slimta_tx.milter.client`: the Twisted connection and the connection limit;
 - :mod:`~slimta_tx.milter.macros`: Sendmail macros and their values;
 - :mod:`~slimta_tx.milter.message`: header fields, edits, body replacement (on spools);
+- :mod:`~slimta_tx.milter.link`: one milter within one session: state, negotiation, answers;
 - :mod:`~slimta_tx.milter.content`: the message stage to one milter, applying its changes;
 - :mod:`~slimta_tx.milter.session`: the per-session driver the protocol calls at each step.
 """

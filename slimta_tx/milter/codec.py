@@ -185,7 +185,17 @@ def optneg_packet(
 
 def macro_packet(command: bytes, macros: list[tuple[str, str]]) -> bytes:
     """Macro definitions for the event ``command`` (sent just before it)."""
-    return packet(SMFIC_MACRO, command + b"".join(_z(k) + _z(v) for k, v in macros))
+    return packet(SMFIC_MACRO, command + macro_data(macros))
+
+
+def macro_data(macros: list[tuple[str, str]]) -> bytes:
+    """The ``name\0value\0`` pairs of a macro packet (a NUL inside one becomes '?')."""
+    text = "".join(f"{k}\0{v}\0" if "\0" not in k + v else _nul_free(k, v) for k, v in macros)
+    return text.encode("utf-8", "surrogateescape")
+
+
+def _nul_free(name: str, value: str) -> str:
+    return f"{name.replace(chr(0), '?')}\0{value.replace(chr(0), '?')}\0"
 
 
 def connect_packet(hostname: str, family: bytes, port: int, address: str) -> bytes:
@@ -221,22 +231,32 @@ class PacketReader:
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
         """The packets completed by ``data``; raises ProtocolError on a bad length."""
-        self._buffer += data
-        out = []
         buffer = self._buffer
-        while len(buffer) >= 4:
-            (length,) = _LENGTH.unpack_from(buffer)
-            if length < 1:
-                raise ProtocolError("packet of length 0")
-            if length > self.max_packet:
-                raise ProtocolError(f"packet of {length} bytes (limit {self.max_packet})")
-            if len(buffer) < 4 + length:
+        if buffer:
+            buffer += data
+            if len(buffer) < 4 or len(buffer) < 4 + self._length(buffer, 0):
+                return []  # (a big packet arriving in pieces is not copied for each)
+            data = bytes(buffer)
+            buffer.clear()
+        out = []
+        pos, size = 0, len(data)
+        while size - pos >= 4:
+            end = pos + 4 + self._length(data, pos)
+            if size < end:
                 break
-            command = bytes(buffer[4:5])
-            data = bytes(buffer[5 : 4 + length])
-            del buffer[: 4 + length]
-            out.append((command, data))
+            out.append((data[pos + 4 : pos + 5], data[pos + 5 : end]))
+            pos = end
+        if pos < size:
+            buffer += memoryview(data)[pos:]
         return out
+
+    def _length(self, data: bytes | bytearray, pos: int) -> int:
+        (length,) = _LENGTH.unpack_from(data, pos)
+        if length < 1:
+            raise ProtocolError("packet of length 0")
+        if length > self.max_packet:
+            raise ProtocolError(f"packet of {length} bytes (limit {self.max_packet})")
+        return int(length)
 
     @property
     def buffered(self) -> int:
@@ -357,14 +377,16 @@ _SIMPLE = {
     SMFIR_CONN_FAIL: "conn_fail",
 }
 
+_SIMPLE_RESPONSES = {command: Response(kind) for command, kind in _SIMPLE.items()}
+
 
 def parse_response(command: bytes, data: bytes) -> Response:
     """Decode one packet from the milter; ProtocolError if it is malformed or unknown."""
-    simple = _SIMPLE.get(command)
+    simple = _SIMPLE_RESPONSES.get(command)
     if simple is not None:
         if data:
-            raise ProtocolError(f"{simple} response followed by {len(data)} data bytes")
-        return Response(simple)
+            raise ProtocolError(f"{simple.kind} response followed by {len(data)} data bytes")
+        return simple  # (immutable: one per kind)
     if command == SMFIR_REPLYCODE:
         text, rest = _string(data, "reply")
         _nothing_left(rest, "reply")

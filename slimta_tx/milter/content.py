@@ -9,7 +9,6 @@ milter and the bus get, and records them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,7 +17,7 @@ from slimta_tx.envelope import Envelope
 from slimta_tx.milter import codec
 from slimta_tx.milter.client import MilterTimeout
 from slimta_tx.milter.codec import Negotiated, ProtocolError, Response
-from slimta_tx.milter.macros import MacroContext, macro_values
+from slimta_tx.milter.macros import MacroContext
 from slimta_tx.milter.message import (
     MAX_HEAD_SIZE,
     BodyWriter,
@@ -31,7 +30,8 @@ from slimta_tx.milter.message import (
 from slimta_tx.reply import Reply
 
 if TYPE_CHECKING:  # pragma: no cover
-    from slimta_tx.milter.session import Link, MilterSession
+    from slimta_tx.milter.link import Link
+    from slimta_tx.milter.session import MilterSession
 
 __all__ = ["DISCARD", "Modifications", "Verdict", "apply", "send_message"]
 
@@ -40,6 +40,7 @@ MAX_MODIFICATIONS = 10_000
 #: Bytes a batch of header packets may take before waiting for the socket to drain.
 _WRITE_BATCH = 64 * 1024
 DISCARD = "discard"
+_EOB = codec.packet(codec.SMFIC_BODYEOB)
 Verdict = Reply | str | None  # a reply, "discard", or None: go on
 # What each modification needs to have been negotiated.
 _NEEDS = {
@@ -69,117 +70,146 @@ class Modifications:
 async def send_message(
     session: MilterSession, link: Link, envelope: Envelope, head: Head
 ) -> tuple[Verdict, Modifications | None]:
-    connection = link.connection
-    negotiated = link.negotiated
-    assert connection is not None and negotiated is not None and envelope.message is not None
-    timeout = link.milter.content_timeout
-    deadline = [session.clock.seconds() + timeout]
-    context = MacroContext(session.session, envelope=envelope)
-    leading_space = link.flag(codec.SMFIP_HDR_LEADSPC)
+    """One message to one milter: its verdict, and its changes (None if it asked for none)."""
+    return await _MessageStage(session, link, envelope).run(head)
 
-    async def answer(command: bytes) -> Verdict:
-        left = deadline[0] - session.clock.seconds()
-        if left <= 0:
-            raise MilterTimeout(f"message not filtered within {timeout:g} seconds")
-        response = await session.answer(link, command, left)
-        return session.decide(link, command, response)
 
-    async def drained() -> None:
-        d = connection.drained()
-        timer = session.clock.callLater(
-            max(deadline[0] - session.clock.seconds(), 0.001), d.cancel
-        )
+class _MessageStage:
+    """One message on its way to one milter.
+
+    Packets that need no answer (no-reply flags, macros) wait in ``_out`` and go out with the
+    next packet that does, or once ``_WRITE_BATCH`` bytes have gathered (then the socket
+    buffer is let drain): one write for what libmilter reads in one go.
+    """
+
+    def __init__(self, session: MilterSession, link: Link, envelope: Envelope) -> None:
+        connection, negotiated = link.connection, link.negotiated
+        assert connection is not None and negotiated is not None
+        self.session = session
+        self.clock = session.clock
+        self.link = link
+        self.connection = connection
+        self.negotiated = negotiated
+        self.envelope = envelope
+        self.timeout = link.milter.content_timeout
+        self.deadline = self.clock.seconds() + self.timeout
+        self.context = MacroContext(session.session, envelope=envelope)
+        self._out: list[bytes] = []
+        self._size = 0
+
+    def _late(self) -> MilterTimeout:
+        return MilterTimeout(f"message not filtered within {self.timeout:g} seconds")
+
+    async def write(self, data: bytes, answered: bool) -> None:
+        """Queue ``data``; out now if an answer is due next (or the batch is full)."""
+        if data:
+            self._out.append(data)
+            self._size += len(data)
+        if answered or self._size >= _WRITE_BATCH:
+            self.flush()
+            if not answered:
+                await self.drained()
+
+    def flush(self) -> None:
+        out = self._out
+        if out:
+            self.connection.send(out[0] if len(out) == 1 else b"".join(out))
+            self._out, self._size = [], 0
+
+    async def drained(self) -> None:
+        d = self.connection.drained()
+        if d.called:
+            return
+        timer = self.clock.callLater(max(self.deadline - self.clock.seconds(), 0.001), d.cancel)
         try:
             await d
         except Exception:
-            raise MilterTimeout(f"message not filtered within {timeout:g} seconds") from None
+            raise self._late() from None
         finally:
             if timer.active():
                 timer.cancel()
 
-    # Headers.
-    if not link.flag(codec.SMFIP_NOHDRS):
-        replies = not link.flag(codec.SMFIP_NR_HDR)
-        batch = b""
-        for raw in head.fields:
-            if link.skip == codec.SMFIC_HEADER:
-                break
-            name, value = split_field(raw, leading_space)
-            batch += codec.header_packet(name, value)
-            if replies:
-                connection.send(batch)
-                batch = b""
-                verdict = await answer(codec.SMFIC_HEADER)
-                if verdict is not None or link.message_done:
-                    return verdict, None
-            elif len(batch) >= _WRITE_BATCH:
-                connection.send(batch)
-                batch = b""
-                await drained()
-        if batch:
-            connection.send(batch)
-    verdict = await _message_event(session, link, codec.SMFIC_EOH, b"", context, answer)
-    if verdict is not None or link.message_done:
-        return verdict, None
-    # Body, from the spool in chunks.
-    if not link.flag(codec.SMFIP_NOBODY):
-        replies = not link.flag(codec.SMFIP_NR_BODY)
-        for chunk in body_chunks(envelope.message, head.body_offset):
-            if link.skip == codec.SMFIC_BODY:
-                break
-            connection.send(codec.packet(codec.SMFIC_BODY, chunk))
-            if replies:
-                verdict = await answer(codec.SMFIC_BODY)
-                if verdict is not None or link.message_done:
-                    return verdict, None
-            else:
-                await drained()
-    link.skip = None
-    # End of message: modifications, then the decision.
-    macros = macro_values(link.macros(codec.SMFIC_BODYEOB), context)
-    out = codec.macro_packet(codec.SMFIC_BODYEOB, macros) if macros else b""
-    connection.send(out + codec.packet(codec.SMFIC_BODYEOB))
-    changes = Modifications(Edits(list(head.fields), leading_space))
-    while True:
-        left = deadline[0] - session.clock.seconds()
+    async def answer(self, command: bytes) -> Verdict:
+        left = self.deadline - self.clock.seconds()
         if left <= 0:
-            raise MilterTimeout(f"message not filtered within {timeout:g} seconds")
-        response = codec.parse_response(*await connection.next_packet(left))
-        if response.kind == "progress":
-            deadline[0] = session.clock.seconds() + timeout
-            continue
-        if response.kind == "quarantine":
-            if not negotiated.actions & codec.SMFIF_QUARANTINE:
-                raise ProtocolError("quarantine without negotiating it")
-            changes.quarantine = response.text or "quarantined by milter"
-            changes.actions.append({"action": "quarantine", "detail": changes.quarantine})
-            continue
-        if response.is_modification:
-            modify(session, link, negotiated, response, changes)
-            continue
-        return session.decide(link, codec.SMFIC_BODYEOB, response), changes
+            raise self._late()
+        response = await self.link.answer(self.clock, command, left)
+        return self.session.decide(self.link, command, response)
 
+    async def event(self, command: bytes) -> Verdict:
+        """End of headers: its macros and the event, and the answer if one is due."""
+        link = self.link
+        no_event, no_reply = codec.EVENT_FLAGS[command]
+        skipped = link.flag(no_event)
+        await self.write(link.macro_packet(command, self.context), False)
+        if skipped:
+            return None
+        answered = not link.flag(no_reply)
+        await self.write(codec.packet(command), answered)
+        return await self.answer(command) if answered else None
 
-async def _message_event(
-    session: MilterSession,
-    link: Link,
-    command: bytes,
-    data: bytes,
-    context: MacroContext,
-    answer: Callable[[bytes], Awaitable[Verdict]],
-) -> Verdict:
-    connection = link.connection
-    assert connection is not None
-    macros = macro_values(link.macros(command), context)
-    out = codec.macro_packet(command, macros) if macros else b""
-    skipped = link.flag(codec.EVENT_FLAGS[command][0])
-    if not skipped:
-        out += codec.packet(command, data)
-    if out:
-        connection.send(out)
-    if skipped or link.flag(codec.EVENT_FLAGS[command][1]):
-        return None
-    return await answer(command)
+    async def run(self, head: Head) -> tuple[Verdict, Modifications | None]:
+        link = self.link
+        message = self.envelope.message
+        assert message is not None
+        leading_space = link.flag(codec.SMFIP_HDR_LEADSPC)
+        # Headers.
+        if not link.flag(codec.SMFIP_NOHDRS):
+            answered = not link.flag(codec.SMFIP_NR_HDR)
+            for raw in head.fields:
+                if link.skip == codec.SMFIC_HEADER:
+                    break
+                name, value = split_field(raw, leading_space)
+                await self.write(codec.header_packet(name, value), answered)
+                if answered:
+                    verdict = await self.answer(codec.SMFIC_HEADER)
+                    if verdict is not None or link.message_done:
+                        return verdict, None
+        verdict = await self.event(codec.SMFIC_EOH)
+        if verdict is not None or link.message_done:
+            return verdict, None
+        # Body, from the spool in chunks.
+        if not link.flag(codec.SMFIP_NOBODY):
+            answered = not link.flag(codec.SMFIP_NR_BODY)
+            for chunk in body_chunks(message, head.body_offset):
+                if link.skip == codec.SMFIC_BODY:
+                    break
+                await self.write(codec.packet(codec.SMFIC_BODY, chunk), answered)
+                if answered:
+                    verdict = await self.answer(codec.SMFIC_BODY)
+                    if verdict is not None or link.message_done:
+                        return verdict, None
+        link.skip = None
+        # End of message: modifications, then the decision.
+        await self.write(link.macro_packet(codec.SMFIC_BODYEOB, self.context) + _EOB, True)
+        return await self.end(head, leading_space)
+
+    async def end(self, head: Head, leading_space: bool) -> tuple[Verdict, Modifications | None]:
+        """The milter's answer to the end of the message and the changes it asks for."""
+        changes: Modifications | None = None
+        negotiated = self.negotiated
+        while True:
+            left = self.deadline - self.clock.seconds()
+            if left <= 0:
+                raise self._late()
+            response = codec.parse_response(*await self.connection.next_packet(left))
+            if response.kind == "progress":
+                self.deadline = self.clock.seconds() + self.timeout
+                continue
+            if response.kind == "quarantine":
+                if not negotiated.actions & codec.SMFIF_QUARANTINE:
+                    raise ProtocolError("quarantine without negotiating it")
+                if changes is None:
+                    changes = Modifications(Edits(list(head.fields), leading_space))
+                changes.quarantine = response.text or "quarantined by milter"
+                changes.actions.append({"action": "quarantine", "detail": changes.quarantine})
+                continue
+            if response.is_modification:
+                if changes is None:
+                    changes = Modifications(Edits(list(head.fields), leading_space))
+                modify(self.session, self.link, negotiated, response, changes)
+                continue
+            return self.session.decide(self.link, codec.SMFIC_BODYEOB, response), changes
 
 
 def modify(

@@ -26,9 +26,7 @@ session goes on without it) and the reason is logged. Nothing here waits without
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -37,11 +35,12 @@ from twisted.logger import Logger
 
 from slimta_tx.envelope import Envelope, Session
 from slimta_tx.milter import codec
-from slimta_tx.milter.client import Connector, MilterConnection, MilterFailure
-from slimta_tx.milter.codec import Negotiated, ProtocolError, Response
+from slimta_tx.milter.client import Connector, MilterFailure
+from slimta_tx.milter.codec import ProtocolError, Response
 from slimta_tx.milter.config import Milter
 from slimta_tx.milter.content import DISCARD, Verdict, apply, send_message
-from slimta_tx.milter.macros import DEFAULT_MACROS, MacroContext, macro_values
+from slimta_tx.milter.link import EVENT_NAMES, Link, connect_facts
+from slimta_tx.milter.macros import MacroContext
 from slimta_tx.milter.message import (
     HeadTooBig,
     read_head,
@@ -62,8 +61,6 @@ _DEFAULT_REPLIES = {
     "tempfail": Reply("451", "Service unavailable - try again later", "4.7.1"),
     "reject": Reply("550", "Service unavailable", "5.7.1"),
 }
-# Events a milter speaking an older protocol version does not know.
-_SINCE_VERSION = {codec.SMFIC_UNKNOWN: 3, codec.SMFIC_DATA: 4}
 Handler = Callable[..., Coroutine[Any, Any, Reply]]
 
 
@@ -81,34 +78,6 @@ class Milters:
 
     def session(self, proto: ESMTPServerProtocol) -> MilterSession:
         return MilterSession(self, proto)
-
-
-@dataclass
-class Link:
-    """One milter within one SMTP session."""
-
-    milter: Milter
-    connection: MilterConnection | None = None
-    negotiated: Negotiated | None = None
-    # "new" (not connected yet), "open", "done" (accepted the session), "refused" (rejected
-    # the session: ``verdict`` applies), "failed" (default action: ``verdict`` or none).
-    state: str = "new"
-    verdict: Reply | None = None
-    in_transaction: bool = False  # MAIL was sent and the transaction not ended
-    message_done: bool = False  # accepted (or discarded) this message: no more events for it
-    skip: bytes | None = None  # SMFIR_SKIP: no more events of this type for now
-
-    def flag(self, bit: int) -> bool:
-        return self.negotiated is not None and bool(self.negotiated.protocol & bit)
-
-    def wants(self, command: bytes) -> bool:
-        if self.state != "open" or self.negotiated is None:
-            return False
-        return self.negotiated.version >= _SINCE_VERSION.get(command, 2)
-
-    def macros(self, command: bytes) -> tuple[str, ...]:
-        assert self.negotiated is not None
-        return self.negotiated.macros.get(command, DEFAULT_MACROS.get(command, ()))
 
 
 class MilterSession:
@@ -176,7 +145,10 @@ class MilterSession:
             return False
         if name == "BANNER" or self.discarded:
             return True
-        return any(link.state in ("open", "refused") or link.verdict for link in self.links)
+        for link in self.links:
+            if link.state == "open" or link.state == "refused" or link.verdict is not None:
+                return True
+        return False
 
     def reset(self) -> None:
         """The transaction is over (done, refused or reset): abort it at the milters that are
@@ -219,7 +191,7 @@ class MilterSession:
 
     async def _connect(self, reply: Reply, address: tuple[str, int]) -> Reply:
         context = MacroContext(self.session)
-        hostname, family, port, ip = _connect_facts(self.session.address, self.session)
+        hostname, family, port, ip = connect_facts(self.session.address, self.session)
         verdict: Verdict = None
         for link in self.links:
             if not await self._open(link):
@@ -263,7 +235,7 @@ class MilterSession:
             # Rejected already: only to milters that asked to see it, their answer unused.
             context = MacroContext(self.session, recipient=rcpt, rcpt_refusal=reply)
             for link in self.links:
-                if link.flag(codec.SMFIP_RCPT_REJ) and self._in_message(link):
+                if link.flag(codec.SMFIP_RCPT_REJ) and link.in_message:
                     await self._event(link, codec.SMFIC_RCPT, packet, context)
             return reply
         context = MacroContext(self.session, recipient=rcpt)
@@ -283,9 +255,6 @@ class MilterSession:
         return reply
 
     # -- events ------------------------------------------------------------------------------
-
-    def _in_message(self, link: Link) -> bool:
-        return link.in_transaction and not link.message_done
 
     async def _each(
         self,
@@ -309,7 +278,7 @@ class MilterSession:
                 continue
             if abort_first:
                 self._abort(link)
-            elif command != codec.SMFIC_UNKNOWN and not self._in_message(link):
+            elif command != codec.SMFIC_UNKNOWN and not link.in_message:
                 continue
             if starts_transaction:
                 link.in_transaction = True  # until a refusal or an accept ends it
@@ -327,11 +296,7 @@ class MilterSession:
         if not link.wants(command):
             return link.verdict
         no_event, no_reply = codec.EVENT_FLAGS[command]
-        out = b""
-        if context is not None:
-            macros = macro_values(link.macros(command), context)
-            if macros:
-                out += codec.macro_packet(command, macros)
+        out = link.macro_packet(command, context) if context is not None else b""
         skipped = link.flag(no_event) or link.skip == command
         if link.skip is not None and link.skip != command:
             link.skip = None
@@ -342,27 +307,10 @@ class MilterSession:
                 connection.send(out)
             if skipped or link.flag(no_reply):
                 return None
-            response = await self.answer(link, command, link.milter.command_timeout)
+            response = await link.answer(self.clock, command, link.milter.command_timeout)
         except (MilterFailure, ProtocolError) as e:
             return self._fail(link, command, e)
         return self.decide(link, command, response)
-
-    async def answer(self, link: Link, command: bytes, timeout: float) -> Response:
-        """The milter's decision on ``command``: progress waits on, quarantine is noted."""
-        connection = link.connection
-        assert connection is not None
-        deadline = self.clock.seconds() + timeout
-        while True:
-            left = max(deadline - self.clock.seconds(), 0.001)
-            response = codec.parse_response(*await connection.next_packet(left))
-            if response.kind == "progress":
-                deadline = self.clock.seconds() + timeout
-                continue
-            if response.kind == "quarantine":
-                raise ProtocolError("quarantine outside the end of the message")
-            if not response.is_final:
-                raise ProtocolError(f"{response.kind} is only allowed at the end of the message")
-            return response
 
     def decide(self, link: Link, command: bytes, response: Response) -> Verdict:
         """What a final answer means (see the module docstring)."""
@@ -423,7 +371,7 @@ class MilterSession:
                 "{peer}: milter {milter} failed at {event}: {why}; default action {action}",
                 peer=self.session.address,
                 milter=link.milter.name,
-                event=_EVENT_NAMES.get(command, repr(command)),
+                event=EVENT_NAMES.get(command, repr(command)),
                 why=str(error) or type(error).__name__,
                 action=action,
             )
@@ -434,7 +382,7 @@ class MilterSession:
             "{peer}: milter {milter} at {event}: {what}",
             peer=self.session.address,
             milter=link.milter.name,
-            event=_EVENT_NAMES.get(command, repr(command)),
+            event=EVENT_NAMES.get(command, repr(command)),
             what=what,
         )
 
@@ -468,11 +416,8 @@ class MilterSession:
         if self._closed:
             connection.close()
             return False
-        link.connection = connection
         try:
-            connection.send(codec.optneg_packet())
-            command, data = await connection.next_packet(milter.connect_timeout)
-            link.negotiated = codec.parse_optneg(command, data)
+            await link.negotiate(connection)
         except (MilterFailure, ProtocolError) as e:
             self._fail(link, codec.SMFIC_OPTNEG, e)
             return False
@@ -500,7 +445,7 @@ class MilterSession:
                 if link.verdict is not None:
                     return link.verdict.copy()
                 continue
-            if link.state != "open" or not self._in_message(link):
+            if link.state != "open" or not link.in_message:
                 continue
             try:
                 verdict, changes = await send_message(self, link, envelope, head)
@@ -531,32 +476,3 @@ class MilterSession:
             sender=envelope.sender,
         )
         return reply
-
-
-def _connect_facts(address: tuple[str, int], session: Any) -> tuple[str, bytes, int, str]:
-    """Host name (or ``[address]``), family, port and address for the CONNECT event."""
-    ip, port = address[0], int(address[1])
-    try:
-        parsed = ipaddress.ip_address(ip.split("%")[0])
-    except ValueError:
-        if ip.startswith("/") or not ip:
-            return ("localhost", codec.FAMILY_UNIX, 0, ip or "local")
-        return (ip, codec.FAMILY_UNKNOWN, 0, "")
-    family = codec.FAMILY_INET6 if parsed.version == 6 else codec.FAMILY_INET
-    name = session.reverse_name or f"[{ip}]"
-    return (name, family, port, ip)
-
-
-_EVENT_NAMES = {
-    codec.SMFIC_OPTNEG: "negotiation",
-    codec.SMFIC_CONNECT: "connect",
-    codec.SMFIC_HELO: "HELO",
-    codec.SMFIC_MAIL: "MAIL",
-    codec.SMFIC_RCPT: "RCPT",
-    codec.SMFIC_DATA: "DATA",
-    codec.SMFIC_HEADER: "header",
-    codec.SMFIC_EOH: "end of headers",
-    codec.SMFIC_BODY: "body",
-    codec.SMFIC_BODYEOB: "end of message",
-    codec.SMFIC_UNKNOWN: "unknown command",
-}

@@ -51,7 +51,7 @@ class EarlyTalkerPolicy:
         started = session.extra.get(_STARTED, edge.reactor.seconds())
         remaining = started + self.delay - edge.reactor.seconds()
         if not session.early_talker and remaining > 0:
-            await deferLater(edge.reactor, remaining)  # type: ignore[arg-type]
+            await deferLater(edge.reactor, remaining)
         if session.early_talker:
             reply.set("554", "Protocol error: talking before the greeting", "5.5.1")
             edge.events.rejected(session, "early_talker", reply)
