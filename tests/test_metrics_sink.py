@@ -311,3 +311,47 @@ def test_a_worker_flushes_every_second_and_when_it_stops() -> None:
     metrics.rejected("size", Reply("552", "too big", "5.3.4"))
     service.stopService()
     assert read("slimta_tx_rejections_total", {"reason": "size"}) == 2
+
+
+def test_prometheus_clients_histogram_internals_are_as_the_sink_expects() -> None:
+    """Pins HISTOGRAM_INTERNALS (docs/architecture.md, private internals): one value per
+    bucket, not cumulative, +Inf last, and _sum; adding to them is what observe() does."""
+    from prometheus_client import Histogram
+
+    from slimta_tx.metrics.sink import TIME_BUCKETS, has_histogram_internals
+
+    registry = CollectorRegistry()
+    observed = Histogram("observed", "x", buckets=TIME_BUCKETS, registry=registry)
+    added = Histogram("added", "x", buckets=TIME_BUCKETS, registry=registry)
+    assert has_histogram_internals(added, TIME_BUCKETS)
+    for seconds in (0.0005, 0.02, 0.02, 100.0):
+        observed.observe(seconds)
+    added._buckets[0].inc(1)
+    added._buckets[TIME_BUCKETS.index(0.025)].inc(2)
+    added._buckets[len(TIME_BUCKETS)].inc(1)
+    added._sum.inc(100.0405)
+    for le in ("0.001", "0.025", "60.0", "+Inf"):
+        assert registry.get_sample_value("added_bucket", {"le": le}) == registry.get_sample_value(
+            "observed_bucket", {"le": le}
+        )
+    for suffix in ("_count", "_sum"):
+        assert registry.get_sample_value("added" + suffix) == pytest.approx(
+            registry.get_sample_value("observed" + suffix)
+        )
+
+
+def test_without_the_internals_each_observation_goes_to_observe() -> None:
+    from slimta_tx.metrics.sink import _Histogram
+
+    class Public:
+        def __init__(self) -> None:
+            self.seen: list[float] = []
+
+        def observe(self, value: float) -> None:
+            self.seen.append(value)
+
+    metric = Public()
+    histogram = _Histogram(metric, (1.0, 2.0))
+    histogram.observe(1.5)
+    histogram.flush()
+    assert metric.seen == [1.5]
