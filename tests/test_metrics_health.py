@@ -30,11 +30,11 @@ def answer(d: Any) -> Any:
     return results[0]
 
 
-def test_a_maildir_is_ready_while_its_tmp_takes_a_file(tmp_path: Path) -> None:
+def test_a_maildir_is_ready_while_its_tmp_is_writable(tmp_path: Path) -> None:
     bus = MaildirBus(str(tmp_path / "Maildir"), reactor=Clock())
     assert IReadiness.providedBy(bus)
     assert bus.ready() is None
-    assert list((tmp_path / "Maildir" / "tmp").iterdir()) == []  # the probe is gone
+    assert list((tmp_path / "Maildir" / "tmp").iterdir()) == []  # nothing written
     shutil.rmtree(tmp_path / "Maildir")
     assert bus.ready() == "maildir not writable: No such file or directory"
 

@@ -247,13 +247,16 @@ class MaildirBus:
         return d
 
     def ready(self) -> str | None:
-        """IReadiness: None when a file can be made in the Maildir's ``tmp/``, else why not."""
-        probe = os.path.join(self.path, "tmp", f".ready.{os.getpid()}")
+        """IReadiness: None while the Maildir's ``tmp/`` exists and this process may write
+        there (``access(2)``: permissions, a read-only mount), else why not. Nothing is
+        written: a probe file would race the cleaner's scan of ``tmp/``."""
+        tmp = os.path.join(self.path, "tmp")
         try:
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-            os.unlink(probe)
+            os.stat(tmp)
         except OSError as e:
             return f"maildir not writable: {e.strerror}"
+        if not os.access(tmp, os.W_OK | os.X_OK):
+            return "maildir not writable: tmp/ is read-only for this process"
         return None
 
     def start(self) -> Deferred[None]:
