@@ -110,8 +110,8 @@ def report(
         cost = None if not off or on is None else (off - on) / off
         lines.append(
             f"  {key:<10} {'-' if on is None else f'{on:,.0f}':>9} vs "
-            f"{'-' if off is None else f'{off:,.0f}':>9}: "
-            f"{'-' if cost is None else f'{cost * 100:+.1f}%'} msgs/s"
+            f"{'-' if off is None else f'{off:,.0f}':>9} msgs/s: cost "
+            f"{'-' if cost is None else f'{cost * 100:+.1f}%'}"
         )
         judged.append(
             {
