@@ -20,6 +20,7 @@ SERVERS = (
     "twistd-discard",
     "twistd-json",
     "twistd-nolog",
+    "twistd-metrics",
     "twistd-maildir",
     "slimta-discard",
     "slimta-maildir",
@@ -31,10 +32,15 @@ ROUNDS = 3
 _LOG_KINDS = ("twistd-json", "twistd-nolog")
 TARGETS = (("50x2k", 1.5), ("50x2k-1", 1.3), ("10x1m", 3.0))
 LOG_BUDGET = 0.10
+# --metrics against the same server without it (issue 13): 50 connections only.
+METRICS_SCENARIOS = ("50x2k", "50x2k-1")
+METRICS_BUDGET = 0.05
 
 
 def skip(kind: str, scenario: str) -> bool:
     """Rows the product tables do not need (the log variants with 1 MiB messages)."""
+    if kind == "twistd-metrics":
+        return scenario not in METRICS_SCENARIOS
     return kind in _LOG_KINDS and scenario == "10x1m"
 
 
@@ -95,6 +101,25 @@ def report(
                     "met": None if cost is None else cost < LOG_BUDGET,
                 }
             )
+    lines.append("")
+    lines.append("  the metrics' cost (--metrics vs without, discard bus, same run)")
+    for key in METRICS_SCENARIOS:
+        by = results.get(key, {})
+        off = median_rate(by.get("twistd-discard"))
+        on = median_rate(by.get("twistd-metrics"))
+        cost = None if not off or on is None else (off - on) / off
+        lines.append(
+            f"  {key:<10} {'-' if on is None else f'{on:,.0f}':>9} vs "
+            f"{'-' if off is None else f'{off:,.0f}':>9} msgs/s: cost "
+            f"{'-' if cost is None else f'{cost * 100:+.1f}%'}"
+        )
+        judged.append(
+            {
+                "target": f"--metrics costs < 5% msgs/s ({key})",
+                "value": None if cost is None else round(cost, 3),
+                "met": None if cost is None else cost < METRICS_BUDGET,
+            }
+        )
     for key, goal in TARGETS:
         by = results.get(key, {})
         mine, peer = median_rate(by.get("twistd-discard")), median_rate(by.get("twisted"))

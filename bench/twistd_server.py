@@ -10,6 +10,8 @@ twistd-maildir     ``--maildir DIR``: the durable default bus (fsync before each
 twistd-json        as twistd-discard, ``--log-format json``
 twistd-nolog       as twistd-discard, ``--log-level critical``: logging off (nothing written
                    after start-up), the reference for the log's cost
+twistd-metrics     as twistd-discard, ``--metrics tcp:0:interface=127.0.0.1``: every event
+                   also counted (issue 13); twistd-discard is its reference
 =================  =======================================================================
 
 The port is a free one found just before (twistd binds it; a clash fails the run). Ready means
@@ -30,6 +32,7 @@ KINDS = {
     "twistd-maildir": "twistd slimta maildir",
     "twistd-json": "twistd slimta json log",
     "twistd-nolog": "twistd slimta log off",
+    "twistd-metrics": "twistd slimta metrics",
 }
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
@@ -74,6 +77,8 @@ def command(
         slimta += ["--log-format", "json"]
     elif kind == "twistd-nolog":
         slimta += ["--log-level", "critical"]
+    elif kind == "twistd-metrics":
+        slimta += ["--metrics", "tcp:0:interface=127.0.0.1"]
     return twistd + slimta + list(extra)
 
 

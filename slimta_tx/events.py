@@ -12,6 +12,10 @@ The events are ``twisted.logger`` events with structured fields: ``event`` names
 plain data (strings, numbers, None), so the JSON log format (:mod:`slimta_tx.logsink`) writes
 them as they are. No field ever holds a SASL payload or a password.
 
+Metrics: with a sink in :attr:`EdgeEvents.metrics` (``twistd slimta --metrics``, see
+:mod:`slimta_tx.metrics`), each method also counts its event, whatever the log level. Without
+one (the default) that costs one attribute test per event.
+
 Cost: an event below :attr:`EdgeEvents.level` is not built at all (``twistd slimta
 --log-level``, default ``info``: the per-connection ``debug`` events cost one comparison).
 The events are handed to the logger's observer directly, as ``Logger.emit`` would after
@@ -31,6 +35,7 @@ from twisted.logger import Logger, LogLevel
 
 if TYPE_CHECKING:  # pragma: no cover
     from slimta_tx.envelope import Envelope, Session, TLSInfo
+    from slimta_tx.metrics.sink import EdgeMetrics
     from slimta_tx.reply import Reply
 
 __all__ = [
@@ -160,6 +165,8 @@ class EdgeEvents:
 
     def __init__(self, source: object = None, level: LogLevel = _DEBUG) -> None:
         self.log = Logger(namespace="slimta_tx.factory.SmtpEdge", source=source)
+        #: Counts each event when set (slimta_tx.metrics.EdgeMetrics); None: no metrics.
+        self.metrics: EdgeMetrics | None = None
         self.debug = True
         self.info = True
         self.level = level
@@ -191,7 +198,10 @@ class EdgeEvents:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def connection_opened(self, session: Session) -> None:
+    def connection_opened(self, session: Session, tls: bool = False) -> None:
+        """``tls``: the connection is TLS from the first byte (port 465)."""
+        if self.metrics is not None:
+            self.metrics.opened(session, tls)
         if self.debug:
             self._emit(
                 _DEBUG,
@@ -205,6 +215,8 @@ class EdgeEvents:
             )
 
     def connection_closed(self, session: Session) -> None:
+        if self.metrics is not None:
+            self.metrics.closed(session)
         if self.debug:
             self._emit(
                 _DEBUG,
@@ -224,6 +236,8 @@ class EdgeEvents:
     ) -> None:
         """The session was closed in ``state`` for a time limit: ``limit`` is one of
         :data:`TIME_LIMITS` (``idle``: the command or data timeout), ``detail`` says more."""
+        if self.metrics is not None:
+            self.metrics.timed_out(state, limit)
         if self.info:
             self._emit(
                 _INFO,
@@ -252,6 +266,8 @@ class EdgeEvents:
 
         Built in one dict display, without helper calls: this runs for every message.
         """
+        if self.metrics is not None:
+            self.metrics.transaction(envelope, reply, bus_seconds)
         if not self.info:
             return
         now = time.time()
@@ -303,6 +319,8 @@ class EdgeEvents:
         (``syntax``, ``sequence``) is logged at debug: a client's typos are not news to an
         operator.
         """
+        if self.metrics is not None:
+            self.metrics.rejected(reason, reply)
         if not (self.debug if level is _DEBUG else self.info):
             return
         esc = reply.effective_enhanced_code()
@@ -324,6 +342,8 @@ class EdgeEvents:
     # -- TLS and AUTH --------------------------------------------------------------------------
 
     def tls_handshake(self, session: Session, info: TLSInfo) -> None:
+        if self.metrics is not None:
+            self.metrics.tls_handshake(info)
         if not self.info:
             return
         log_format = TLS_FORMAT
@@ -347,6 +367,8 @@ class EdgeEvents:
         )
 
     def tls_failed(self, session: Session, why: str) -> None:
+        if self.metrics is not None:
+            self.metrics.tls_failed()
         if self.info:
             self._emit(
                 _INFO,
@@ -361,6 +383,8 @@ class EdgeEvents:
 
     def auth_failed(self, session: Session, mechanism: str, here: int, from_address: int) -> None:
         """Credentials refused. Only the mechanism's name and counts: never what was sent."""
+        if self.metrics is not None:
+            self.metrics.auth(mechanism, False)
         if self.info:
             self._emit(
                 _INFO,
@@ -374,3 +398,8 @@ class EdgeEvents:
                     "from_address": from_address,
                 },
             )
+
+    def authenticated(self, session: Session, mechanism: str) -> None:
+        """AUTH succeeded: counted only (slimta_tx.auth logs it, with the identity)."""
+        if self.metrics is not None:
+            self.metrics.auth(mechanism, True)

@@ -11,7 +11,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from slimta_tx.envelope import Envelope
 
-__all__ = ["IBus"]
+__all__ = ["IBus", "IReadiness"]
 
 
 class IBus(Interface):
@@ -33,3 +33,12 @@ class IBus(Interface):
         """Store or forward ``envelope``; fire with the reply (or replies) for the client:
         a ``Reply`` or a sequence of them (``slimta_tx.results.BusResult``; typed ``Any`` here
         so that a bus declaring ``Deferred[Reply]`` or ``Deferred[list[Reply]]`` fits)."""
+
+
+class IReadiness(Interface):
+    """Optional, beside :class:`IBus`: whether the bus can take mail now (``/healthz`` of
+    ``twistd slimta --metrics``, see docs/metrics.md). A bus without it counts as ready."""
+
+    def ready() -> Any:
+        """None when ready, else a short reason (``"broker not connected"``); or a Deferred
+        firing with one of those. Cheap: a load balancer may ask every second or two."""

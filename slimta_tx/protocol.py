@@ -12,7 +12,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, ITCPTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    ISSLTransport,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -110,7 +115,7 @@ class ESMTPServerProtocol(MessageTransfer, Protocol):
         self.session.address = (peer_host, getattr(peer, "port", 0))
         self.session.server_address = (getattr(host, "host", ""), getattr(host, "port", 0))
         self.edge.connection_made(self)
-        self.edge.events.connection_opened(self.session)
+        self.edge.events.connection_opened(self.session, ISSLTransport.providedBy(transport))
         self.deadlines.start()
         if starttls.begin_implicit(self):
             # TLS from the first byte (RFC 8314): the banner waits for the handshake.

@@ -18,6 +18,7 @@ from slimta_tx.cli import (
     limits,
     lmtp,
     logs,
+    metrics,
     milter,
     policies,
     proxy,
@@ -27,7 +28,21 @@ from slimta_tx.cli import (
 
 __all__ = ["Options", "makeService"]
 
-GROUPS = (core, tls, auth, policies, limits, milter, buses, esmtp, lmtp, logs, proxy, workers)
+GROUPS = (
+    core,
+    tls,
+    auth,
+    policies,
+    limits,
+    milter,
+    buses,
+    esmtp,
+    lmtp,
+    logs,
+    proxy,
+    metrics,
+    workers,
+)
 
 
 class Options(
@@ -42,6 +57,7 @@ class Options(
     lmtp.OptionGroup,
     logs.OptionGroup,
     proxy.OptionGroup,
+    metrics.OptionGroup,
     workers.OptionGroup,
     usage.Options,
 ):

@@ -160,6 +160,8 @@ class WorkerProcess(ProcessProtocol):
         self.pool = pool
         self.spec = spec
         self.pid: int | None = None
+        #: Called with the pid when the process ended (``--metrics``: slimta_tx.metrics.workers).
+        self.exit_hooks: list[Callable[[int], object]] = []
         self._buffers: dict[int, bytes] = {1: b"", 2: b""}
 
     def connectionMade(self) -> None:
@@ -198,6 +200,9 @@ class WorkerProcess(ProcessProtocol):
             if self._buffers.get(fd):
                 self._line(fd, self._buffers[fd])
                 self._buffers[fd] = b""
+        if self.pid is not None:
+            for hook in self.exit_hooks:
+                hook(self.pid)
         value = reason.value
         if isinstance(value, ProcessTerminated):
             self.pool.exited(self.slot, value.exitCode, value.signal)
@@ -257,6 +262,10 @@ class WorkersService(MultiService):
             stop_timeout=grace + STOP_MARGIN,
             on_give_up=self._give_up,
         )
+        #: More environment for the workers, and what to call with a worker's pid when it
+        #: ends (``--metrics``: slimta_tx.metrics.workers).
+        self.worker_env: dict[str, str] = {}
+        self.exit_hooks: list[Callable[[int], object]] = []
         self.reloads = SighupReload(reactor)
         self.reloads.add(self.reload)
         self.reloads.setServiceParent(self)
@@ -310,12 +319,14 @@ class WorkersService(MultiService):
 
     def _spawn(self, slot: int) -> WorkerProcess:
         process = WorkerProcess(slot, self.pool, self.spec(slot))
+        process.exit_hooks = self.exit_hooks
         env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
         env["LISTEN_FDS"] = str(len(self.bound))
         env["LISTEN_FDNAMES"] = ":".join(f"slimta{i}" for i in range(len(self.bound)))
         # Which worker this is, for code of the user's own (a bus, a per-worker metrics
         # directory for issue 13's aggregation, ...).
         env["SLIMTA_TX_WORKER"] = str(slot)
+        env.update(self.worker_env)
         # Shared stdout/stderr, or pipes the parent reads (see slimta_tx.worker_log).
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         if self.log_to_stdout:
@@ -389,6 +400,10 @@ def make_service(config: Any, reactor: Any) -> WorkersService:
         log_to_stdout=log_to_stdout,
     )
     service.exit_on_listen_error = parent is not None and bool(parent.get("nodaemon"))
+    if config.get("metrics"):
+        from slimta_tx.metrics.workers import serve_for_workers
+
+        serve_for_workers(service, config["metrics"], reactor)
     if parent is not None:
         # The parent's own lines and what it re-emits of its workers' honour --log-level and
         # --log-format as one process's do (workers sharing stdout apply them themselves).

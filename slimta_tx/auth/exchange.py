@@ -317,6 +317,7 @@ class AuthExchange:
         if reply.code.startswith("2") and self.identity is not None:
             session.authed = self.identity
             session.auth_mechanism = self.name
+            proto.edge.events.authenticated(session, self.name)
             self.log.info(
                 "{peer} authenticated as {identity} with {mechanism}",
                 peer=self.peer,

@@ -57,7 +57,7 @@ from zope.interface import implementer
 
 from slimta_tx.bus.amqp_link import AmqpLink, PublishFailed, Target, describe_error, open_link
 from slimta_tx.envelope import Envelope
-from slimta_tx.interfaces import IBus
+from slimta_tx.interfaces import IBus, IReadiness
 from slimta_tx.reply import Reply
 from slimta_tx.results import BusResult
 
@@ -123,7 +123,7 @@ class _ByteBudget:
 Connector = Callable[[], Deferred[AmqpLink]]
 
 
-@implementer(IBus)
+@implementer(IBus, IReadiness)
 class AmqpBus:
     """Publish accepted mail to RabbitMQ with publisher confirms.
 
@@ -252,6 +252,16 @@ class AmqpBus:
     @property
     def connected(self) -> bool:
         return self.link is not None and self.link.is_open
+
+    def ready(self) -> str | None:
+        """IReadiness: None while connected to the broker, else why not."""
+        if self.connected:
+            return None
+        return (
+            f"broker not connected: {self.last_error}"[:200]
+            if self.last_error
+            else ("broker not connected")
+        )
 
     # -- IBus ------------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from slimta_tx.envelope import Envelope
-from slimta_tx.interfaces import IBus
+from slimta_tx.interfaces import IBus, IReadiness
 from slimta_tx.reply import Reply
 from slimta_tx.results import per_recipient
 
@@ -164,6 +164,20 @@ class _Composed:
             if callable(start):
                 start()
 
+    def ready(self) -> Deferred[str | None]:
+        """IReadiness: the first reason a required member gives for not being ready."""
+
+        async def check_all() -> str | None:
+            for member in self.members:
+                ready = getattr(member.bus, "ready", None)
+                if member.required and callable(ready):
+                    reason = await maybeDeferred(ready)
+                    if reason:
+                        return f"{member.label}: {reason}"
+            return None
+
+        return Deferred.fromCoroutine(check_all())
+
     def stop(self) -> Deferred[None]:
         async def stop_all() -> None:
             for member in reversed(self.members):
@@ -177,7 +191,7 @@ class _Composed:
         return Deferred.fromCoroutine(stop_all())
 
 
-@implementer(IBus)
+@implementer(IBus, IReadiness)
 class ChainBus(_Composed):
     """Send to each member in order; stop at the first required member that refuses.
 
@@ -199,7 +213,7 @@ class ChainBus(_Composed):
         return self._verdict(envelope, answers)
 
 
-@implementer(IBus)
+@implementer(IBus, IReadiness)
 class TeeBus(_Composed):
     """Send to every member at once; wait for all; 2xx only if all required members said 2xx."""
 

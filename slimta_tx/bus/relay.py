@@ -24,8 +24,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from slimta_tx.bus import relay_transaction, replies
@@ -39,7 +40,7 @@ from slimta_tx.bus.smtp_client import (
     SmtpClientProtocol,
 )
 from slimta_tx.envelope import Envelope
-from slimta_tx.interfaces import IBus
+from slimta_tx.interfaces import IBus, IReadiness
 from slimta_tx.reply import Reply
 from slimta_tx.results import BusResult
 
@@ -47,6 +48,10 @@ __all__ = ["RelayBus", "TLSMode", "next_hop_endpoint", "parse_next_hop"]
 
 TLSMode = Literal["none", "opportunistic", "required"]
 TLS_MODES: tuple[TLSMode, ...] = ("none", "opportunistic", "required")
+
+
+#: Seconds a readiness probe's answer is reused (see RelayBus.ready).
+READY_PROBE_INTERVAL = 5.0
 
 
 class NextHopUnavailable(Exception):
@@ -119,7 +124,7 @@ class _ClientFactory(Factory):
         return SmtpClientProtocol(self.clock, self.timeout)
 
 
-@implementer(IBus)
+@implementer(IBus, IReadiness)
 class RelayBus:
     """Forward each message to the next hop at ``endpoint``.
 
@@ -174,6 +179,7 @@ class RelayBus:
         self.timeout = timeout
         self.name = name or repr(endpoint)
         self._factory = _ClientFactory(reactor, timeout)
+        self._last_probe: tuple[float, str | None] | None = None  # (when, answer) of ready()
         self.pool: ConnectionPool[NextHopConnection] = ConnectionPool(
             self._open,
             reactor,
@@ -186,6 +192,33 @@ class RelayBus:
         """One reply, or one per recipient for an LMTP listener's envelope (see
         :mod:`slimta_tx.bus.relay_transaction`)."""
         return Deferred.fromCoroutine(self._send(envelope))
+
+    def ready(self) -> Deferred[str | None]:
+        """IReadiness: None when a connection to the next hop is open or can be opened now
+        (a TCP connection, closed at once), else why not. A probe's answer is kept for
+        :data:`READY_PROBE_INTERVAL` seconds: a load balancer asking every second costs the
+        next hop one connection every few seconds at most."""
+        if self.pool.size > 0:
+            return succeed(None)
+        now = self.clock.seconds()
+        last = self._last_probe
+        if last is not None and now - last[0] < READY_PROBE_INTERVAL:
+            return succeed(last[1])
+        probe = self.endpoint.connect(Factory.forProtocol(Protocol))
+
+        def opened(protocol: Protocol) -> None:
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
+
+        def failed(failure: Failure) -> str:
+            return f"next hop {self.name} unreachable: {failure.getErrorMessage()}"[:200]
+
+        def remember(reason: str | None) -> str | None:
+            self._last_probe = (now, reason)
+            return reason
+
+        d: Deferred[Any] = probe.addTimeout(self.timeout, self.clock)
+        return d.addCallbacks(opened, failed).addCallback(remember)
 
     def close(self) -> None:
         """QUIT idle connections; busy ones close when their transaction ends."""

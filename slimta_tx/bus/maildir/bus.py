@@ -23,6 +23,7 @@ same two stages are scheduled from the reactor thread instead, each through the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -37,7 +38,7 @@ from slimta_tx.bus.maildir.clean import DEFAULT_TMP_AGE, clean
 from slimta_tx.bus.maildir.pipeline import Batch, Pipeline
 from slimta_tx.bus.maildir.store import MaildirStore
 from slimta_tx.envelope import Envelope
-from slimta_tx.interfaces import IBus
+from slimta_tx.interfaces import IBus, IReadiness
 from slimta_tx.reply import Reply
 from slimta_tx.spool import storage_failure_reply
 
@@ -49,7 +50,7 @@ CLEAN_INTERVAL = 3600.0
 Runner = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 
-@implementer(IBus)
+@implementer(IBus, IReadiness)
 class MaildirBus:
     """Deliver into the Maildir at ``path`` (created if missing), with group commit.
 
@@ -244,6 +245,19 @@ class MaildirBus:
         assert run is not None
         d: Deferred[None] = run(self._clean).addCallbacks(report, failed)
         return d
+
+    def ready(self) -> str | None:
+        """IReadiness: None while the Maildir's ``tmp/`` exists and this process may write
+        there (``access(2)``: permissions, a read-only mount), else why not. Nothing is
+        written: a probe file would race the cleaner's scan of ``tmp/``."""
+        tmp = os.path.join(self.path, "tmp")
+        try:
+            os.stat(tmp)
+        except OSError as e:
+            return f"maildir not writable: {e.strerror}"
+        if not os.access(tmp, os.W_OK | os.X_OK):
+            return "maildir not writable: tmp/ is read-only for this process"
+        return None
 
     def start(self) -> Deferred[None]:
         """Clean up now (start-up recovery), then every ``clean_interval`` seconds."""
