@@ -543,3 +543,29 @@ def test_sync_mode_is_checked_and_reported(tmp_path: Path) -> None:
     assert MaildirBus(str(tmp_path / "b"), sync_mode="per-file").sync_mode == "per-file"
     with pytest.raises(ValueError, match="sync_mode"):
         MaildirBus(str(tmp_path / "c"), sync_mode="never")
+
+
+def test_clean_skips_a_tmp_file_delivered_while_it_reads_the_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that leaves tmp/ between the directory listing and its stat (a delivery's rename,
+    another cleaner) is skipped: the clean-up goes on and removes the other leftovers."""
+    from slimta_tx.bus.maildir import clean as clean_module
+
+    maildir = tmp_path / "md"
+    bus, _ = deliver_one(maildir)
+    long_ago = time.time() - 3 * 24 * 3600
+    for name in ("1.M1P1Q1Rgone.host", "2.M2P1Q2Rmoving.host"):
+        (maildir / "tmp" / name).write_bytes(b"partial")
+        os.utime(maildir / "tmp" / name, (long_ago, long_ago))
+    real_scandir = os.scandir
+
+    def scandir_racing_a_delivery(path: Any) -> list[os.DirEntry[str]]:
+        entries = list(real_scandir(path))
+        if str(path).endswith("tmp"):
+            os.unlink(maildir / "tmp" / "2.M2P1Q2Rmoving.host")  # gone before its stat
+        return entries
+
+    monkeypatch.setattr(clean_module.os, "scandir", scandir_racing_a_delivery)
+    assert bus.clean() == 1
+    assert os.listdir(maildir / "tmp") == []

@@ -50,7 +50,10 @@ def clean(
 
     in_tmp = set()
     for entry in os.scandir(tmp_dir):
-        st = entry.stat(follow_symlinks=False)
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # delivered (or removed) since the directory was read
         stale = st.st_mtime < now - older_than
         if not stale and entry.name in in_new:
             try:
