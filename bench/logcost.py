@@ -130,11 +130,19 @@ def instructions(kind: str, once: bool, messages: int, warmup: int, scratch: str
                     raise RuntimeError(f"{kind} under valgrind did not start") from None
                 time.sleep(1)  # the bounded start-up poll's interval
         smtp_source(port, warmup, once, 50, 600)
-        subprocess.run(["callgrind_control", "-i", "on", str(proc.pid)], check=True,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            ["callgrind_control", "-i", "on", str(proc.pid)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         smtp_source(port, messages, once, 50, 1200)
-        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            ["callgrind_control", "-d", str(proc.pid)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
     finally:
         stop(proc)
     total = 0
@@ -181,7 +189,8 @@ def main() -> int:
                         r = throughput(KINDS[name], once, args.messages, args.sessions, scratch)
                         runs[name].append(r)
                         print(
-                            f"  {mode} round {round_ + 1} {name:<5} {r['msgs_per_s']:8,.0f} msgs/s "
+                            f"  {mode} round {round_ + 1} {name:<5} "
+                            f"{r['msgs_per_s']:8,.0f} msgs/s "
                             f"{r['cpu_us_per_msg']:6.0f} us/msg  log {r['log_bytes']:,} B",
                             flush=True,
                         )
@@ -190,8 +199,12 @@ def main() -> int:
                 print(f"{mode}: medians of {args.rounds} rounds (msgs/s, server CPU us/msg)")
                 for n in names:
                     cost = (med["off"] - med[n]) / med["off"]
-                    verdict = "" if n == "off" else (
-                        f"  cost {cost * 100:+.1f}% ({'met' if cost < BUDGET else 'NOT met'})"
+                    verdict = (
+                        ""
+                        if n == "off"
+                        else (
+                            f"  cost {cost * 100:+.1f}% ({'met' if cost < BUDGET else 'NOT met'})"
+                        )
                     )
                     print(f"  {n:<5} {med[n]:8,.0f} msgs/s {cpu[n]:6.0f} us/msg{verdict}")
                 print(

@@ -113,8 +113,8 @@ def _json_transaction(event: dict[str, Any], second: str, offset: float, rest: s
     queue_id = event["queue_id"]
     result = event["result"]
     seconds = event["seconds"]
-    rcpts = "%d" % event["rcpts"]
-    size = "%d" % event["size"]
+    rcpts = "%d" % event["rcpts"]  # noqa: UP031 (integers, or TypeError)
+    size = "%d" % event["size"]  # noqa: UP031
     tls_version = event["tls_version"]
     tls_cipher = event["tls_cipher"]
     auth = event["auth"]
@@ -162,7 +162,7 @@ class _Clock:
     def utc(self, when: float) -> str:
         """RFC 3339 in UTC with milliseconds, ``2026-11-24T06:49:30.123Z``."""
         second, offset = self.utc_second(when)
-        return "%s.%03dZ" % (second, offset * 1000)  # %d truncates: milliseconds
+        return "%s.%03dZ" % (second, offset * 1000)  # noqa: UP031 (%d truncates: ms)
 
     def utc_second(self, when: float) -> tuple[str, float]:
         """``when``'s second (``2026-11-24T06:49:30``) and the time since it."""
@@ -359,9 +359,7 @@ class LogSink:
                 self._heads.clear()
             rest = f'","level":"{level.name}","namespace":{_quote(namespace or "-")}'
             self._heads[namespace, level] = rest
-        second, offset = self._clock.utc_second(
-            when if isinstance(when, float) else time.time()
-        )
+        second, offset = self._clock.utc_second(when if isinstance(when, float) else time.time())
         if log_format == _TRANSACTION:
             try:
                 line = _json_transaction(event, second, offset, rest)
@@ -369,7 +367,7 @@ class LogSink:
                 return self._json_generic(event, level)
             worker = event.get("worker")  # a worker of --workers N names itself
             return line if worker is None else f'{line[:-2]},"worker":{int(worker)}}}\n'
-        head = '{"time":"%s.%03dZ%s' % (second, offset * 1000, rest)
+        head = '{"time":"%s.%03dZ%s' % (second, offset * 1000, rest)  # noqa: UP031
         parts = [head, f',"message":{_quote(FAST_FORMATS[log_format](event))}']
         append = parts.append
         for key, value in event.items():
