@@ -104,8 +104,8 @@ def _json_transaction(event: dict[str, Any], second: str, offset: float, rest: s
     Every string field is escaped by the C JSON string encoder (``"``, ``\\``, control
     characters and everything outside ASCII): the HELO name and the sender are the client's
     text, and nothing here trusts the others either. ``rcpts`` and ``size`` are written as
-    integers (``%d``). The durations are microsecond floats (slimta_tx.events rounds them),
-    written with six decimals: the same number, and half the cost of ``repr``. A field of
+    integers (``%d``). The durations are written to the microsecond (six decimals: half the
+    cost of ``repr``, and a short number). A field of
     another type than these raises (TypeError), and the caller takes the generic way."""
     client = event["client"]
     helo = event["helo"]
