@@ -204,7 +204,7 @@ def main() -> int:
                     verdict = (
                         ""
                         if n == "off"
-                        else f"  msgs/s {cost * 100:+.1f}% less than off "
+                        else f"  msgs/s {-cost * 100:+.1f}% vs off "
                         f"({'met' if cost < BUDGET else 'NOT met'}), CPU/msg {extra * 100:+.1f}%"
                     )
                     print(f"  {n:<5} {med[n]:8,.0f} msgs/s {cpu[n]:6.0f} us/msg{verdict}")
