@@ -291,11 +291,12 @@ class EdgeEvents:
                 "tls_version": envelope.tls_version,
                 "tls_cipher": envelope.tls_cipher,
                 "auth": envelope.authed,
-                # To the microsecond (see _us), written out.
-                "seconds": int((now - received_at) * 1e6) / 1e6,
-                "connect_to_mail_seconds": int((received_at - session.connected_at) * 1e6) / 1e6,
-                "data_seconds": None if data_seconds is None else int(data_seconds * 1e6) / 1e6,
-                "bus_seconds": None if bus_seconds is None else int(bus_seconds * 1e6) / 1e6,
+                # As measured: the log sink writes them to the microsecond (rounding here
+                # cost a fifth of building the event).
+                "seconds": now - received_at,
+                "connect_to_mail_seconds": received_at - session.connected_at,
+                "data_seconds": data_seconds,
+                "bus_seconds": bus_seconds,
                 "log_logger": log,
                 "log_level": _INFO,
                 "log_namespace": log.namespace,

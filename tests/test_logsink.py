@@ -155,10 +155,11 @@ def test_json_transaction_event_carries_what_operators_query() -> None:
     assert (record["data_seconds"], record["bus_seconds"]) == (0.0125, 0.25)
     assert record["connect_to_mail_seconds"] >= 0
     assert not any(key.startswith("log_") for key in record)
-    # The hand-written JSON line holds exactly the event's fields, with their values.
+    # The hand-written JSON line holds exactly the event's fields, with their values (the
+    # durations to the microsecond).
     fields = {k: v for k, v in event.items() if not k.startswith("log_")}
     assert set(record) == set(fields) | {"time", "level", "namespace", "message"}
-    assert all(record[k] == v for k, v in fields.items())
+    assert all(record[k] == to_the_microsecond(k, v) for k, v in fields.items())
 
 
 def test_json_other_events_are_plain_data() -> None:
@@ -189,6 +190,106 @@ def test_non_ascii_is_escaped_in_json() -> None:
     line = out.writes[0]
     assert line.isascii()
     assert json.loads(line)["sender"] == "dédé@exämple.test\udcff"
+
+
+# Client text as a HELO name or a sender can hold it (the protocol refuses CR, LF, NUL and
+# invalid UTF-8 in commands; everything else reaches the log).
+HOSTILE = [
+    'q"uote',
+    "back\\slash\\",
+    '"},"result":"250","x":{"',
+    "ctl\x01\x1b[31m\x7f\ttab",
+    "sm\u00f6rg\u00e5s.\u4f8b\u3048",
+    "line\u2028sep\u2029",
+    "\\u0000 not a NUL",
+    "emoji \U0001f4e7",
+]
+
+
+DURATIONS = ("seconds", "connect_to_mail_seconds", "data_seconds", "bus_seconds")
+
+
+def to_the_microsecond(key: str, value: Any) -> Any:
+    """A field's value as the JSON line holds it: durations to the microsecond."""
+    return round(value, 6) if key in DURATIONS and value is not None else value
+
+
+def hostile_event(helo: str, sender: str) -> dict[str, Any]:
+    _, (event,) = transaction_event(tls=True)
+    event["helo"], event["sender"] = helo, sender
+    return event
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_json_transaction_escapes_client_text(text: str) -> None:
+    """Whatever a client puts in its HELO name and sender, the transaction's JSON line is one
+    line of ASCII that parses to exactly what was sent, in the fields and in the message, and
+    the same object as the generic encoder gives."""
+    event = hostile_event(text, text + "@example.org")
+    sink, out, _, _ = sink_and_logger(fmt="json")
+    sink(event)
+    sink.flush()
+    line = out.text
+    assert line.isascii() and line.count("\n") == 1 and line.endswith("}\n")
+    record = json.loads(line)
+    assert record["helo"] == text and record["sender"] == text + "@example.org"
+    assert f" helo={text} from=<{text}@example.org> " in record["message"]
+    assert record["result"] == "250 2.6.0" and "x" not in record
+    generic = json.loads(sink._json_generic(event, LogLevel.info))
+    assert record == {k: to_the_microsecond(k, v) for k, v in generic.items()}
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_text_transaction_line_is_twistds_for_any_client_text(text: str) -> None:
+    event = hostile_event(text, text)
+    sink, out, _, _ = sink_and_logger()
+    sink(event)
+    sink.flush()
+    assert out.text == formatEventAsClassicLogText(event, formatTime)
+
+
+def test_json_transaction_of_unexpected_types_takes_the_generic_way() -> None:
+    """A field the template does not expect (a missing HELO, a count as text) still gives a
+    valid line, with the values as they are."""
+    for changes in ({"helo": None}, {"rcpts": "2"}, {"data_seconds": None, "auth": None}):
+        _, (event,) = transaction_event()
+        event.update(changes)
+        sink, out, _, _ = sink_and_logger(fmt="json")
+        sink(event)
+        sink.flush()
+        record = json.loads(out.text)
+        assert all(record[k] == v for k, v in changes.items())
+        assert record["event"] == "smtp.transaction"
+
+
+def test_json_time_has_milliseconds_truncated() -> None:
+    """The time field says the millisecond the event happened in (never rounded up into the
+    next second)."""
+    _, (event,) = transaction_event()
+    sink, out, _, _ = sink_and_logger(fmt="json")
+    for when in (1_700_000_000.9996, 1_700_000_001.0004, 1_700_000_001.5):
+        event["log_time"] = when
+        sink(event)
+    sink.flush()
+    times = [json.loads(line)["time"] for line in out.text.splitlines()]
+    assert times == [
+        "2023-11-14T22:13:20.999Z",
+        "2023-11-14T22:13:21.000Z",
+        "2023-11-14T22:13:21.500Z",
+    ]
+
+
+def test_json_durations_are_the_events_numbers() -> None:
+    _, (event,) = transaction_event()
+    sink, out, _, _ = sink_and_logger(fmt="json")
+    for seconds in (0.0, 0.000001, 0.0125, 1.0, 123.456789):  # written with six decimals
+        event["seconds"] = event["bus_seconds"] = seconds
+        sink(event)
+    sink.flush()
+    values = (0.0, 0.000001, 0.0125, 1.0, 123.456789)
+    for seconds, line in zip(values, out.text.splitlines(), strict=True):
+        record = json.loads(line)
+        assert record["seconds"] == seconds and record["bus_seconds"] == seconds
 
 
 def test_an_unformattable_event_is_reported_not_raised() -> None:
