@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from slimta_tx import timers
 from slimta_tx.reply import Reply
 from slimta_tx.state import State
 
@@ -113,11 +114,7 @@ class SessionDeadlines:
     def _schedule(self, due: float, delay: float) -> None:
         """Run the check ``delay`` seconds from now (at ``due``), moving the one timer."""
         self._due = due
-        timer = self._timer
-        if timer is None:
-            self._timer = self.clock.callLater(delay, self._check)
-        else:
-            timer.reset(delay)
+        self._timer = timers.move(self.clock, self._timer, delay, self._check)
 
     # -- the timer ---------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from slimta_tx import chunking, commands, fastwrite, pipelining, proxy, starttls
+from slimta_tx import chunking, commands, fastwrite, pipelining, proxy, starttls, timers
 from slimta_tx.deadlines import SessionDeadlines
 from slimta_tx.envelope import Session
 from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
@@ -327,13 +327,10 @@ class ESMTPServerProtocol(MessageTransfer, Protocol):
         ):
             self.transport.loseConnection()
             # A client that never reads cannot hold the connection open: the idle timer, if
-            # there is one, becomes that deadline (a reset instead of a new call per close).
+            # there is one, becomes that deadline (moved, or replaced if it must come sooner;
+            # while closing, _timed_out aborts).
             timer, self._timer = self._timer, None
-            if timer is not None and timer.active():
-                timer.reset(30)
-                self._abort_timer = timer
-            else:
-                self._abort_timer = self.clock.callLater(30, self._abort_if_open)
+            self._abort_timer = timers.move(self.clock, timer, 30, self._abort_if_open)
 
     def close_after_flush(self) -> None:
         self._closing = True
@@ -391,10 +388,9 @@ class ESMTPServerProtocol(MessageTransfer, Protocol):
         # self._timer is None or active: _timed_out and cancel_timer clear it.
         if self.state is _CLOSED or self._closing:
             self.cancel_timer()
-        elif self._timer is not None:
-            self._timer.reset(seconds)  # cheaper than cancel + callLater, several times a message
         else:
-            self._timer = self.clock.callLater(seconds, self._timed_out)
+            # A reset (several times a message), or a new timer when it must come sooner.
+            self._timer = timers.move(self.clock, self._timer, seconds, self._timed_out)
 
     def cancel_timer(self) -> None:
         self._timer_due = None
