@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.application.service import Service
+from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
-from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -73,31 +72,20 @@ def edge_readiness(service: Any, reactor: Any, timeout: float = CHECK_TIMEOUT) -
     return check
 
 
-class ReadinessReporter(Service):
+class ReadinessReporter(TimerService):
     """Every :data:`REPORT_INTERVAL` seconds, sets ``slimta_tx_bus_ready`` from the bus's
     answer (with ``--workers``, the parent's /healthz reads it from every worker)."""
 
     def __init__(
         self, bus: Any, metrics: EdgeMetrics, reactor: Any, interval: float = REPORT_INTERVAL
     ) -> None:
+        super().__init__(interval, self.check)
+        self.clock = reactor
         self.bus = bus
         self.metrics = metrics
         self.reactor = reactor
         self.interval = interval
-        self._loop: LoopingCall | None = None
         self._pending = False
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self.check)
-        self._loop.clock = self.reactor
-        self._loop.start(self.interval, now=True)
-
-    def stopService(self) -> Any:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        return super().stopService()
 
     def check(self) -> None:
         if self._pending:

@@ -18,8 +18,7 @@ from bisect import bisect_left
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from twisted.application.service import Service
-from twisted.internet.task import LoopingCall
+from twisted.application.internet import TimerService
 from twisted.logger import Logger
 
 from slimta_tx.metrics import labels
@@ -280,25 +279,16 @@ class EdgeMetrics:
         self._ready.set(1 if ready else 0)
 
 
-class FlushService(Service):
+class FlushService(TimerService):
     """Flushes ``metrics`` every ``interval`` seconds and when it stops: a worker of
     ``--workers``, whose counts the parent reads from their files without asking it."""
 
     def __init__(self, metrics: EdgeMetrics, reactor: Any, interval: float = FLUSH_INTERVAL):
+        super().__init__(interval, metrics.flush)
+        self.clock = reactor
         self.metrics = metrics
-        self.reactor = reactor
-        self.interval = interval
-        self._loop: LoopingCall | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop = LoopingCall(self.metrics.flush)
-        self._loop.clock = self.reactor
-        self._loop.start(self.interval, now=False)
 
     def stopService(self) -> Any:
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
+        stopped = super().stopService()
         self.metrics.flush()
-        return super().stopService()
+        return stopped
