@@ -83,8 +83,6 @@ class ReadinessReporter(TimerService):
         self.clock = reactor
         self.bus = bus
         self.metrics = metrics
-        self.reactor = reactor
-        self.interval = interval
         self._pending = False
 
     def check(self) -> None:
@@ -96,6 +94,4 @@ class ReadinessReporter(TimerService):
             self._pending = False
             self.metrics.bus_ready(reason is None)
 
-        bus_readiness(self.bus, self.reactor, min(CHECK_TIMEOUT, self.interval * 2)).addCallback(
-            report
-        )
+        bus_readiness(self.bus, self.clock, min(CHECK_TIMEOUT, self.step * 2)).addCallback(report)
