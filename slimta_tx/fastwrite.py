@@ -26,6 +26,14 @@ within a connection is kept: a connection's replies are one buffer, written in o
 standard-library TLS layer is coalesced too (each connection's replies are encrypted at the end
 of the pass); Twisted's TLS layer is not.
 
+Closing is shortened the same way (:func:`close_now`): Twisted's ``loseConnection`` stops
+reading, registers the connection for writability (an ``epoll_ctl``), and closes on the next
+pass of the reactor, when ``doWrite`` finds nothing to send and the reactor unregisters it again
+(another ``epoll_ctl``). When a plain TCP connection has nothing queued, the session's last
+reply (``221``, ``421``) has already gone to the socket, so there is nothing to wait for: the
+connection stops reading and closes at once, as that ``doWrite`` would have (an orderly
+``shutdown`` and ``close``; the protocol is told ``ConnectionDone``).
+
 This reads Twisted's TCP transport internals (:data:`TRANSPORT_INTERNALS`: ``dataBuffer``,
 ``offset``, ``_tempDataLen``, ``socket``, ``doWrite``, ...; ``tests/test_fastwrite.py`` pins
 what they must mean). The first plain TCP connection checks that they are there; if a Twisted
@@ -40,10 +48,12 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-__all__ = ["at_end_of_pass", "flush_later", "send_now", "write"]
+__all__ = ["at_end_of_pass", "close_later", "close_now", "flush_later", "send_now", "write"]
 
 log = Logger()
 
@@ -137,6 +147,53 @@ def send_now(connection: Any, data: bytes) -> bytes:
     except OSError:
         sent = 0  # Twisted notices the error on its own write and reports it as usual
     return b"" if sent >= len(data) else data[sent:]
+
+
+def _plain_connection(transport: Any) -> Any:
+    """The plain (not TLS) ``tcp.Connection`` under ``transport``, or None."""
+    connection = transport
+    if not isinstance(connection, tcp.Connection) and getattr(
+        type(connection), "passes_writes_through", False
+    ):
+        connection = connection.transport
+    if (
+        not isinstance(connection, tcp.Connection)
+        or not (_usable or (_usable is None and _check_internals(connection)))
+        or connection.TLS
+    ):
+        return None
+    return connection
+
+
+def close_later(transport: Any, close: Callable[[], None]) -> bool:
+    """Call ``close`` at the end of this reactor pass, if ``transport`` is plain TCP (which
+    :func:`close_now` may then close at once); False (nothing done) for any other transport."""
+    connection = _plain_connection(transport)
+    reactor = getattr(connection, "reactor", None)
+    if reactor is None:
+        return False
+    at_end_of_pass(reactor, close)
+    return True
+
+
+def close_now(transport: Any) -> bool:
+    """Close ``transport`` now, as ``loseConnection`` would once its buffer is written, if it
+    is a plain TCP connection with nothing queued; return whether it did (False: call
+    ``loseConnection``).
+
+    The connection stops reading and its ``connectionLost`` is called with ``ConnectionDone``
+    (so the protocol's ``connectionLost`` runs before this returns): call it where that is
+    safe, outside the transport's own ``doRead`` (slimta_tx.protocol does it at the end of the
+    reactor pass). A layer that passes writes straight down is seen through, as in
+    :func:`write`.
+    """
+    connection = _plain_connection(transport)
+    if connection is None or not _idle(connection):
+        return False
+    connection.stopReading()
+    connection.stopWriting()
+    connection.connectionLost(Failure(ConnectionDone()))
+    return True
 
 
 class _PassBatch:

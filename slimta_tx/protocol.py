@@ -90,6 +90,7 @@ class ESMTPServerProtocol(MessageTransfer, Protocol):
         self.tls_started = False  # STARTTLS accepted, or TLS from the first byte
         self.started = False  # start_session() ran (not before a PROXY header is in)
         self._flush_pending = False  # a flush_now is due at the end of this reactor pass
+        self._close_due = False  # the connection closes at the end of this reactor pass
         # policy.is_trusted(client address), remembered with the policy and address it is for.
         self._trusted: tuple[object, object, bool] = (None, None, False)
         # The milters' driver for this session (slimta_tx.milter), None without milters.
@@ -322,9 +323,27 @@ class ESMTPServerProtocol(MessageTransfer, Protocol):
         if (
             self._closing
             and self._abort_timer is None
+            and not self._close_due
             and self.state is not _CLOSED
             and self.transport is not None
         ):
+            if fastwrite.close_later(self.transport, self._close_at_end_of_pass):
+                # Plain TCP: at the end of this pass, outside the transport's doRead, it
+                # closes at once if the last reply is on the wire (no writability round
+                # through the reactor).
+                self._close_due = True
+                return
+            self._lose_connection()
+
+    def _close_at_end_of_pass(self) -> None:
+        self._close_due = False
+        if self.state is _CLOSED or self.transport is None or self._abort_timer is not None:
+            return
+        if not fastwrite.close_now(self.transport):
+            self._lose_connection()  # something was queued meanwhile: the usual way
+
+    def _lose_connection(self) -> None:
+        if self.transport is not None:
             self.transport.loseConnection()
             # A client that never reads cannot hold the connection open: the idle timer, if
             # there is one, becomes that deadline (moved, or replaced if it must come sooner;

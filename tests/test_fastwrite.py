@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -180,6 +181,14 @@ def fake_tcp_session(edge: SmtpEdge, clock: Clock) -> tuple[Any, FakeSocket, lis
     conn.setTcpNoDelay = lambda on: None
     conn.pauseProducing = conn.resumeProducing = lambda: None
     conn.loseConnection = lambda: closed.append("lose")
+    conn.stopReading = lambda: closed.append("stop-reading")
+    conn.stopWriting = lambda: None
+
+    def connection_lost(reason: Failure) -> None:
+        closed.append(f"lost: {getattr(reason.type, '__name__', None)}")
+        proto.connectionLost(reason)
+
+    conn.connectionLost = connection_lost
     proto = edge.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     proto.makeConnection(conn)
     clock.advance(0)
@@ -216,15 +225,59 @@ def test_replies_of_one_pass_go_out_at_its_end_in_one_send() -> None:
     assert text.startswith(b"250-mx.example") and text.endswith(b"250 2.0.0 Ok\r\n")
 
 
-def test_a_closing_reply_is_sent_at_once_after_what_was_waiting() -> None:
-    """QUIT: the 221 follows the earlier replies in order and the close is not put off."""
+def test_a_closing_reply_goes_at_once_and_the_connection_closes_at_the_end_of_the_pass() -> None:
+    """QUIT: the 221 follows the earlier replies in order, is sent at once, and the connection
+    closes at the end of the pass without loseConnection's round through the reactor (and
+    without the 30 s abort deadline that round needs)."""
     proto, sock, clock, closed = smtp_over_fake_tcp()
     proto.dataReceived(b"NOOP\r\n")
     proto.dataReceived(b"QUIT\r\n")
     assert sock.sent[1:] == [b"250 2.0.0 Ok\r\n221 2.0.0 mx.example Bye\r\n"]
+    assert closed == []  # not inside the transport's doRead
+    clock.advance(0)
+    assert closed == ["stop-reading", "lost: ConnectionDone"]
+    assert len(sock.sent) == 2
+    assert proto.state.value == "closed"
+    delays = [call.getTime() - clock.seconds() for call in clock.getDelayedCalls()]
+    assert 30 not in delays  # (the other session's timers remain)
+
+
+def test_a_closing_reply_the_socket_did_not_take_is_left_to_lose_connection() -> None:
+    """A client that does not read: the 221 is queued behind Twisted's buffer, so the
+    connection closes the usual way, after it is written, within the 30 s abort deadline."""
+    proto, sock, clock, closed = smtp_over_fake_tcp()
+    sock.accept = 3
+    proto.dataReceived(b"QUIT\r\n")
+    proto.transport.dataBuffer = b"queued"  # what Twisted's write kept
+    clock.advance(0)
     assert closed == ["lose"]
-    clock.advance(0)  # the pending flush finds nothing left to send
-    assert len(sock.sent) == 2 and closed == ["lose"]
+    delays = [call.getTime() - clock.seconds() for call in clock.getDelayedCalls()]
+    assert delays.count(30) == 1
+
+
+def test_close_now_closes_an_idle_plain_connection_at_once() -> None:
+    events: list[str] = []
+    conn = connection(FakeSocket())
+    conn.stopReading = lambda: events.append("stop-reading")
+    conn.stopWriting = lambda: events.append("stop-writing")
+    conn.connectionLost = lambda reason: events.append(reason.type.__name__)
+    assert fastwrite.close_now(conn)
+    assert events == ["stop-reading", "stop-writing", "ConnectionDone"]
+
+
+@pytest.mark.parametrize(
+    "state",
+    [{"TLS": True}, {"_tempDataLen": 3}, {"dataBuffer": b"xyz"}, {"disconnecting": True}],
+    ids=["tls", "temp-queue", "buffer", "disconnecting"],
+)
+def test_close_now_leaves_anything_queued_or_tls_to_lose_connection(
+    state: dict[str, Any],
+) -> None:
+    """Bytes still queued must be written first; TLS must send its close_notify."""
+    conn = connection(FakeSocket(), **state)
+    conn.connectionLost = lambda reason: pytest.fail("closed with bytes queued")
+    assert not fastwrite.close_now(conn)
+    assert not fastwrite.close_now(StringTransport())
 
 
 # -- the Twisted internals relied on (issue 14) ---------------------------------------------------
@@ -283,6 +336,16 @@ def test_twisted_tcp_transport_internals_mean_what_fastwrite_assumes() -> None:
         fastwrite.write(conn, b"at once")  # idle again: straight to the socket
         assert conn._tempDataLen == 0 and conn not in reactor.writers
         assert theirs.recv(100) == b"queued at once"
+
+        # close_now: stop reading, then connectionLost(ConnectionDone) as doWrite would
+        # after a loseConnection: an orderly close the peer sees as end of file.
+        reactor.addReader(conn)
+        lost: list[Failure] = []
+        cast(Any, conn.protocol).connectionLost = lost.append
+        assert fastwrite.close_now(conn)
+        assert conn not in reactor.readers and conn not in reactor.writers
+        assert [f.type for f in lost] == [ConnectionDone]
+        assert ours.fileno() == -1 and theirs.recv(100) == b""
     finally:
         ours.close()
         theirs.close()
