@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -226,6 +226,17 @@ class ESMTPServerProtocol(MessageTransfer, Protocol):
         ``d`` fires with into a Reply, or raises (then, as when ``d`` fails, the failure is
         logged and the client gets 451 4.3.0).
         """
+        if not isinstance(d, Reply) and d.called and not d.paused:
+            # Fired, and not waiting on another Deferred (a bus or validator that answers at
+            # once): its result is final, so read it now instead of running callbacks on it.
+            result = d.result
+            if check is not None and not isinstance(result, Failure):
+                try:
+                    d = check(result)
+                except Exception:
+                    d = fail()  # to failed() below: logged, and 451 4.3.0
+            elif isinstance(result, Reply):
+                d = result
         if isinstance(d, Reply):
             # Answered at once: input was never paused and the command's timer still runs.
             if self.state is not _CLOSED:

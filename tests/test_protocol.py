@@ -437,6 +437,23 @@ class TestData:
         deferred.callback(Reply("250", "Later", "2.6.0"))
         assert d.read() == [("250", "2.6.0 Later"), ("250", "2.0.0 Ok")]
 
+    def test_bus_deferred_waiting_on_another(self) -> None:
+        """A fired Deferred whose callback returned an unfired one has no reply yet: the
+        session waits for the inner one, then answers."""
+        from twisted.internet.defer import Deferred, succeed
+
+        inner: Deferred[Reply] = Deferred()
+
+        class Chained:
+            def send(self, envelope: object) -> Deferred[Reply]:
+                return succeed(None).addCallback(lambda _: inner)
+
+        d = Driver(bus=Chained())
+        d.start_data()
+        assert d.send(MESSAGE + b".\r\nNOOP\r\n") == []
+        inner.callback(Reply("250", "Inner", "2.6.0"))
+        assert d.read() == [("250", "2.6.0 Inner"), ("250", "2.0.0 Ok")]
+
     def test_transaction_log_line(self) -> None:
         """One info event per transaction, as Logger.info would emit it, with its fields."""
         from twisted.logger import LogLevel, formatEvent
