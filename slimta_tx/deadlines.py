@@ -20,10 +20,12 @@ Each cut is ``421 4.4.2`` (RFC 3463 "bad connection": the transaction could not 
 because of a time-out or poor connection quality) and the connection closes; RFC 5321 3.8
 allows closing after a timeout waiting for data.
 
-Cheap on the hot path: one timer per session (a ``DelayedCall`` moved, never replaced), one
-clock read when a body starts, and a byte count per batch of input. The timer is set to the
+Cheap on the hot path: one timer per session (a ``DelayedCall`` moved later, never sooner),
+one clock read when a body starts, and a byte count per batch of input. The timer is set to the
 earliest moment a limit could be crossed; when it fires early (more bytes arrived since), it
-only moves itself on.
+only moves itself on. Between bodies it is due within the time a body's first check needs
+(``data_rate_grace``, 30 s), so a body that starts finds it due soon enough and leaves it alone:
+a session of one message creates one timer and cancels it once.
 """
 
 from __future__ import annotations
@@ -90,9 +92,21 @@ class SessionDeadlines:
             first = policy.data_rate_grace
         self._first = first if first != _NEVER else None
         limit = policy.session_deadline
+        now = self.clock.seconds()
         if limit:
-            self.session_ends = self.clock.seconds() + limit
-            self._schedule(self.session_ends, limit)
+            self.session_ends = now + limit
+        self._schedule_idle(now)
+
+    def _schedule_idle(self, now: float) -> None:
+        """Between bodies: check again at the session deadline, or sooner (within the time a
+        body's first check would need), so a body that starts never moves the timer sooner:
+        moving it sooner is a cancel and a new timer, and that was twice per connection."""
+        due = self.session_ends
+        first = self._first
+        if first is not None and now + first < due:
+            due = now + first
+        if due != _NEVER:
+            self._schedule(due, max(due - now, 0.0))
 
     def transfer_started(self) -> None:
         """A message body starts (``354`` sent, or a first or refused ``BDAT`` chunk)."""
@@ -128,13 +142,14 @@ class SessionDeadlines:
         in_body = proto.state in _BODY_STATES
         if now >= self.session_ends and self._session_over(now, in_body):
             return
-        due = self.session_ends
         started = self.started
-        if started is not None and in_body and not proto.waiting:
-            body_due = self._body_due(now, started)
-            if body_due is None:
-                return  # cut off
-            due = min(due, body_due)
+        if started is None or not in_body or proto.waiting:
+            self._schedule_idle(now)
+            return
+        body_due = self._body_due(now, started)
+        if body_due is None:
+            return  # cut off
+        due = min(self.session_ends, body_due)
         if due != _NEVER:
             self._schedule(due, max(due - now, 0.0))
 
