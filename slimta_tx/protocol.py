@@ -23,7 +23,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from slimta_tx import chunking, commands, fastwrite, pipelining, proxy, starttls, timers
+from slimta_tx import chunking, commands, fastwrite, pipelining, proxy, starttls
 from slimta_tx.deadlines import SessionDeadlines
 from slimta_tx.envelope import Session
 from slimta_tx.lines import TOO_LONG, LineReader, _TooLong
@@ -82,7 +82,9 @@ class ESMTPServerProtocol(MessageTransfer, Protocol):
         # The 421 to send after the transaction under way (the edge is closing, time is up).
         self._last_words: Reply | None = None
         self._banner_pending = False
-        self._timer: IDelayedCall | None = None
+        self._timer: IDelayedCall | None = None  # the idle timer's call (see _set_timer)
+        self._timer_at = 0.0  # when that call fires
+        self._idle_at = 0.0  # when the idle time is up (the call re-arms for it if sooner)
         # A restart asked for while processing input, applied once when processing stops.
         self._timer_due: float | None = None
         self._abort_timer: IDelayedCall | None = None
@@ -356,15 +358,14 @@ class ESMTPServerProtocol(MessageTransfer, Protocol):
     def _lose_connection(self) -> None:
         if self.transport is not None:
             self.transport.loseConnection()
-            # A client that never reads cannot hold the connection open: the idle timer, if
-            # there is one, becomes that deadline (moved, or replaced if it must come sooner;
-            # while closing, _timed_out aborts).
-            timer, self._timer = self._timer, None
-            self._abort_timer = timers.move(self.clock, timer, 30, self._abort_if_open)
+            # A client that never reads cannot hold the connection open: 30 s to take the
+            # last reply, then abort.
+            self.cancel_timer()
+            self._abort_timer = self.clock.callLater(30, self._abort_if_open)
 
     def close_after_flush(self) -> None:
         self._closing = True
-        self._timer_due = None  # the idle timer is kept: flush_now makes it the abort deadline
+        self._timer_due = None  # the idle timer is kept until the connection is closing
         self.deadlines.stop()
 
     def _abort_if_open(self) -> None:
@@ -415,12 +416,35 @@ class ESMTPServerProtocol(MessageTransfer, Protocol):
             self._set_timer(seconds)
 
     def _set_timer(self, seconds: float) -> None:
-        # self._timer is None or active: _timed_out and cancel_timer clear it.
+        """The idle timer is due ``seconds`` from now.
+
+        Lazily: a restart to a later time (several times a message) only notes the new time;
+        the reactor's call stays where it is, and when it fires early it re-arms itself for
+        the time noted (:meth:`_idle_check`). Only a restart to a sooner time replaces it.
+        """
         if self.state is _CLOSED or self._closing:
             self.cancel_timer()
-        else:
-            # A reset (several times a message), or a new timer when it must come sooner.
-            self._timer = timers.move(self.clock, self._timer, seconds, self._timed_out)
+            return
+        clock = self.clock
+        due = clock.seconds() + seconds
+        self._idle_at = due
+        timer = self._timer
+        if timer is None or self._timer_at > due:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._timer = clock.callLater(seconds, self._idle_check)
+            self._timer_at = due
+
+    def _idle_check(self) -> None:
+        """The idle timer's call: time is up, or (the timer was restarted since) re-arm."""
+        self._timer = None
+        if not self._closing:
+            left = self._idle_at - self.clock.seconds()
+            if left > 0:
+                self._timer = self.clock.callLater(left, self._idle_check)
+                self._timer_at = self._idle_at
+                return
+        self._timed_out()
 
     def cancel_timer(self) -> None:
         self._timer_due = None
@@ -429,10 +453,9 @@ class ESMTPServerProtocol(MessageTransfer, Protocol):
         self._timer = None
 
     def _timed_out(self) -> None:
-        if self._closing:  # the idle timer, turned into the abort deadline by flush_now
+        if self._closing:  # closing, and the client has not let us finish: abort
             self._abort_if_open()
             return
-        self._timer = None
         self.edge.events.timed_out(self.session, self.state.value)
         if self.state in _SPOOLING_STATES:
             self._discard_spool()

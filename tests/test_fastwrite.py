@@ -205,6 +205,15 @@ def smtp_over_fake_tcp(sessions: int = 2) -> tuple[Any, FakeSocket, Clock, list[
     return proto, sock, clock, closed
 
 
+def session_timers(proto: Any, clock: Clock) -> list[float]:
+    """When the timers of ``proto`` (its own or its deadlines') are due, from now."""
+    return [
+        call.getTime() - clock.seconds()
+        for call in clock.getDelayedCalls()
+        if getattr(getattr(call, "func", None), "__self__", None) in (proto, proto.deadlines)
+    ]
+
+
 def test_alone_on_the_edge_replies_go_out_at_once() -> None:
     """No other connection could share the pass: no callLater, no wait."""
     proto, sock, clock, _ = smtp_over_fake_tcp(sessions=1)
@@ -238,8 +247,7 @@ def test_a_closing_reply_goes_at_once_and_the_connection_closes_at_the_end_of_th
     assert closed == ["stop-reading", "lost: ConnectionDone"]
     assert len(sock.sent) == 2
     assert proto.state.value == "closed"
-    delays = [call.getTime() - clock.seconds() for call in clock.getDelayedCalls()]
-    assert 30 not in delays  # (the other session's timers remain)
+    assert session_timers(proto, clock) == []  # no abort deadline either
 
 
 def test_a_closing_reply_the_socket_did_not_take_is_left_to_lose_connection() -> None:
@@ -251,8 +259,7 @@ def test_a_closing_reply_the_socket_did_not_take_is_left_to_lose_connection() ->
     proto.transport.dataBuffer = b"queued"  # what Twisted's write kept
     clock.advance(0)
     assert closed == ["lose"]
-    delays = [call.getTime() - clock.seconds() for call in clock.getDelayedCalls()]
-    assert delays.count(30) == 1
+    assert session_timers(proto, clock) == [30]  # the abort deadline
 
 
 def test_close_now_closes_an_idle_plain_connection_at_once() -> None:

@@ -91,6 +91,19 @@ def test_each_command_restarts_the_timer() -> None:
     assert not d.closed
 
 
+def test_the_timeout_counts_from_the_last_command_to_the_second() -> None:
+    """The idle timer is restarted lazily (its reactor call fires at the old time and
+    re-arms): the client still gets exactly command_timeout from its last command."""
+    d = Driver(policy=Policy(hostname="mx.test", command_timeout=60))
+    d.clock.advance(50)
+    assert d.cmd("NOOP")[0] == "250"
+    d.clock.advance(59.5)  # 109.5 s: the first call (due at 60 s) has re-armed for 110 s
+    assert not d.closed
+    d.clock.advance(0.5)
+    assert d.read() == [("421", "4.4.2 mx.test Timeout exceeded, closing connection")]
+    assert d.closed
+
+
 def test_data_timeout_discards_the_message() -> None:
     """Silence during DATA: 421 4.4.2, close, nothing stored. (No minimum rate here: this
     client is slow enough for it, see tests/test_deadlines.py.)"""

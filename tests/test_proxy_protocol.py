@@ -216,10 +216,11 @@ def test_a_header_in_time_cancels_the_timeout(layer: Callable[[SmtpEdge], Any]) 
     edge, clock = make_edge()
     conn = Connection(edge, layer)
     conn.send(v1_header(CLIENT, LISTENER))
-    # Only the session's own timers are left: its command timer and its session deadline.
+    # Only the session's own timers are left: its command timer and its deadlines' timer
+    # (due within a body's first check, data_rate_grace).
     assert sorted(call.getTime() for call in clock.getDelayedCalls()) == [
+        POLICY.data_rate_grace,
         POLICY.command_timeout,
-        POLICY.session_deadline,
     ]
     clock.advance(60)
     assert not conn.closed
