@@ -220,14 +220,21 @@ class _PassBatch:
 
 
 _batches: weakref.WeakKeyDictionary[Any, _PassBatch] = weakref.WeakKeyDictionary()
+# The last batch used: nearly always the one asked for (a WeakKeyDictionary lookup makes a
+# weak reference to its key each time). Held weakly too, so it never keeps a reactor alive.
+_last: weakref.ReferenceType[_PassBatch] | None = None
 
 
 def at_end_of_pass(reactor: IReactorTime, call: Callable[[], None]) -> None:
     """Call ``call`` at the end of this reactor pass, with the replies' flushes (one
     ``callLater(0)`` per pass for all of them: the log sink's writes share it)."""
-    batch = _batches.get(reactor)
-    if batch is None:
-        batch = _batches[reactor] = _PassBatch(reactor)
+    global _last
+    batch = _last() if _last is not None else None
+    if batch is None or batch.reactor is not reactor:
+        batch = _batches.get(reactor)
+        if batch is None:
+            batch = _batches[reactor] = _PassBatch(reactor)
+        _last = weakref.ref(batch)
     batch.add(call)
 
 
