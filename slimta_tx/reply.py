@@ -114,13 +114,23 @@ class Reply:
                 return f"{self.code}\r\n".encode()
         elif not with_enhanced and self.code in _VALID_CODES and "\n" in message:
             # A clean multi-line reply without enhanced codes (EHLO's): no regular expressions.
-            lines = message.split("\n")
-            if all(line and line.isprintable() and line == line.strip() for line in lines):
-                code = self.code
-                final = lines.pop()
-                return (
-                    "".join([f"{code}-{line}\r\n" for line in lines]) + f"{code} {final}\r\n"
-                ).encode()
+            # The lines after the first (EHLO's keywords: the same for every session of an
+            # edge) are checked and rendered once, then taken from a small cache.
+            code = self.code
+            head, _, tail = message.partition("\n")
+            rendered = _TAILS.get((code, tail))
+            if rendered is None:
+                lines = tail.split("\n")
+                if all(line and line.isprintable() and line == line.strip() for line in lines):
+                    final = lines.pop()
+                    rendered = (
+                        "".join([f"{code}-{line}\r\n" for line in lines]) + f"{code} {final}\r\n"
+                    ).encode()
+                    if len(_TAILS) >= _TAILS_KEPT:
+                        _TAILS.clear()
+                    _TAILS[code, tail] = rendered
+            if rendered is not None and head and head.isprintable() and head == head.strip():
+                return f"{code}-{head}\r\n".encode() + rendered
         code = self.code if _CODE.match(self.code) else "451"
         esc = self.effective_enhanced_code(with_enhanced)
         lines = [_clean(line) for line in (self.message or "").split("\n")] or [""]
@@ -137,6 +147,9 @@ class Reply:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# (code, the lines after the first of a clean multi-line reply) -> those lines on the wire.
+_TAILS: dict[tuple[str, str], bytes] = {}
+_TAILS_KEPT = 64  # the cache is emptied when it holds this many (validators' texts vary)
 _VALID_CODES = frozenset(f"{n}" for n in range(200, 600))
 # Enhanced codes the fast path may print as they are (None: 3xx replies carry none).
 _FAST_ESC = frozenset(

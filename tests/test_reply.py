@@ -31,6 +31,39 @@ def test_multi_line_without_enhanced_codes() -> None:
     )
 
 
+def test_multi_line_replies_sharing_their_tail_keep_their_own_first_line() -> None:
+    """EHLO replies of many sessions share their keyword lines (rendered once and kept):
+    each still carries its own first line, cleaned when it has control characters."""
+    tail = "PIPELINING\n8BITMIME"
+    first = Reply("250", f"mx.test Hello a.example\n{tail}").render(with_enhanced=False)
+    second = Reply("250", f"mx.test Hello b.example\n{tail}").render(with_enhanced=False)
+    dirty = Reply("250", f"mx.test Hello \x01evil\n{tail}").render(with_enhanced=False)
+    assert first == b"250-mx.test Hello a.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+    assert second == b"250-mx.test Hello b.example\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+    assert dirty.endswith(b"\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+    assert b"\x01" not in dirty and dirty.count(b"\r\n") == 3
+
+
+@given(
+    st.lists(
+        st.text(st.characters(blacklist_characters="\n"), max_size=20), min_size=1, max_size=4
+    ),
+    st.integers(0, 200),
+)
+def test_multi_line_replies_render_the_same_every_time(lines: list[str], n: int) -> None:
+    """Rendering a reply a second time (its tail cached) gives the same bytes, well-formed,
+    whatever many other tails were rendered in between."""
+    reply = Reply("250", "\n".join(["mx.test", *lines]))
+    once = reply.render(with_enhanced=False)
+    for i in range(n):
+        Reply("250", f"mx.test\nX-{i}").render(with_enhanced=False)
+    assert reply.render(with_enhanced=False) == once
+    wire_lines = once.split(b"\r\n")
+    assert wire_lines[-1] == b"" and len(wire_lines) == len(lines) + 2
+    assert all(line[:4] == b"250-" for line in wire_lines[:-2])
+    assert wire_lines[-2][:3] == b"250" and wire_lines[-2][3:4] in (b"", b" ")
+
+
 @pytest.mark.parametrize(
     ("code", "expected"),
     [("250", "2.0.0"), ("221", "2.0.0"), ("421", "4.0.0"), ("451", "4.0.0"), ("554", "5.0.0")],
