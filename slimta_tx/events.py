@@ -63,6 +63,7 @@ _warned = False
 _PUBLISHER = globalLogPublisher
 _SOLE = _DIRECT and type(getattr(_PUBLISHER, "_observers", None)) is list
 _SINK: type[LogSink] | None = None  # slimta_tx.logsink.LogSink (imported by the first EdgeEvents)
+_warned_sole = False
 
 
 def _through_emit(log: Logger, event: dict[str, Any]) -> None:
@@ -187,6 +188,13 @@ class EdgeEvents:
         if not _DIRECT and not _warned:
             _warned = True
             self.log.warn("twisted.logger.Logger has no observer: events go through Logger.emit")
+        global _warned_sole
+        if _DIRECT and not _SOLE and not _warned_sole:
+            _warned_sole = True
+            self.log.warn(
+                "twisted.logger.LogPublisher has no _observers list: "
+                "transactions go to the log sink as events"
+            )
 
     def set_level(self, level: LogLevel) -> None:
         """Build only events at ``level`` or above from now on."""
