@@ -22,7 +22,9 @@ The events are handed to the logger's observer directly, as ``Logger.emit`` woul
 checking the level (it sorts the log levels on every call to validate one that is constant
 here). That relies on ``Logger.observer`` and on the keys ``Logger.emit`` adds (:data:`EMIT_KEYS`;
 ``tests/test_events.py`` pins both); on a Twisted whose ``Logger`` has no ``observer``, one
-warning says so and the events go through ``Logger.emit``.
+warning says so and the events go through ``Logger.emit``. The transaction, which is every
+message's, is not even an event when a :class:`~slimta_tx.logsink.LogSink` is the only
+observer of the global publisher (``twistd slimta``'s log): see :meth:`EdgeEvents.transaction`.
 """
 
 from __future__ import annotations

@@ -386,7 +386,8 @@ class LogSink:
                 )
         except Exception:
             return False
-        self._keep(line, False)
+        with contextlib.suppress(Exception):  # as the publisher would have swallowed it
+            self._keep(line, False)
         return True
 
     def _keep(self, line: str, urgent: bool) -> None:

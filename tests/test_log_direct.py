@@ -358,3 +358,18 @@ def test_without_the_observers_list_every_transaction_is_an_event(
     warnings = [line for line in out.text.splitlines() if "#warn]" in line]
     assert len(warnings) == 1 and "_observers" in warnings[0]
     assert len(seen) == 2  # the warning and the transaction
+
+
+def test_a_sink_that_fails_does_not_break_the_session(publisher: LogPublisher) -> None:
+    """As the publisher swallowed what its observers raised, the direct way does: a reactor
+    that cannot schedule the end-of-pass write costs the line, never the message."""
+
+    class NoTimers:
+        running = True
+
+    sink = LogSink(Out(), LogLevel.info, "text", NoTimers())
+    publisher.addObserver(sink)
+    events = EdgeEvents(level=LogLevel.info)
+    events.log = Logger(namespace=events.log.namespace, observer=publisher)
+    transaction(events)
+    transaction(events)
