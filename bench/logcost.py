@@ -39,6 +39,7 @@ from typing import Any
 import twistd_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 KINDS = {"off": "twistd-nolog", "text": "twistd-discard", "json": "twistd-json"}
 MODES = {"50x2k": False, "50x2k-1": True}  # key -> one message per connection
@@ -173,9 +174,14 @@ def main() -> int:
     if args.callgrind and not shutil.which("valgrind"):
         parser.error("--callgrind needs valgrind")
     modes = [m for m in args.modes.split(",") if m]
+    # The servers run in a scratch directory: without this they would import the installed
+    # slimta_tx (an editable install points at one tree), not this one.
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p
+    )
     print(
         f"log cost: twistd slimta, discard bus, {args.sessions} sessions, "
-        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}, tree {ROOT}",
         flush=True,
     )
     names = list(KINDS)

@@ -22,7 +22,9 @@ The events are handed to the logger's observer directly, as ``Logger.emit`` woul
 checking the level (it sorts the log levels on every call to validate one that is constant
 here). That relies on ``Logger.observer`` and on the keys ``Logger.emit`` adds (:data:`EMIT_KEYS`;
 ``tests/test_events.py`` pins both); on a Twisted whose ``Logger`` has no ``observer``, one
-warning says so and the events go through ``Logger.emit``.
+warning says so and the events go through ``Logger.emit``. The transaction, which is every
+message's, is not even an event when a :class:`~slimta_tx.logsink.LogSink` is the only
+observer of the global publisher (``twistd slimta``'s log): see :meth:`EdgeEvents.transaction`.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 if TYPE_CHECKING:  # pragma: no cover
     from slimta_tx.envelope import Envelope, Session, TLSInfo
+    from slimta_tx.logsink import LogSink
     from slimta_tx.metrics.sink import EdgeMetrics
     from slimta_tx.reply import Reply
 
@@ -55,6 +58,14 @@ EMIT_KEYS = ("log_logger", "log_level", "log_namespace", "log_source", "log_form
 #: Whether a ``Logger`` has the ``observer`` that ``Logger.emit`` calls (checked once).
 _DIRECT = callable(getattr(Logger(namespace=__name__), "observer", None))
 _warned = False
+
+#: The observers of the global publisher (``LogPublisher._observers``, private: pinned by
+#: ``tests/test_log_direct.py``): the direct way below is taken only when they are exactly one
+#: :class:`~slimta_tx.logsink.LogSink`. Without that list (another Twisted), never.
+_PUBLISHER = globalLogPublisher
+_SOLE = _DIRECT and type(getattr(_PUBLISHER, "_observers", None)) is list
+_SINK: type[LogSink] | None = None  # slimta_tx.logsink.LogSink (imported by the first EdgeEvents)
+_warned_sole = False
 
 
 def _through_emit(log: Logger, event: dict[str, Any]) -> None:
@@ -171,10 +182,21 @@ class EdgeEvents:
         self.info = True
         self.level = level
         self.set_level(level)
-        global _warned
+        global _warned, _SINK
+        if _SINK is None:
+            from slimta_tx import logsink
+
+            _SINK = logsink.LogSink
         if not _DIRECT and not _warned:
             _warned = True
             self.log.warn("twisted.logger.Logger has no observer: events go through Logger.emit")
+        global _warned_sole
+        if _DIRECT and not _SOLE and not _warned_sole:
+            _warned_sole = True
+            self.log.warn(
+                "twisted.logger.LogPublisher has no _observers list: "
+                "transactions go to the log sink as events"
+            )
 
     def set_level(self, level: LogLevel) -> None:
         """Build only events at ``level`` or above from now on."""
@@ -265,6 +287,14 @@ class EdgeEvents:
         """A message got its final reply: one event, with everything issue 13 asks for.
 
         Built in one dict display, without helper calls: this runs for every message.
+
+        The direct way: when this edge logs to the global publisher and its only observer is
+        a :class:`~slimta_tx.logsink.LogSink` (``twistd slimta``'s log, unless ``--logger``
+        or ``--syslog``), nothing else would see the event, so its facts go straight to the
+        sink's :meth:`~slimta_tx.logsink.LogSink.transaction` (the same line, without the
+        dict and the publisher's loop). Any other observer added to the publisher (an
+        embedding application's, a test's, a worker's link to its parent) is seen at the next
+        message, which is then an event again.
         """
         if self.metrics is not None:
             self.metrics.transaction(envelope, reply, bus_seconds)
@@ -276,17 +306,46 @@ class EdgeEvents:
         received_at = envelope.received_at
         message = envelope.message
         log = self.log
+        client = session.address[0]
+        result = f"{code} {esc}" if esc else code
+        if _SOLE and log.observer is _PUBLISHER:
+            observers: list[Any] = _PUBLISHER._observers
+            if (
+                len(observers) == 1
+                and type(sink := observers[0]) is _SINK
+                and sink.transaction(
+                    now,
+                    log.namespace,
+                    client,
+                    session.ehlo_as,
+                    envelope.sender,
+                    len(envelope.recipients),
+                    message.size if message is not None else 0,
+                    envelope.queue_id,
+                    session.session_id,
+                    result,
+                    code,
+                    envelope.tls_version,
+                    envelope.tls_cipher,
+                    envelope.authed,
+                    now - received_at,
+                    received_at - session.connected_at,
+                    data_seconds,
+                    bus_seconds,
+                )
+            ):
+                return
         (log.observer if _DIRECT else partial(_through_emit, log))(
             {
                 "event": "smtp.transaction",
-                "client": session.address[0],
+                "client": client,
                 "helo": session.ehlo_as,
                 "sender": envelope.sender,
                 "rcpts": len(envelope.recipients),
                 "size": message.size if message is not None else 0,
                 "queue_id": envelope.queue_id,
                 "session_id": session.session_id,
-                "result": f"{code} {esc}" if esc else code,
+                "result": result,
                 "code": code,
                 "tls_version": envelope.tls_version,
                 "tls_cipher": envelope.tls_cipher,

@@ -54,6 +54,7 @@ __all__ = ["FAST_FORMATS", "FORMATS", "LogSink"]
 FORMATS = ("text", "json")
 _URGENT = frozenset({LogLevel.warn, LogLevel.error, LogLevel.critical})
 _LEVELS = list(LogLevel.iterconstants())
+_INFO = LogLevel.info
 # Write at once when this much is kept, whatever the pass (a burst must not grow memory).
 _MAX_KEPT = 64 * 1024
 _RESERVED = frozenset({"time", "level", "namespace", "message", "event"})
@@ -97,7 +98,72 @@ FAST_FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
+def _text_transaction(
+    stamp: str,
+    system: str,
+    client: Any,
+    helo: Any,
+    sender: Any,
+    rcpts: Any,
+    size: Any,
+    queue_id: Any,
+    result: Any,
+    seconds: Any,
+) -> str:
+    """The ``smtp.transaction`` text line (``system``: ``namespace#level``), one f-string: the
+    event's way and the direct way (:meth:`LogSink.transaction`) both write it with this."""
+    return (
+        f"{stamp} [{system}] {client} helo={helo} from=<{sender}> rcpts={rcpts} size={size} "
+        f"id={queue_id} result={result} {seconds:.3f}s\n"
+    )
+
+
 def _json_transaction(event: dict[str, Any], second: str, offset: float, rest: str) -> str:
+    """The ``smtp.transaction`` event as one JSON line (see :func:`_json_transaction_line`)."""
+    return _json_transaction_line(
+        second,
+        offset,
+        rest,
+        event["client"],
+        event["helo"],
+        event["sender"],
+        event["rcpts"],
+        event["size"],
+        event["queue_id"],
+        event["session_id"],
+        event["result"],
+        event["code"],
+        event["tls_version"],
+        event["tls_cipher"],
+        event["auth"],
+        event["seconds"],
+        event["connect_to_mail_seconds"],
+        event["data_seconds"],
+        event["bus_seconds"],
+    )
+
+
+def _json_transaction_line(
+    second: str,
+    offset: float,
+    rest: str,
+    client: Any,
+    helo: Any,
+    sender: Any,
+    rcpts: Any,
+    size: Any,
+    queue_id: Any,
+    session_id: Any,
+    result: Any,
+    code: Any,
+    tls_version: Any,
+    tls_cipher: Any,
+    auth: Any,
+    seconds: Any,
+    connect_to_mail_seconds: Any,
+    data_seconds: Any,
+    bus_seconds: Any,
+) -> str:
     """The ``smtp.transaction`` event as one JSON line, from one f-string (it is written for
     every message; about a third of the generic encoder's cost).
 
@@ -105,39 +171,40 @@ def _json_transaction(event: dict[str, Any], second: str, offset: float, rest: s
     characters and everything outside ASCII): the HELO name and the sender are the client's
     text, and nothing here trusts the others either. ``rcpts`` and ``size`` are written as
     integers (``%d``). The durations are written to the microsecond (six decimals: half the
-    cost of ``repr``, and a short number). A field of
-    another type than these raises (TypeError), and the caller takes the generic way."""
-    client = event["client"]
-    helo = event["helo"]
-    sender = event["sender"]
-    queue_id = event["queue_id"]
-    result = event["result"]
-    seconds = event["seconds"]
-    rcpts = "%d" % event["rcpts"]  # noqa: UP031 (integers, or TypeError)
-    size = "%d" % event["size"]  # noqa: UP031
-    tls_version = event["tls_version"]
-    tls_cipher = event["tls_cipher"]
-    auth = event["auth"]
-    data_seconds = event["data_seconds"]
-    bus_seconds = event["bus_seconds"]
+    cost of ``repr``, and a short number; ``%.6f``, and one %-format for the four of them when
+    none is None: a tenth of this function's cost). A field of another type than these raises
+    (TypeError), and the caller takes the generic way."""
+    rcpts = "%d" % rcpts  # noqa: UP031 (integers, or TypeError)
+    size = "%d" % size  # noqa: UP031
+    if data_seconds is not None and bus_seconds is not None:  # the usual: one %-format
+        tail = _JSON_DURATIONS % (seconds, connect_to_mail_seconds, data_seconds, bus_seconds)
+    else:
+        tail = (
+            f'"seconds":{"%.6f" % seconds},'  # noqa: UP031
+            f'"connect_to_mail_seconds":{"%.6f" % connect_to_mail_seconds},'  # noqa: UP031
+            f'"data_seconds":{"null" if data_seconds is None else "%.6f" % data_seconds},'  # noqa: UP031
+            f'"bus_seconds":{"null" if bus_seconds is None else "%.6f" % bus_seconds}}}\n'  # noqa: UP031
+        )
     message = _quote(
         f"{client} helo={helo} from=<{sender}> rcpts={rcpts} size={size} id={queue_id} "
         f"result={result} {seconds:.3f}s"
     )
     return (
-        f'{{"time":"{second}.{int(offset * 1000):03d}Z{rest},"message":{message},'
+        f'{{"time":"{second}.{"%03d" % (offset * 1000)}Z{rest},"message":{message},'  # noqa: UP031
         f'"event":"smtp.transaction","client":{_quote(client)},'
         f'"helo":{"null" if helo is None else _quote(helo)},"sender":{_quote(sender)},'
         f'"rcpts":{rcpts},"size":{size},"queue_id":{_quote(queue_id)},'
-        f'"session_id":{_quote(event["session_id"])},"result":{_quote(result)},'
-        f'"code":{_quote(event["code"])},'
+        f'"session_id":{_quote(session_id)},"result":{_quote(result)},'
+        f'"code":{_quote(code)},'
         f'"tls_version":{"null" if tls_version is None else _quote(tls_version)},'
         f'"tls_cipher":{"null" if tls_cipher is None else _quote(tls_cipher)},'
-        f'"auth":{"null" if auth is None else _quote(auth)},"seconds":{seconds:.6f},'
-        f'"connect_to_mail_seconds":{event["connect_to_mail_seconds"]:.6f},'
-        f'"data_seconds":{"null" if data_seconds is None else format(data_seconds, ".6f")},'
-        f'"bus_seconds":{"null" if bus_seconds is None else format(bus_seconds, ".6f")}}}\n'
+        f'"auth":{"null" if auth is None else _quote(auth)},{tail}'
     )
+
+
+_JSON_DURATIONS = (
+    '"seconds":%.6f,"connect_to_mail_seconds":%.6f,"data_seconds":%.6f,"bus_seconds":%.6f}\n'
+)
 
 
 class _Clock:
@@ -146,8 +213,8 @@ class _Clock:
     def __init__(self) -> None:
         self.local_second = -1  # the second local_text says (read by the text format)
         self.local_text = ""
-        self._utc_second = -1
-        self._utc = ""
+        self.utc_at = -1  # the second utc_text says (read by LogSink.transaction)
+        self.utc_text = ""
 
     def local(self, when: float | None) -> str:
         """As ``twisted.logger.formatTime``: local time with its UTC offset."""
@@ -166,13 +233,13 @@ class _Clock:
 
     def utc_second(self, when: float) -> tuple[str, float]:
         """``when``'s second (``2026-11-24T06:49:30``) and the time since it."""
-        offset = when - self._utc_second
+        offset = when - self.utc_at
         if not 0.0 <= offset < 1.0:
             second = int(when // 1)
-            self._utc = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self._utc_second = second
+            self.utc_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self.utc_at = second
             offset = when - second
-        return self._utc, offset
+        return self.utc_text, offset
 
 
 @implementer(ILogObserver)
@@ -207,6 +274,11 @@ class LogSink:
         self._format: Callable[[dict[str, Any], LogLevel], str | None] = (
             self._text if format == "text" else self._json
         )
+        self._text_format = format == "text"
+        self._info = _INFO in self._enabled
+        # The direct way's (transaction) head for its namespace, kept for the next message.
+        self._direct_namespace: Any = None
+        self._direct_head = ""
         self._clock = _Clock()
         # (namespace, level) -> the JSON head after the time: '","level":...,"namespace":...'
         self._heads: dict[tuple[Any, LogLevel], str] = {}
@@ -229,13 +301,103 @@ class LogSink:
             line = self._format(event, level)
         except Exception as e:  # a broken event must not break logging
             line = self._broken(event, e)
-        if not line:
-            return
+        if line:
+            self._keep(line, level in _URGENT)
+
+    def transaction(
+        self,
+        when: float,
+        namespace: str,
+        client: Any,
+        helo: Any,
+        sender: Any,
+        rcpts: Any,
+        size: Any,
+        queue_id: Any,
+        session_id: Any,
+        result: Any,
+        code: Any,
+        tls_version: Any,
+        tls_cipher: Any,
+        auth: Any,
+        seconds: Any,
+        connect_to_mail_seconds: Any,
+        data_seconds: Any,
+        bus_seconds: Any,
+    ) -> bool:
+        """An ``smtp.transaction`` at ``info`` from its facts, without its event: what
+        :class:`~slimta_tx.events.EdgeEvents` does when this sink is the only observer of the
+        global publisher (every message: no event dict, no publisher loop). The line is the
+        one the event would give, with the same functions.
+
+        Returns False, having written nothing, when a value needs more than the one f-string
+        (a line break in the text, a field of an unexpected type): the caller then hands over
+        the event, and the event's way says it as it always did."""
+        if not self._info:
+            return True  # the event would be dropped
+        if namespace is not self._direct_namespace:  # "namespace#info", or the JSON head
+            self._direct_head = (
+                f"{namespace}#info" if self._text_format else self._head(namespace, _INFO)
+            )
+            self._direct_namespace = namespace
+        clock = self._clock
+        try:
+            if self._text_format:
+                line = _text_transaction(
+                    clock.local_text if int(when) == clock.local_second else clock.local(when),
+                    self._direct_head,
+                    client,
+                    helo,
+                    sender,
+                    rcpts,
+                    size,
+                    queue_id,
+                    result,
+                    seconds,
+                )
+                if line.count("\n") != 1:
+                    return False
+            else:
+                offset = when - clock.utc_at  # as clock.utc_second, without the call
+                if 0.0 <= offset < 1.0:
+                    second = clock.utc_text
+                else:
+                    second, offset = clock.utc_second(when)
+                line = _json_transaction_line(
+                    second,
+                    offset,
+                    self._direct_head,
+                    client,
+                    helo,
+                    sender,
+                    rcpts,
+                    size,
+                    queue_id,
+                    session_id,
+                    result,
+                    code,
+                    tls_version,
+                    tls_cipher,
+                    auth,
+                    seconds,
+                    connect_to_mail_seconds,
+                    data_seconds,
+                    bus_seconds,
+                )
+        except Exception:
+            return False
+        with contextlib.suppress(Exception):  # as the publisher would have swallowed it
+            self._keep(line, False)
+        return True
+
+    def _keep(self, line: str, urgent: bool) -> None:
+        """Keep ``line`` for the end of the pass, or write it (and all kept) now when it is
+        ``urgent`` (a warning or worse), too much is kept, or the reactor cannot be waited on."""
         with self._lock:
             self._kept.append(line)
             self._kept_size += len(line)
             if (
-                level in _URGENT
+                urgent
                 or self._kept_size >= _MAX_KEPT
                 or not getattr(self.reactor, "running", True)
                 or (threadable.ioThread is not None and get_ident() != threadable.ioThread)
@@ -297,11 +459,17 @@ class LogSink:
             stamp = clock.local_text
         try:
             if log_format == _TRANSACTION:  # every message: one f-string
-                line = (
-                    f"{stamp} [{event['log_namespace']}#{level.name}] {event['client']} "
-                    f"helo={event['helo']} from=<{event['sender']}> rcpts={event['rcpts']} "
-                    f"size={event['size']} id={event['queue_id']} result={event['result']} "
-                    f"{event['seconds']:.3f}s\n"
+                line = _text_transaction(
+                    stamp,
+                    f"{event['log_namespace']}#{level.name}",
+                    event["client"],
+                    event["helo"],
+                    event["sender"],
+                    event["rcpts"],
+                    event["size"],
+                    event["queue_id"],
+                    event["result"],
+                    event["seconds"],
                 )
                 if line.count("\n") == 1:
                     return line
@@ -353,12 +521,7 @@ class LogSink:
         log_format = event["log_format"]
         when = event.get("log_time")
         namespace = event.get("log_namespace")
-        rest = self._heads.get((namespace, level))
-        if rest is None:
-            if len(self._heads) >= 256:  # namespaces are few; never let them grow memory
-                self._heads.clear()
-            rest = f'","level":"{level.name}","namespace":{_quote(namespace or "-")}'
-            self._heads[namespace, level] = rest
+        rest = self._heads.get((namespace, level)) or self._head(namespace, level)
         second, offset = self._clock.utc_second(when if isinstance(when, float) else time.time())
         if log_format == _TRANSACTION:
             try:
@@ -384,6 +547,15 @@ class LogSink:
                 append(f',"{key}":{_ENCODER.encode(_plain(value))}')
         append("}\n")
         return "".join(parts)
+
+    def _head(self, namespace: Any, level: LogLevel) -> str:
+        """The JSON head after the time, ``","level":...,"namespace":...``, kept per namespace
+        and level."""
+        if len(self._heads) >= 256:  # namespaces are few; never let them grow memory
+            self._heads.clear()
+        rest = f'","level":"{level.name}","namespace":{_quote(namespace or "-")}'
+        self._heads[namespace, level] = rest
+        return rest
 
     def _broken(self, event: dict[str, Any], error: Exception) -> str:
         what = f"unformattable log event ({type(error).__name__}: {error})"
