@@ -140,7 +140,7 @@ class Reply:
             sep = " " if i == last else "-"
             parts = [p for p in (esc, line) if p]
             out.append(f"{code}{sep}{' '.join(parts)}".rstrip(" ") + "\r\n")
-        return "".join(out).encode("utf-8")
+        return "".join(out).encode("utf-8", "replace")  # a lone surrogate becomes "?"
 
     def __str__(self) -> str:
         return self.render().decode("utf-8").rstrip("\r\n")

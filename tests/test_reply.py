@@ -232,3 +232,12 @@ def test_str_is_the_rendered_text_without_final_crlf() -> None:
 def test_non_ascii_text_is_utf8_encoded() -> None:
     """Non-ASCII text (SMTPUTF8 sessions) is encoded as UTF-8, not mangled."""
     assert Reply("250", "déjà vu", "2.0.0").render() == "250 2.0.0 déjà vu\r\n".encode()
+
+
+@pytest.mark.parametrize("message", ["x\ud800y", "mx.test\n\udfff", "\ud800"])
+def test_a_lone_surrogate_in_a_validators_text_is_replaced_not_raised(message: str) -> None:
+    """Text that cannot be UTF-8 (a lone surrogate, only a validator can make one: a
+    client's text is decoded strictly) still renders, with "?" in its place."""
+    wire = Reply("550", message, "5.7.1").render()
+    assert wire.startswith(b"550") and b"?" in wire and wire.endswith(b"\r\n")
+    assert b"?" in Reply("250", message).render(with_enhanced=False)
