@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -199,10 +200,13 @@ def test_twistd_refuses_listed_senders_and_reloads_on_sighup(tmp_path: Path) -> 
 
 
 def greeted_client(port: int) -> WireClient:
-    """Connect until greeted: the readiness probe's connection may still be counted."""
-    for _ in range(200):
+    """Connect until greeted: the readiness probe's connection may still be counted (on a
+    loaded machine its end can take longer than 200 back-to-back attempts: bounded by time)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
         client = WireClient(port)
         if client.reply()[0] == "220":
             return client
         client.close()
+        time.sleep(0.01)  # retry interval of the bounded connect loop
     raise AssertionError("never greeted")
