@@ -8,6 +8,7 @@ both servers over real sockets, so this isolates what our own Python costs per m
     .venv/bin/python bench/proto.py                 # both servers, 3 interleaved rounds
     .venv/bin/python bench/proto.py --only slimta --profile   # cProfile of one run
     .venv/bin/python bench/proto.py --per-connection          # a new session per message
+    .venv/bin/python bench/proto.py --phases        # per session: banner, EHLO, message, QUIT
     .venv/bin/python bench/proto.py --metrics --cpu # slimta_tx with and without --metrics' sink
 
 With ``--per-connection`` every message is a whole session: a new protocol and transport,
@@ -159,6 +160,49 @@ def run_connections(build: Callable[[], Driver], messages: int, message: bytes) 
     return elapsed / messages * 1e6
 
 
+PHASES = ("build", "connect", "ehlo", "message", "quit", "lost")
+
+
+def run_phases(build: Callable[[], Driver], messages: int, message: bytes) -> dict[str, float]:
+    """As :func:`run_connections`, timing each step of a session on its own: microseconds
+    per session for building the protocol, ``makeConnection`` (the banner), EHLO, the
+    message, QUIT and ``connectionLost``."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    done = Failure(ConnectionDone())
+    ehlo, quit_ = b"EHLO client.example\r\n", b"QUIT\r\n"
+    spent = dict.fromkeys(PHASES, 0.0)
+    clock = CLOCK[0]
+    for i in range(messages):
+        if PASSES and not i % 50:
+            PASSES[0].advance(0)
+        t0 = clock()
+        proto, transport = build()
+        t1 = clock()
+        proto.makeConnection(transport)
+        t2 = clock()
+        received = proto.dataReceived
+        received(ehlo)
+        t3 = clock()
+        received(MAIL)
+        received(RCPT)
+        received(DATA)
+        received(message)
+        t4 = clock()
+        received(quit_)
+        t5 = clock()
+        proto.connectionLost(done)
+        t6 = clock()
+        for phase, start, end in zip(
+            PHASES, (t0, t1, t2, t3, t4, t5), (t1, t2, t3, t4, t5, t6), strict=True
+        ):
+            spent[phase] += end - start
+        if not i % 50:
+            transport.clear()
+    return {phase: total / messages * 1e6 for phase, total in spent.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--messages", type=int, default=20000)
@@ -167,6 +211,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile one run, top 40")
     parser.add_argument(
         "--per-connection", action="store_true", help="one message per session (see above)"
+    )
+    parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="one message per session, each step of it timed apart (the best of the rounds)",
     )
     parser.add_argument(
         "--log",
@@ -207,6 +256,21 @@ def main() -> None:
     names = [args.only] if args.only else ["slimta", "twisted"]
     if args.metrics:
         names = ["slimta", "slimta-metrics"]
+    if args.phases:
+        fastest: dict[str, dict[str, float]] = {}
+        for round_ in range(args.rounds):
+            for name in names:
+                split = run_phases(SERVERS[name](), args.messages, message)
+                known = fastest.setdefault(name, split)
+                for phase in PHASES:
+                    known[phase] = min(known[phase], split[phase])
+                print(f"round {round_ + 1} {name:8} {sum(split.values()):7.1f} us/session")
+        print(f"{'us/session':10} " + " ".join(f"{phase:>8}" for phase in PHASES) + "    total")
+        for name in names:
+            row = fastest[name]
+            cells = " ".join(f"{row[phase]:8.1f}" for phase in PHASES)
+            print(f"{name:10} {cells} {sum(row.values()):8.1f}")
+        return
     if args.profile:
         profile = cProfile.Profile()
         profile.runcall(measure, SERVERS[names[0]](), args.messages, message)
