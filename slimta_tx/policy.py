@@ -134,7 +134,18 @@ class Policy:
         return replace(self, **changes)
 
     def is_trusted(self, host: str) -> bool:
-        return _is_trusted(self.trusted_networks, host)
+        # Remembered per policy (asked once a session): the shared cache below hashes the
+        # tuple of networks, a Python-level __hash__ per network, on every lookup.
+        known: dict[str, bool] | None = self.__dict__.get("_trusted_hosts")
+        if known is None:
+            known = {}
+            object.__setattr__(self, "_trusted_hosts", known)  # frozen: not a field
+        trusted = known.get(host)
+        if trusted is None:
+            if len(known) >= _TRUST_KEPT:
+                known.clear()
+            trusted = known[host] = _is_trusted(self.trusted_networks, host)
+        return trusted
 
     def is_trusted_proxy(self, host: str) -> bool:
         """May ``host`` send PROXY protocol headers (name the client it relays)?"""
@@ -150,6 +161,9 @@ class Policy:
             elif domain == accepted:
                 return True
         return False
+
+
+_TRUST_KEPT = 4096  # hosts remembered per policy (emptied when full)
 
 
 @lru_cache(maxsize=4096)
