@@ -167,6 +167,12 @@ def noop(proto: ESMTPServerProtocol, argument: str) -> None:
 
 
 def quit_(proto: ESMTPServerProtocol, argument: str) -> None:
+    edge = proto.edge
+    if proto.milters is None and "QUIT" not in edge.validators.active:
+        # Nothing can change the 221: sent as rendered once per edge, then the close.
+        proto.send_wire(edge.bye_wire())
+        proto.close_after_flush()
+        return
     reply = Reply("221", f"{proto.policy.hostname} Bye", "2.0.0")
 
     def done(reply: Reply) -> None:

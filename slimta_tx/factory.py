@@ -78,6 +78,10 @@ class SmtpEdge(ServerFactory):
         )
         self.banner_code = "220"
         self.banner_message: str | None = None
+        self._banner_key: tuple[str, str | None, str] | None = None  # what _banner_wire is of
+        self._banner_wire: bytes | None = None
+        self._bye_host: str | None = None  # what _bye_wire is of
+        self._bye_wire = b""
         # What features (TLS, AUTH, ...) add when enabled: commands, MAIL parameters, EHLO
         # keywords (a function of the session) and checks on MAIL (returning a refusal).
         self.extra_commands: dict[str, CommandHandler] = {}
@@ -248,6 +252,25 @@ class SmtpEdge(ServerFactory):
     def banner_reply(self) -> Reply:
         message = self.banner_message or f"{self.policy.hostname} ESMTP slimta_tx"
         return Reply(self.banner_code, message)
+
+    def bye_wire(self) -> bytes:
+        """QUIT's ``221 2.0.0 <hostname> Bye`` as sent, rendered once per host name."""
+        hostname = self.policy.hostname
+        if hostname != self._bye_host:
+            self._bye_wire = Reply("221", f"{hostname} Bye", "2.0.0").render()
+            self._bye_host = hostname
+        return self._bye_wire
+
+    def banner_wire(self) -> bytes | None:
+        """The usual greeting as sent (a 220 banner, rendered once and kept while the banner
+        and the host name stay the same); None for any other code, whose reply takes the full
+        way (a 554 greeting changes the session's state, a 421 or 221 closes it)."""
+        key = (self.banner_code, self.banner_message, self.policy.hostname)
+        if key != self._banner_key:
+            reply = self.banner_reply()
+            self._banner_wire = reply.render(with_enhanced=False) if reply.code == "220" else None
+            self._banner_key = key
+        return self._banner_wire
 
     def ehlo_keywords(self, session: Session) -> list[str]:
         keywords = ehlo_keywords(self.policy, session)

@@ -129,7 +129,21 @@ class ESMTPServerProtocol(MessageTransfer, Protocol):
     def greet(self) -> None:
         if self._closing or self.state is _CLOSED:
             return  # turned away already (the edge is closing): 421 instead of a banner
-        reply = self.edge.banner_reply()
+        edge = self.edge
+        if self.milters is None and "BANNER" not in edge.validators.active:
+            # Nothing can change the greeting (no BANNER check or validator, no milter): the
+            # usual 220, rendered once per edge, as _banner_done would send it.
+            wire = edge.banner_wire()
+            if wire is not None:
+                self._out.append(wire)
+                self.state = _CONNECTED
+                self._set_timer(self.policy.command_timeout)
+                if self.reader.buffered:
+                    self.process()  # (bytes that came with a PROXY header) flushes too
+                else:
+                    self.flush()
+                return
+        reply = edge.banner_reply()
         # Input stays unpaused until the banner is out, so early talkers are noticed.
         self._banner_pending = True
         self.run_step(self.call_hook("BANNER", reply, self.session.address), self._banner_done)
@@ -311,6 +325,11 @@ class ESMTPServerProtocol(MessageTransfer, Protocol):
         elif self._last_words is not None and self.state in (_CONNECTED, _READY):
             self._out.append(self._last_words.render())
             self.close_after_flush()
+
+    def send_wire(self, wire: bytes) -> None:
+        """Queue a reply already rendered (one that neither closes nor follows the edge's
+        shutdown: the caller sees to that)."""
+        self._out.append(wire)
 
     def flush(self) -> None:
         """Send the queued replies: at the end of this reactor pass on plain TCP (see

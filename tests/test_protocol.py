@@ -26,6 +26,51 @@ def test_custom_banner() -> None:
     assert d2.banner == [("220", "mail.example.com ESMTP welcome")]
 
 
+@pytest.mark.parametrize(
+    ("code", "closes"), [("554", False), ("421", True), ("221", True), ("250", False)]
+)
+def test_a_banner_other_than_220_takes_its_full_meaning(code: str, closes: bool) -> None:
+    """The usual 220 is sent from a copy rendered once per edge; any other greeting is a
+    reply like any other: a 554 session answers 503 to all but QUIT (RFC 5321 3.1), a 421 or
+    221 greeting closes the connection, and a later change of banner is seen at once."""
+    d = Driver()
+    d.edge.set_banner_message(code, "mx.test go away")
+    d2 = Driver(edge=d.edge, clock=d.clock)
+    ((got, text),) = d2.banner
+    assert got == code and text.endswith("mx.test go away")  # (an error has its x.0.0 too)
+    assert d2.closed is closes
+    if code == "554":
+        assert d2.cmd("EHLO client.test")[0] == "503"
+    d.edge.set_banner_message("220", "mx.test back")
+    assert Driver(edge=d.edge, clock=d.clock).banner == [("220", "mx.test back")]
+
+
+def test_banner_and_quit_validators_still_shape_their_replies() -> None:
+    """The 220 and the 221 are sent from copies rendered once per edge unless something could
+    change them: with BANNER and QUIT validators the replies are theirs."""
+    from slimta_tx.envelope import Session
+
+    d = Driver()
+
+    def banner(session: Session, reply: Reply, *extra: object) -> None:
+        reply.message = "mx.test ESMTP hello " + session.address[0]
+
+    def quit_(session: Session, reply: Reply, *extra: object) -> None:
+        reply.message = "see you"
+
+    d.edge.set_validator("BANNER", banner)
+    d.edge.set_validator("QUIT", quit_)
+    d2 = Driver(edge=d.edge, clock=d.clock)
+    assert d2.banner == [("220", "mx.test ESMTP hello 192.0.2.1")]
+    assert d2.cmd("QUIT") == ("221", "2.0.0 see you")
+    assert d2.closed
+    d.edge.set_validator("BANNER", None)
+    d.edge.set_validator("QUIT", None)
+    d3 = Driver(edge=d.edge, clock=d.clock)
+    assert d3.banner == [("220", "mx.test ESMTP slimta_tx")]
+    assert d3.cmd("QUIT") == ("221", "2.0.0 mx.test Bye")
+
+
 def test_ehlo_advertises_extensions_without_enhanced_codes() -> None:
     """EHLO lists PIPELINING, SIZE n, 8BITMIME, ENHANCEDSTATUSCODES, SMTPUTF8, CHUNKING,
     BINARYMIME, DSN."""
