@@ -41,13 +41,20 @@ from twisted.logger import (
     LogLevel,
     formatEvent,
     formatEventAsClassicLogText,
-    formatTime,
 )
 from twisted.python import threadable
 from zope.interface import implementer
 
-from slimta_tx import events
 from slimta_tx.fastwrite import at_end_of_pass
+from slimta_tx.logformat import (
+    FAST_FORMATS,
+    TRANSACTION,
+    StampClock,
+    json_transaction,
+    json_transaction_line,
+    quote,
+    text_transaction_line,
+)
 
 __all__ = ["FAST_FORMATS", "FORMATS", "LogSink"]
 
@@ -60,186 +67,8 @@ _MAX_KEPT = 64 * 1024
 _RESERVED = frozenset({"time", "level", "namespace", "message", "event"})
 _PLAIN = (str, int, float, bool, type(None))
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
-_quote = json.encoder.encode_basestring_ascii  # str -> "JSON string", ASCII only (C)
 # What twisted.python.log's events (namespace log_legacy) carry besides their text.
 _LEGACY = frozenset({"message", "time", "isError", "format", "system", "why", "failure"})
-
-
-def _seconds(value: Any) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def _transaction(event: dict[str, Any]) -> str:
-    return (
-        f"{event['client']} helo={event['helo']} from=<{event['sender']}> "
-        f"rcpts={event['rcpts']} size={event['size']} id={event['queue_id']} "
-        f"result={event['result']} {event['seconds']:.3f}s"
-    )
-
-
-def _opened(event: dict[str, Any]) -> str:
-    return f"{event['client']}:{event['client_port']} connected"
-
-
-def _closed(event: dict[str, Any]) -> str:
-    return (
-        f"{event['client']}:{event['client_port']} disconnected after "
-        f"{_seconds(event['seconds'])}s, {event['transactions']} messages"
-    )
-
-
-_TRANSACTION = events.TRANSACTION_FORMAT
-
-#: ``log_format`` -> a function giving the same text as ``formatEvent`` for that event.
-FAST_FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {
-    events.TRANSACTION_FORMAT: _transaction,
-    events.OPEN_FORMAT: _opened,
-    events.CLOSE_FORMAT: _closed,
-}
-
-
-def _text_transaction(
-    stamp: str,
-    system: str,
-    client: Any,
-    helo: Any,
-    sender: Any,
-    rcpts: Any,
-    size: Any,
-    queue_id: Any,
-    result: Any,
-    seconds: Any,
-) -> str:
-    """The ``smtp.transaction`` text line (``system``: ``namespace#level``), one f-string: the
-    event's way and the direct way (:meth:`LogSink.transaction`) both write it with this."""
-    return (
-        f"{stamp} [{system}] {client} helo={helo} from=<{sender}> rcpts={rcpts} size={size} "
-        f"id={queue_id} result={result} {seconds:.3f}s\n"
-    )
-
-
-def _json_transaction(event: dict[str, Any], second: str, offset: float, rest: str) -> str:
-    """The ``smtp.transaction`` event as one JSON line (see :func:`_json_transaction_line`)."""
-    return _json_transaction_line(
-        second,
-        offset,
-        rest,
-        event["client"],
-        event["helo"],
-        event["sender"],
-        event["rcpts"],
-        event["size"],
-        event["queue_id"],
-        event["session_id"],
-        event["result"],
-        event["code"],
-        event["tls_version"],
-        event["tls_cipher"],
-        event["auth"],
-        event["seconds"],
-        event["connect_to_mail_seconds"],
-        event["data_seconds"],
-        event["bus_seconds"],
-    )
-
-
-def _json_transaction_line(
-    second: str,
-    offset: float,
-    rest: str,
-    client: Any,
-    helo: Any,
-    sender: Any,
-    rcpts: Any,
-    size: Any,
-    queue_id: Any,
-    session_id: Any,
-    result: Any,
-    code: Any,
-    tls_version: Any,
-    tls_cipher: Any,
-    auth: Any,
-    seconds: Any,
-    connect_to_mail_seconds: Any,
-    data_seconds: Any,
-    bus_seconds: Any,
-) -> str:
-    """The ``smtp.transaction`` event as one JSON line, from one f-string (it is written for
-    every message; about a third of the generic encoder's cost).
-
-    Every string field is escaped by the C JSON string encoder (``"``, ``\\``, control
-    characters and everything outside ASCII): the HELO name and the sender are the client's
-    text, and nothing here trusts the others either. ``rcpts`` and ``size`` are written as
-    integers (``%d``). The durations are written to the microsecond (six decimals: half the
-    cost of ``repr``, and a short number; ``%.6f``, and one %-format for the four of them when
-    none is None: a tenth of this function's cost). A field of another type than these raises
-    (TypeError), and the caller takes the generic way."""
-    rcpts = "%d" % rcpts  # noqa: UP031 (integers, or TypeError)
-    size = "%d" % size  # noqa: UP031
-    if data_seconds is not None and bus_seconds is not None:  # the usual: one %-format
-        tail = _JSON_DURATIONS % (seconds, connect_to_mail_seconds, data_seconds, bus_seconds)
-    else:
-        tail = (
-            f'"seconds":{"%.6f" % seconds},'  # noqa: UP031
-            f'"connect_to_mail_seconds":{"%.6f" % connect_to_mail_seconds},'  # noqa: UP031
-            f'"data_seconds":{"null" if data_seconds is None else "%.6f" % data_seconds},'  # noqa: UP031
-            f'"bus_seconds":{"null" if bus_seconds is None else "%.6f" % bus_seconds}}}\n'  # noqa: UP031
-        )
-    message = _quote(
-        f"{client} helo={helo} from=<{sender}> rcpts={rcpts} size={size} id={queue_id} "
-        f"result={result} {seconds:.3f}s"
-    )
-    return (
-        f'{{"time":"{second}.{"%03d" % (offset * 1000)}Z{rest},"message":{message},'  # noqa: UP031
-        f'"event":"smtp.transaction","client":{_quote(client)},'
-        f'"helo":{"null" if helo is None else _quote(helo)},"sender":{_quote(sender)},'
-        f'"rcpts":{rcpts},"size":{size},"queue_id":{_quote(queue_id)},'
-        f'"session_id":{_quote(session_id)},"result":{_quote(result)},'
-        f'"code":{_quote(code)},'
-        f'"tls_version":{"null" if tls_version is None else _quote(tls_version)},'
-        f'"tls_cipher":{"null" if tls_cipher is None else _quote(tls_cipher)},'
-        f'"auth":{"null" if auth is None else _quote(auth)},{tail}'
-    )
-
-
-_JSON_DURATIONS = (
-    '"seconds":%.6f,"connect_to_mail_seconds":%.6f,"data_seconds":%.6f,"bus_seconds":%.6f}\n'
-)
-
-
-class _Clock:
-    """Time stamps, each formatted once per second (the formats have no finer unit)."""
-
-    def __init__(self) -> None:
-        self.local_second = -1  # the second local_text says (read by the text format)
-        self.local_text = ""
-        self.utc_at = -1  # the second utc_text says (read by LogSink.transaction)
-        self.utc_text = ""
-
-    def local(self, when: float | None) -> str:
-        """As ``twisted.logger.formatTime``: local time with its UTC offset."""
-        if when is None:
-            return "-"
-        second = int(when)
-        if second != self.local_second:
-            self.local_text = formatTime(when)
-            self.local_second = second
-        return self.local_text
-
-    def utc(self, when: float) -> str:
-        """RFC 3339 in UTC with milliseconds, ``2026-11-24T06:49:30.123Z``."""
-        second, offset = self.utc_second(when)
-        return "%s.%03dZ" % (second, offset * 1000)  # noqa: UP031 (%d truncates: ms)
-
-    def utc_second(self, when: float) -> tuple[str, float]:
-        """``when``'s second (``2026-11-24T06:49:30``) and the time since it."""
-        offset = when - self.utc_at
-        if not 0.0 <= offset < 1.0:
-            second = int(when // 1)
-            self.utc_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-            self.utc_at = second
-            offset = when - second
-        return self.utc_text, offset
 
 
 @implementer(ILogObserver)
@@ -279,7 +108,7 @@ class LogSink:
         # The direct way's (transaction) head for its namespace, kept for the next message.
         self._direct_namespace: Any = None
         self._direct_head = ""
-        self._clock = _Clock()
+        self._clock = StampClock()
         # (namespace, level) -> the JSON head after the time: '","level":...,"namespace":...'
         self._heads: dict[tuple[Any, LogLevel], str] = {}
         self._kept: list[str] = []
@@ -343,7 +172,7 @@ class LogSink:
         clock = self._clock
         try:
             if self._text_format:
-                line = _text_transaction(
+                line = text_transaction_line(
                     clock.local_text if int(when) == clock.local_second else clock.local(when),
                     self._direct_head,
                     client,
@@ -363,7 +192,7 @@ class LogSink:
                     second = clock.utc_text
                 else:
                     second, offset = clock.utc_second(when)
-                line = _json_transaction_line(
+                line = json_transaction_line(
                     second,
                     offset,
                     self._direct_head,
@@ -458,8 +287,8 @@ class LogSink:
         else:
             stamp = clock.local_text
         try:
-            if log_format == _TRANSACTION:  # every message: one f-string
-                line = _text_transaction(
+            if log_format == TRANSACTION:  # every message: one f-string
+                line = text_transaction_line(
                     stamp,
                     f"{event['log_namespace']}#{level.name}",
                     event["client"],
@@ -523,22 +352,22 @@ class LogSink:
         namespace = event.get("log_namespace")
         rest = self._heads.get((namespace, level)) or self._head(namespace, level)
         second, offset = self._clock.utc_second(when if isinstance(when, float) else time.time())
-        if log_format == _TRANSACTION:
+        if log_format == TRANSACTION:
             try:
-                line = _json_transaction(event, second, offset, rest)
+                line = json_transaction(event, second, offset, rest)
             except Exception:  # a field of an unexpected type: the generic way
                 return self._json_generic(event, level)
             worker = event.get("worker")  # a worker of --workers N names itself
             return line if worker is None else f'{line[:-2]},"worker":{int(worker)}}}\n'
         head = '{"time":"%s.%03dZ%s' % (second, offset * 1000, rest)  # noqa: UP031
-        parts = [head, f',"message":{_quote(FAST_FORMATS[log_format](event))}']
+        parts = [head, f',"message":{quote(FAST_FORMATS[log_format](event))}']
         append = parts.append
         for key, value in event.items():
             if key[:4] == "log_":
                 continue
             kind = type(value)
             if kind is str:
-                append(f',"{key}":{_quote(value)}')
+                append(f',"{key}":{quote(value)}')
             elif value is None:
                 append(f',"{key}":null')
             elif kind is int or kind is float:
@@ -553,7 +382,7 @@ class LogSink:
         and level."""
         if len(self._heads) >= 256:  # namespaces are few; never let them grow memory
             self._heads.clear()
-        rest = f'","level":"{level.name}","namespace":{_quote(namespace or "-")}'
+        rest = f'","level":"{level.name}","namespace":{quote(namespace or "-")}'
         self._heads[namespace, level] = rest
         return rest
 
