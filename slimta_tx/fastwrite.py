@@ -88,11 +88,11 @@ def _check_internals(connection: object) -> bool:
     return _usable
 
 
-def write(transport: Any, data: bytes) -> None:
-    """Write ``data`` to ``transport``, straight to its socket when that keeps the order.
+def _tcp_connection(transport: Any) -> Any:
+    """The ``tcp.Connection`` under ``transport`` whose internals can be used, or None.
 
     A layer that passes writes straight down (the PROXY protocol layer, whose class says
-    ``passes_writes_through``) is seen through: its connection's socket is used.
+    ``passes_writes_through``) is seen through.
     """
     connection = transport
     if not isinstance(connection, tcp.Connection) and getattr(
@@ -102,6 +102,18 @@ def write(transport: Any, data: bytes) -> None:
     if not isinstance(connection, tcp.Connection) or not (
         _usable or (_usable is None and _check_internals(connection))
     ):
+        return None
+    return connection
+
+
+def write(transport: Any, data: bytes) -> None:
+    """Write ``data`` to ``transport``, straight to its socket when that keeps the order.
+
+    A layer that passes writes straight down (the PROXY protocol layer, whose class says
+    ``passes_writes_through``) is seen through: its connection's socket is used.
+    """
+    connection = _tcp_connection(transport)
+    if connection is None:
         transport.write(data)
         return
     if connection.TLS:
@@ -151,18 +163,8 @@ def send_now(connection: Any, data: bytes) -> bytes:
 
 def _plain_connection(transport: Any) -> Any:
     """The plain (not TLS) ``tcp.Connection`` under ``transport``, or None."""
-    connection = transport
-    if not isinstance(connection, tcp.Connection) and getattr(
-        type(connection), "passes_writes_through", False
-    ):
-        connection = connection.transport
-    if (
-        not isinstance(connection, tcp.Connection)
-        or not (_usable or (_usable is None and _check_internals(connection)))
-        or connection.TLS
-    ):
-        return None
-    return connection
+    connection = _tcp_connection(transport)
+    return None if connection is None or connection.TLS else connection
 
 
 def close_later(transport: Any, close: Callable[[], None]) -> bool:
@@ -246,19 +248,14 @@ def flush_later(transport: Any, flush: Callable[[], None]) -> bool:
     test transports (tests see replies at once), anything without a reactor. The caller then
     flushes at once. ``flush`` must be harmless to call when there is nothing left to send.
     """
-    if not isinstance(transport, tcp.Connection) and getattr(
-        type(transport), "passes_writes_through", False
-    ):
-        transport = transport.transport
-    if not isinstance(transport, tcp.Connection) or not (
-        _usable or (_usable is None and _check_internals(transport))
-    ):
+    connection = _tcp_connection(transport)
+    if connection is None:
         return False
-    if transport.TLS and not getattr(
-        getattr(transport, "protocol", None), "coalesces_writes", False
+    if connection.TLS and not getattr(
+        getattr(connection, "protocol", None), "coalesces_writes", False
     ):
         return False  # Twisted's TLS layer buffers (and flushes) on its own
-    reactor = getattr(transport, "reactor", None)
+    reactor = getattr(connection, "reactor", None)
     if reactor is None:
         return False
     at_end_of_pass(reactor, flush)
