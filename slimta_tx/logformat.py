@@ -19,6 +19,7 @@ from typing import Any
 from twisted.logger import formatTime
 
 from slimta_tx import events
+from slimta_tx.events import TransactionFacts, transaction_facts
 
 __all__ = [
     "FAST_FORMATS",
@@ -65,72 +66,22 @@ FAST_FORMATS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
-def text_transaction_line(
-    stamp: str,
-    system: str,
-    client: Any,
-    helo: Any,
-    sender: Any,
-    rcpts: Any,
-    size: Any,
-    queue_id: Any,
-    result: Any,
-    seconds: Any,
-) -> str:
+def text_transaction_line(stamp: str, system: str, facts: TransactionFacts) -> str:
     """The ``smtp.transaction`` text line (``system``: ``namespace#level``), one f-string: the
     event's way and the direct way (:meth:`LogSink.transaction`) both write it with this."""
     return (
-        f"{stamp} [{system}] {client} helo={helo} from=<{sender}> rcpts={rcpts} size={size} "
-        f"id={queue_id} result={result} {seconds:.3f}s\n"
+        f"{stamp} [{system}] {facts.client} helo={facts.helo} from=<{facts.sender}> "
+        f"rcpts={facts.rcpts} size={facts.size} id={facts.queue_id} result={facts.result} "
+        f"{facts.seconds:.3f}s\n"
     )
 
 
 def json_transaction(event: dict[str, Any], second: str, offset: float, rest: str) -> str:
     """The ``smtp.transaction`` event as one JSON line (see :func:`json_transaction_line`)."""
-    return json_transaction_line(
-        second,
-        offset,
-        rest,
-        event["client"],
-        event["helo"],
-        event["sender"],
-        event["rcpts"],
-        event["size"],
-        event["queue_id"],
-        event["session_id"],
-        event["result"],
-        event["code"],
-        event["tls_version"],
-        event["tls_cipher"],
-        event["auth"],
-        event["seconds"],
-        event["connect_to_mail_seconds"],
-        event["data_seconds"],
-        event["bus_seconds"],
-    )
+    return json_transaction_line(second, offset, rest, transaction_facts(event))
 
 
-def json_transaction_line(
-    second: str,
-    offset: float,
-    rest: str,
-    client: Any,
-    helo: Any,
-    sender: Any,
-    rcpts: Any,
-    size: Any,
-    queue_id: Any,
-    session_id: Any,
-    result: Any,
-    code: Any,
-    tls_version: Any,
-    tls_cipher: Any,
-    auth: Any,
-    seconds: Any,
-    connect_to_mail_seconds: Any,
-    data_seconds: Any,
-    bus_seconds: Any,
-) -> str:
+def json_transaction_line(second: str, offset: float, rest: str, facts: TransactionFacts) -> str:
     """The ``smtp.transaction`` event as one JSON line, from one f-string (it is written for
     every message; about a third of the generic encoder's cost).
 
@@ -141,17 +92,31 @@ def json_transaction_line(
     cost of ``repr``, and a short number; ``%.6f``, and one %-format for the four of them when
     none is None: a tenth of this function's cost). A field of another type than these raises
     (TypeError), and the caller takes the generic way."""
-    rcpts = "%d" % rcpts  # noqa: UP031 (integers, or TypeError)
-    size = "%d" % size  # noqa: UP031
+    rcpts = "%d" % facts.rcpts  # noqa: UP031 (integers, or TypeError)
+    size = "%d" % facts.size  # noqa: UP031
+    seconds, data_seconds, bus_seconds = facts.seconds, facts.data_seconds, facts.bus_seconds
     if data_seconds is not None and bus_seconds is not None:  # the usual: one %-format
-        tail = _JSON_DURATIONS % (seconds, connect_to_mail_seconds, data_seconds, bus_seconds)
+        tail = _JSON_DURATIONS % (
+            seconds,
+            facts.connect_to_mail_seconds,
+            data_seconds,
+            bus_seconds,
+        )
     else:
         tail = (
             f'"seconds":{"%.6f" % seconds},'  # noqa: UP031
-            f'"connect_to_mail_seconds":{"%.6f" % connect_to_mail_seconds},'  # noqa: UP031
+            f'"connect_to_mail_seconds":{"%.6f" % facts.connect_to_mail_seconds},'  # noqa: UP031
             f'"data_seconds":{"null" if data_seconds is None else "%.6f" % data_seconds},'  # noqa: UP031
             f'"bus_seconds":{"null" if bus_seconds is None else "%.6f" % bus_seconds}}}\n'  # noqa: UP031
         )
+    client, helo, sender, queue_id, result = (
+        facts.client,
+        facts.helo,
+        facts.sender,
+        facts.queue_id,
+        facts.result,
+    )
+    tls_version, tls_cipher, auth = facts.tls_version, facts.tls_cipher, facts.auth
     message = quote(
         f"{client} helo={helo} from=<{sender}> rcpts={rcpts} size={size} id={queue_id} "
         f"result={result} {seconds:.3f}s"
@@ -161,8 +126,8 @@ def json_transaction_line(
         f'"event":"smtp.transaction","client":{quote(client)},'
         f'"helo":{"null" if helo is None else quote(helo)},"sender":{quote(sender)},'
         f'"rcpts":{rcpts},"size":{size},"queue_id":{quote(queue_id)},'
-        f'"session_id":{quote(session_id)},"result":{quote(result)},'
-        f'"code":{quote(code)},'
+        f'"session_id":{quote(facts.session_id)},"result":{quote(result)},'
+        f'"code":{quote(facts.code)},'
         f'"tls_version":{"null" if tls_version is None else quote(tls_version)},'
         f'"tls_cipher":{"null" if tls_cipher is None else quote(tls_cipher)},'
         f'"auth":{"null" if auth is None else quote(auth)},{tail}'

@@ -45,6 +45,7 @@ from twisted.logger import (
 from twisted.python import threadable
 from zope.interface import implementer
 
+from slimta_tx.events import TransactionFacts, transaction_facts
 from slimta_tx.fastwrite import at_end_of_pass
 from slimta_tx.logformat import (
     FAST_FORMATS,
@@ -133,27 +134,7 @@ class LogSink:
         if line:
             self._keep(line, level in _URGENT)
 
-    def transaction(
-        self,
-        when: float,
-        namespace: str,
-        client: Any,
-        helo: Any,
-        sender: Any,
-        rcpts: Any,
-        size: Any,
-        queue_id: Any,
-        session_id: Any,
-        result: Any,
-        code: Any,
-        tls_version: Any,
-        tls_cipher: Any,
-        auth: Any,
-        seconds: Any,
-        connect_to_mail_seconds: Any,
-        data_seconds: Any,
-        bus_seconds: Any,
-    ) -> bool:
+    def transaction(self, when: float, namespace: str, facts: TransactionFacts) -> bool:
         """An ``smtp.transaction`` at ``info`` from its facts, without its event: what
         :class:`~slimta_tx.events.EdgeEvents` does when this sink is the only observer of the
         global publisher (every message: no event dict, no publisher loop). The line is the
@@ -175,14 +156,7 @@ class LogSink:
                 line = text_transaction_line(
                     clock.local_text if int(when) == clock.local_second else clock.local(when),
                     self._direct_head,
-                    client,
-                    helo,
-                    sender,
-                    rcpts,
-                    size,
-                    queue_id,
-                    result,
-                    seconds,
+                    facts,
                 )
                 if line.count("\n") != 1:
                     return False
@@ -192,27 +166,7 @@ class LogSink:
                     second = clock.utc_text
                 else:
                     second, offset = clock.utc_second(when)
-                line = json_transaction_line(
-                    second,
-                    offset,
-                    self._direct_head,
-                    client,
-                    helo,
-                    sender,
-                    rcpts,
-                    size,
-                    queue_id,
-                    session_id,
-                    result,
-                    code,
-                    tls_version,
-                    tls_cipher,
-                    auth,
-                    seconds,
-                    connect_to_mail_seconds,
-                    data_seconds,
-                    bus_seconds,
-                )
+                line = json_transaction_line(second, offset, self._direct_head, facts)
         except Exception:
             return False
         try:
@@ -291,16 +245,7 @@ class LogSink:
         try:
             if log_format == TRANSACTION:  # every message: one f-string
                 line = text_transaction_line(
-                    stamp,
-                    f"{event['log_namespace']}#{level.name}",
-                    event["client"],
-                    event["helo"],
-                    event["sender"],
-                    event["rcpts"],
-                    event["size"],
-                    event["queue_id"],
-                    event["result"],
-                    event["seconds"],
+                    stamp, f"{event['log_namespace']}#{level.name}", transaction_facts(event)
                 )
                 if line.count("\n") == 1:
                     return line
