@@ -343,15 +343,20 @@ def test_large_write_then_close_notify(certs: Certs) -> Any:
     assert lost is ConnectionDone
 
 
+def ask_starttls(sock: socket.socket) -> bytes:
+    """Banner, EHLO, STARTTLS on ``sock`` (plaintext): the reply to STARTTLS."""
+    reader = sock.makefile("rb")
+    reader.readline()
+    sock.sendall(b"EHLO client.test\r\n")
+    while not reader.readline().startswith(b"250 "):
+        pass
+    sock.sendall(b"STARTTLS\r\n")
+    return reader.readline()
+
+
 def quit_with_close_notify(port: int, ctx: ssl.SSLContext) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        reader = sock.makefile("rb")
-        reader.readline()
-        sock.sendall(b"EHLO client.test\r\n")
-        while not reader.readline().startswith(b"250 "):
-            pass
-        sock.sendall(b"STARTTLS\r\n")
-        reader.readline()
+        ask_starttls(sock)
         tls = ctx.wrap_socket(sock, server_hostname="localhost")
         tls.sendall(b"NOOP\r\n")
         first = tls.recv(1024)
@@ -379,13 +384,7 @@ def test_client_close_notify_ends_the_session_cleanly(server: Server, certs: Cer
 
 def silent_after_starttls(port: int) -> tuple[bytes, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
-        reader = sock.makefile("rb")
-        reader.readline()
-        sock.sendall(b"EHLO client.test\r\n")
-        while not reader.readline().startswith(b"250 "):
-            pass
-        sock.sendall(b"STARTTLS\r\n")
-        reply = reader.readline()
+        reply = ask_starttls(sock)
         return reply, sock.recv(1024)  # no ClientHello: the server must close (EOF)
 
 
